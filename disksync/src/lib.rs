@@ -1,0 +1,1 @@
+//! Bringing a diverged disk back in line with blake3 block hashes.

@@ -1,0 +1,1 @@
+//! Certificates and the mutual-TLS configuration shared by every ftvm service.

@@ -1,0 +1,1 @@
+//! The witness: the arbiter that decides which node of an FT pair may run alone.
