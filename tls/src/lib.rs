@@ -1,1 +1,481 @@
-//! Certificates and the mutual-TLS configuration shared by every ftvm service.
+//! Certificates and the mutual-TLS QUIC configuration shared by every ftvm service
+//! (the witness, disk resync and the logging channel between nodes).
+//!
+//! # Certificate directory
+//!
+//! One directory holds a deployment's certificates:
+//!
+//! ```text
+//! DIR/ca.pem            the deployment's CA certificate (shared by everyone)
+//! DIR/ca.key            the CA's private key (keep it off the nodes if you can)
+//! DIR/<name>.pem        the certificate of identity <name>, signed by the CA
+//! DIR/<name>.key        its private key (mode 0600)
+//! ```
+//!
+//! An identity name (`witness`, `node-a`, ...) is both the certificate's common name and its
+//! only DNS subject-alternative name. A client connects with `server_name` = the identity
+//! name of the server it expects, so the server's certificate is checked against the CA *and*
+//! against the expected name; the server learns the client's name with [`peer_identity`].
+//!
+//! # Mutual TLS
+//!
+//! [`server_config`] requires every client to present a certificate signed by the CA;
+//! [`client_config`] presents the local identity's certificate and trusts only the CA. Only
+//! TLS 1.3 with the `ring` provider is used. Each service passes its own ALPN string
+//! ([`ALPN_WITNESS`], [`ALPN_RESYNC`], [`ALPN_LOG`]) so that a client of one service can never
+//! talk to another by mistake.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::RootCertStore;
+
+/// ALPN protocol of the witness service.
+pub const ALPN_WITNESS: &[u8] = b"ftvm-witness/1";
+/// ALPN protocol of the disk resync service.
+pub const ALPN_RESYNC: &[u8] = b"ftvm-resync/1";
+/// ALPN protocol of the primary→backup logging channel.
+pub const ALPN_LOG: &[u8] = b"ftvm-log/1";
+
+/// File name of the CA certificate inside a certificate directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the CA private key inside a certificate directory.
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// Errors of certificate handling and TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read, written or created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A PEM file held no usable certificate or key.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was wrong with it.
+        what: String,
+    },
+    /// A CA already exists in the directory and overwriting it was not asked for.
+    #[error("{0} already exists; refusing to overwrite an existing CA (use the force option to replace it)")]
+    CaExists(PathBuf),
+    /// An identity certificate already exists and overwriting it was not asked for.
+    #[error("{0} already exists; refusing to overwrite it")]
+    IdentityExists(PathBuf),
+    /// An identity name is not usable (it must be a DNS name such as `node-a`).
+    #[error("invalid identity name {0:?}: use letters, digits, '-' and '.', as in a DNS name")]
+    BadName(String),
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The TLS configuration is not usable for QUIC.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+    /// A transport parameter was out of range.
+    #[error("transport configuration: {0}")]
+    Transport(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks that `name` can be an identity: non-empty, at most 63 characters, ASCII letters,
+/// digits, `-` and `.`, not starting or ending with `-` or `.`, and a valid DNS name.
+pub fn validate_name(name: &str) -> Result<(), TlsError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+        && !name.contains("..")
+        && name != "ca"
+        && ServerName::try_from(name).is_ok_and(|n| matches!(n, ServerName::DnsName(_)));
+    if ok {
+        Ok(())
+    } else {
+        Err(TlsError::BadName(name.to_string()))
+    }
+}
+
+/// Path of identity `name`'s certificate in `dir`.
+pub fn cert_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.pem"))
+}
+
+/// Path of identity `name`'s private key in `dir`.
+pub fn key_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.key"))
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut f = opts.open(path).map_err(io_err(path))?;
+    f.write_all(contents.as_bytes()).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(())
+}
+
+fn new_ca() -> Result<(rcgen::Certificate, rcgen::KeyPair), TlsError> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ftvm deployment CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
+fn load_ca_for_signing(dir: &Path) -> Result<(rcgen::Certificate, rcgen::KeyPair), TlsError> {
+    let cert_file = dir.join(CA_CERT_FILE);
+    let key_file = dir.join(CA_KEY_FILE);
+    let cert_pem = fs::read_to_string(&cert_file).map_err(io_err(&cert_file))?;
+    let key_pem = fs::read_to_string(&key_file).map_err(io_err(&key_file))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Pem {
+        path: key_file.clone(),
+        what: e.to_string(),
+    })?;
+    let params =
+        rcgen::CertificateParams::from_ca_cert_pem(&cert_pem).map_err(|e| TlsError::Pem {
+            path: cert_file.clone(),
+            what: e.to_string(),
+        })?;
+    // Re-creating the issuer certificate from its parameters and key reproduces the subject
+    // and key identifier that issued certificates refer to.
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
+fn issue_one(
+    dir: &Path,
+    name: &str,
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+) -> Result<(), TlsError> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, ca, ca_key)?;
+    write_file(&key_path(dir, name), &key.serialize_pem(), true)?;
+    write_file(&cert_path(dir, name), &cert.pem(), false)?;
+    Ok(())
+}
+
+/// Creates `dir` if needed and writes a fresh CA plus one certificate and key per name.
+///
+/// Refuses with [`TlsError::CaExists`] if `dir/ca.pem` or `dir/ca.key` already exists: a new CA
+/// would silently cut every existing node off. Use [`init_dir_force`] to replace a CA on
+/// purpose, or [`issue`] to add identities under the existing CA.
+pub fn init_dir(dir: &Path, names: &[&str]) -> Result<(), TlsError> {
+    init_dir_inner(dir, names, false)
+}
+
+/// Like [`init_dir`] but replaces an existing CA (and any identity of the same names).
+/// Every certificate signed by the old CA stops being accepted.
+pub fn init_dir_force(dir: &Path, names: &[&str]) -> Result<(), TlsError> {
+    init_dir_inner(dir, names, true)
+}
+
+fn init_dir_inner(dir: &Path, names: &[&str], force: bool) -> Result<(), TlsError> {
+    for n in names {
+        validate_name(n)?;
+    }
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cert_file = dir.join(CA_CERT_FILE);
+    let key_file = dir.join(CA_KEY_FILE);
+    if !force {
+        for f in [&cert_file, &key_file] {
+            if f.exists() {
+                return Err(TlsError::CaExists(f.clone()));
+            }
+        }
+    }
+    let (ca, ca_key) = new_ca()?;
+    write_file(&key_file, &ca_key.serialize_pem(), true)?;
+    write_file(&cert_file, &ca.pem(), false)?;
+    for n in names {
+        issue_one(dir, n, &ca, &ca_key)?;
+    }
+    Ok(())
+}
+
+/// Issues certificates for more identities with the CA already in `dir` (which needs
+/// `ca.key`). An existing identity of the same name is refused unless `overwrite`.
+pub fn issue(dir: &Path, names: &[&str], overwrite: bool) -> Result<(), TlsError> {
+    for n in names {
+        validate_name(n)?;
+        let p = cert_path(dir, n);
+        if !overwrite && p.exists() {
+            return Err(TlsError::IdentityExists(p));
+        }
+    }
+    let (ca, ca_key) = load_ca_for_signing(dir)?;
+    for n in names {
+        issue_one(dir, n, &ca, &ca_key)?;
+    }
+    Ok(())
+}
+
+/// One identity's credentials: the deployment CA (the only trust anchor) plus this
+/// identity's certificate chain and private key.
+#[derive(Debug)]
+pub struct Identity {
+    /// The identity name (certificate CN and DNS SAN).
+    pub name: String,
+    /// The CA certificate every peer must be signed by.
+    pub ca: CertificateDer<'static>,
+    /// This identity's certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// This identity's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            name: self.name.clone(),
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+fn pem_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    let certs = certs.map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        what: format!("bad certificate PEM: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+impl Identity {
+    /// Loads identity `name` from a certificate directory: `ca.pem`, `<name>.pem`, `<name>.key`.
+    /// `ca.key` is not needed.
+    pub fn load(dir: &Path, name: &str) -> Result<Identity, TlsError> {
+        validate_name(name)?;
+        let ca_file = dir.join(CA_CERT_FILE);
+        let cert_file = cert_path(dir, name);
+        let key_file = key_path(dir, name);
+        let ca_pem = fs::read(&ca_file).map_err(io_err(&ca_file))?;
+        let cert_pem = fs::read(&cert_file).map_err(io_err(&cert_file))?;
+        let key_pem = fs::read(&key_file).map_err(io_err(&key_file))?;
+        let ca = pem_certs(&ca_file, &ca_pem)?.remove(0);
+        let chain = pem_certs(&cert_file, &cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+            path: key_file.clone(),
+            what: format!("bad private key PEM: {e}"),
+        })?;
+        Ok(Identity {
+            name: name.to_string(),
+            ca,
+            chain,
+            key,
+        })
+    }
+
+    /// The identity name found in this identity's own certificate (CN, else first DNS SAN).
+    pub fn certificate_name(&self) -> Option<String> {
+        identity_of_der(&self.chain[0])
+    }
+}
+
+/// QUIC transport knobs shared by all services.
+#[derive(Clone, Debug)]
+pub struct TransportOptions {
+    /// A connection with no traffic for this long is closed (both sides use the minimum of
+    /// their values).
+    pub idle_timeout: Duration,
+    /// Send a keep-alive when idle for this long (`None`: never). Keep it well under
+    /// `idle_timeout`.
+    pub keep_alive: Option<Duration>,
+    /// Streams of each direction a peer may have open at once.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for TransportOptions {
+    /// 10 s idle timeout, keep-alive every 2 s, 64 concurrent streams.
+    fn default() -> Self {
+        TransportOptions {
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Some(Duration::from_secs(2)),
+            max_concurrent_streams: 64,
+        }
+    }
+}
+
+impl TransportOptions {
+    /// Builds the quinn transport configuration.
+    pub fn to_quinn(&self) -> Result<quinn::TransportConfig, TlsError> {
+        let mut t = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|e| TlsError::Transport(format!("idle timeout: {e}")))?;
+        t.max_idle_timeout(Some(idle));
+        t.keep_alive_interval(self.keep_alive);
+        t.max_concurrent_bidi_streams(self.max_concurrent_streams.into());
+        t.max_concurrent_uni_streams(self.max_concurrent_streams.into());
+        Ok(t)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(id: &Identity) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(id.ca.clone())?;
+    Ok(Arc::new(roots))
+}
+
+/// Server configuration for service `alpn`: presents `id`'s certificate and requires every
+/// client to present a certificate signed by the same CA (mutual TLS).
+pub fn server_config(
+    id: &Identity,
+    alpn: &[u8],
+    opts: &TransportOptions,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, provider())
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(opts.to_quinn()?));
+    cfg.migration(false);
+    Ok(cfg)
+}
+
+/// Client configuration for service `alpn`: presents `id`'s certificate and accepts only a
+/// server whose certificate is signed by the CA and names the `server_name` given to
+/// `Endpoint::connect` (use the server's identity name, e.g. `witness`).
+pub fn client_config(
+    id: &Identity,
+    alpn: &[u8],
+    opts: &TransportOptions,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(id)?)
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(opts.to_quinn()?));
+    Ok(cfg)
+}
+
+/// A server endpoint bound to `addr` with [`server_config`]. Must be called inside a tokio
+/// runtime.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    id: &Identity,
+    alpn: &[u8],
+    opts: &TransportOptions,
+) -> Result<quinn::Endpoint, TlsError> {
+    let cfg = server_config(id, alpn, opts)?;
+    quinn::Endpoint::server(cfg, addr).map_err(io_err(Path::new("<server socket>")))
+}
+
+/// A client endpoint bound to `bind` (port 0 for any) whose default configuration is
+/// [`client_config`]. Must be called inside a tokio runtime.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    id: &Identity,
+    alpn: &[u8],
+    opts: &TransportOptions,
+) -> Result<quinn::Endpoint, TlsError> {
+    let cfg = client_config(id, alpn, opts)?;
+    let mut ep = quinn::Endpoint::client(bind).map_err(io_err(Path::new("<client socket>")))?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+/// The identity name of the peer of an established connection, taken from its verified
+/// certificate (CN, else the first DNS SAN). `None` if the peer presented no certificate.
+///
+/// On a server built with [`server_config`] every accepted connection has a CA-verified
+/// client certificate, so this is the authenticated name of the client.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<String> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    identity_of_der(certs.first()?)
+}
+
+/// The identity name in a DER certificate: its common name, or else its first DNS SAN.
+pub fn identity_of_der(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_string());
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|g| match g {
+        x509_parser::extensions::GeneralName::DNSName(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests;
