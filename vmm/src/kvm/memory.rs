@@ -1,0 +1,146 @@
+//! Guest memory: one anonymous mapping registered as KVM slot 0 at guest-physical address 0,
+//! with bounds-checked access for the VMM and (optionally) dirty-page logging.
+//!
+//! The VMM writes guest memory only through [`GuestMemory::write`], which also records the
+//! pages it touched, so a memory digest can be kept up to date from KVM's dirty log (pages the
+//! guest wrote) plus this record (pages the VMM wrote).
+
+use std::sync::Mutex;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
+
+use crate::error::VmmError;
+use ftvm_abi::layout::PAGE_SIZE;
+
+/// The slot number of guest RAM.
+pub const RAM_SLOT: u32 = 0;
+
+/// Guest RAM.
+pub struct GuestMemory {
+    mmap: GuestMemoryMmap<()>,
+    size: u64,
+    vmm_dirty: Mutex<Vec<u64>>,
+    dirty_logging: std::sync::atomic::AtomicBool,
+}
+
+impl GuestMemory {
+    /// Maps `size` bytes of zeroed anonymous memory.
+    pub fn new(size: u64) -> Result<Self, VmmError> {
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|e| VmmError::Memory(format!("cannot map {size} bytes of guest memory: {e}")))?;
+        let pages = size.div_ceil(PAGE_SIZE) as usize;
+        Ok(GuestMemory {
+            mmap,
+            size,
+            vmm_dirty: Mutex::new(vec![0; pages.div_ceil(64)]),
+            dirty_logging: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Registers the memory with `vm` as slot [`RAM_SLOT`], with dirty-page logging if asked.
+    pub fn register(&self, vm: &VmFd, dirty_log: bool) -> Result<(), VmmError> {
+        let host = self
+            .mmap
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmmError::Memory(format!("host address of guest memory: {e}")))?;
+        let region = kvm_userspace_memory_region {
+            slot: RAM_SLOT,
+            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: self.size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives the VM
+        // (both are dropped together in `KvmVm`, the VM first since it is declared first
+        // and holds no reference back), and it does not overlap any other slot.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.dirty_logging
+            .store(dirty_log, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Size of guest memory in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// True when `[addr, addr+len)` lies inside guest memory.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr.checked_add(len).is_some_and(|end| end <= self.size)
+    }
+
+    /// Reads `buf.len()` bytes at `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmmError> {
+        if !self.contains(addr, buf.len() as u64) {
+            return Err(VmmError::GuestAddress { addr, len: buf.len() as u64 });
+        }
+        self.mmap
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| VmmError::GuestAddress { addr, len: buf.len() as u64 })
+    }
+
+    /// Reads a little-endian u64 at `addr`.
+    pub fn read_u64(&self, addr: u64) -> Result<u64, VmmError> {
+        let mut b = [0u8; 8];
+        self.read(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes `data` at `addr` and records the pages touched. Only the boundary code (and boot)
+    /// may call this: see the epoch invariant in DESIGN §3.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmmError> {
+        if !self.contains(addr, data.len() as u64) {
+            return Err(VmmError::GuestAddress { addr, len: data.len() as u64 });
+        }
+        self.mmap
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| VmmError::GuestAddress { addr, len: data.len() as u64 })?;
+        if !data.is_empty() {
+            let mut dirty = self.vmm_dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let first = addr / PAGE_SIZE;
+            let last = (addr + data.len() as u64 - 1) / PAGE_SIZE;
+            for page in first..=last {
+                dirty[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a little-endian u64 at `addr`.
+    pub fn write_u64(&self, addr: u64, value: u64) -> Result<(), VmmError> {
+        self.write(addr, &value.to_le_bytes())
+    }
+
+    /// A view of one page, for hashing. `page` must be below `size / PAGE_SIZE`.
+    pub fn page(&self, page: u64, buf: &mut [u8; PAGE_SIZE as usize]) -> Result<(), VmmError> {
+        self.read(page * PAGE_SIZE, buf)
+    }
+
+    /// Number of pages of guest memory.
+    pub fn pages(&self) -> u64 {
+        self.size.div_ceil(PAGE_SIZE)
+    }
+
+    /// Takes the bitmap of pages written since the last call, by the guest (from KVM's dirty
+    /// log; requires dirty logging) and by the VMM. Bit `p % 64` of word `p / 64` is page `p`.
+    pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, VmmError> {
+        let mut bitmap = vm
+            .get_dirty_log(RAM_SLOT, self.size as usize)
+            .map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e))?;
+        let mut vmm = self.vmm_dirty.lock().unwrap_or_else(|p| p.into_inner());
+        bitmap.resize(vmm.len(), 0);
+        for (word, v) in bitmap.iter_mut().zip(vmm.iter_mut()) {
+            *word |= *v;
+            *v = 0;
+        }
+        Ok(bitmap)
+    }
+
+    /// True when the slot was registered with dirty-page logging.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

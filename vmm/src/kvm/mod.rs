@@ -1,0 +1,56 @@
+//! The virtual machine on KVM: guest memory and its slot, boot state (ELF, page tables, GDT,
+//! CPUID) and the vCPU whose run loop is the one place every exit is seen.
+
+pub mod boot;
+pub mod cpuid;
+pub mod elf;
+pub mod memory;
+pub mod vcpu;
+
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::error::VmmError;
+use memory::GuestMemory;
+use vcpu::Vcpu;
+
+/// A KVM virtual machine with its memory and its single vCPU, booted and ready to run.
+pub struct KvmVm {
+    // Kept open for the VM's life; the vCPU and memory slot belong to it.
+    _kvm: Kvm,
+    vm: VmFd,
+    /// Guest memory (slot 0, from guest-physical address 0).
+    pub memory: GuestMemory,
+    /// The VM's only vCPU.
+    pub vcpu: Vcpu,
+}
+
+impl KvmVm {
+    /// Creates a VM with `mem_size` bytes of memory, loads `image` (an ELF guest), builds the
+    /// boot state and returns the VM ready to run. `boot_args` and `net` go to the boot info.
+    pub fn create(
+        mem_size: u64,
+        image: &[u8],
+        params: &boot::BootParams,
+    ) -> Result<Self, VmmError> {
+        boot::check_mem_size(mem_size)?;
+        let loaded = elf::parse(image, mem_size)?;
+        let kvm = Kvm::new().map_err(|e| VmmError::Kvm("open /dev/kvm", e))?;
+        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        let memory = GuestMemory::new(mem_size)?;
+        memory.register(&vm, params.dirty_log)?;
+        elf::load(&loaded, image, &memory)?;
+        boot::write_boot_structures(&memory, &loaded, params)?;
+        let vcpu = Vcpu::create(&kvm, &vm, loaded.entry)?;
+        Ok(KvmVm {
+            _kvm: kvm,
+            vm,
+            memory,
+            vcpu,
+        })
+    }
+
+    /// The VM's file descriptor (for dirty-log queries).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+}

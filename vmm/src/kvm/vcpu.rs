@@ -1,0 +1,217 @@
+//! The vCPU: creation with the boot state, and [`Vcpu::run`], the single place where every
+//! exit of the guest is seen and turned into a [`VmExit`]. The machine's run loop
+//! (`crate::machine`) decides what each exit means.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use kvm_bindings::{kvm_fpu, kvm_regs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use super::{boot, cpuid};
+use crate::error::VmmError;
+use ftvm_abi::layout::BOOT_INFO_ADDR;
+
+/// Why the vCPU stopped running guest code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest read `len` bytes of MMIO at `addr`; answer with [`Vcpu::complete_mmio_read`].
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Access size in bytes (1..=8).
+        len: usize,
+    },
+    /// The guest wrote `data[..len]` to MMIO at `addr`.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Access size in bytes (1..=8).
+        len: usize,
+        /// The bytes written.
+        data: [u8; 8],
+    },
+    /// The host interrupted the run (a signal, `immediate_exit`): not a guest event.
+    Interrupted,
+    /// The guest triple-faulted (e.g. an exception with no handler).
+    Shutdown,
+    /// KVM could not run the guest (on PVM: e.g. SSE at ring 0).
+    InternalError {
+        /// KVM's suberror code.
+        suberror: u32,
+    },
+    /// VM entry failed.
+    FailEntry {
+        /// Hardware failure reason.
+        reason: u64,
+    },
+    /// The guest did something its contract forbids (port I/O, `hlt`).
+    Forbidden(String),
+    /// Any other exit.
+    Other(String),
+}
+
+/// A handle that makes the vCPU's current or next `KVM_RUN` return at once. Usable from a
+/// signal handler.
+#[derive(Clone, Copy, Debug)]
+pub struct KickHandle(*const AtomicU8);
+
+// SAFETY: the pointer targets the `immediate_exit` byte of the vCPU's kvm_run page, which is
+// shared with the kernel and written atomically; the handle is only used while the vCPU lives
+// (the signal module clears it before the vCPU is dropped).
+unsafe impl Send for KickHandle {}
+// SAFETY: see `Send`; all accesses are atomic.
+unsafe impl Sync for KickHandle {}
+
+impl KickHandle {
+    /// Asks the vCPU to leave (or not enter) guest mode.
+    pub fn kick(&self) {
+        // SAFETY: valid while the vCPU lives (see the `Send` impl).
+        unsafe { (*self.0).store(1, Ordering::SeqCst) }
+    }
+    /// The raw pointer, for the signal handler's static.
+    pub fn as_ptr(&self) -> *const AtomicU8 {
+        self.0
+    }
+}
+
+/// The VM's single vCPU.
+pub struct Vcpu {
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU 0 with the baseline CPUID and the registers that start the guest at
+    /// `entry` in 64-bit mode at CPL 3, with `rdi` pointing at the boot info.
+    pub fn create(kvm: &Kvm, vm: &VmFd, entry: u64) -> Result<Self, VmmError> {
+        let fd = vm
+            .create_vcpu(0)
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e))?;
+        // Make sure the host supports the baseline at all (any KVM does).
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        fd.set_cpuid2(&cpuid::baseline())
+            .map_err(|e| VmmError::Kvm("KVM_SET_CPUID2", e))?;
+        let mut sregs = fd
+            .get_sregs()
+            .map_err(|e| VmmError::Kvm("KVM_GET_SREGS", e))?;
+        boot::setup_sregs(&mut sregs);
+        fd.set_sregs(&sregs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_SREGS", e))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fd.set_fpu(&fpu).map_err(|e| VmmError::Kvm("KVM_SET_FPU", e))?;
+        let regs = kvm_regs {
+            rip: entry,
+            rsp: 0, // set by `set_stack`
+            rdi: BOOT_INFO_ADDR,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        fd.set_regs(&regs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_REGS", e))?;
+        Ok(Vcpu { fd })
+    }
+
+    /// Sets the initial stack pointer.
+    pub fn set_stack(&mut self, rsp: u64) -> Result<(), VmmError> {
+        let mut regs = self.regs()?;
+        regs.rsp = rsp;
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_REGS", e))
+    }
+
+    /// A handle to interrupt `run` from another thread or a signal handler.
+    pub fn kick_handle(&mut self) -> KickHandle {
+        let run = self.fd.get_kvm_run();
+        KickHandle((&mut run.immediate_exit as *mut u8).cast::<AtomicU8>())
+    }
+
+    /// Runs the guest until the next exit and classifies it. This is the one place every
+    /// exit passes through.
+    pub fn run(&mut self) -> Result<VmExit, VmmError> {
+        let exit = match self.fd.run() {
+            Ok(VcpuExit::MmioRead(addr, data)) => VmExit::MmioRead {
+                addr,
+                len: data.len().min(8),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let mut buf = [0u8; 8];
+                let len = data.len().min(8);
+                buf[..len].copy_from_slice(&data[..len]);
+                VmExit::MmioWrite {
+                    addr,
+                    len,
+                    data: buf,
+                }
+            }
+            Ok(VcpuExit::Intr) => VmExit::Interrupted,
+            Ok(VcpuExit::Shutdown) => VmExit::Shutdown,
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member
+                // of the exit union.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                VmExit::InternalError { suberror }
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => VmExit::FailEntry { reason },
+            Ok(VcpuExit::IoIn(port, _)) => VmExit::Forbidden(format!("port input from {port:#x}")),
+            Ok(VcpuExit::IoOut(port, _)) => {
+                VmExit::Forbidden(format!("port output to {port:#x}"))
+            }
+            Ok(VcpuExit::Hlt) => VmExit::Forbidden("hlt".into()),
+            Ok(other) => VmExit::Other(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                VmExit::Interrupted
+            }
+            Err(e) => return Err(VmmError::Kvm("KVM_RUN", e)),
+        };
+        if exit == VmExit::Interrupted {
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        Ok(exit)
+    }
+
+    /// Supplies the data of the pending MMIO read; it reaches the guest on the next `run`.
+    pub fn complete_mmio_read(&mut self, data: &[u8]) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only right after a KVM_EXIT_MMIO read exit, when the `mmio` member
+        // of the exit union is the live one; `len` is bounded by the array size.
+        unsafe {
+            let mmio = &mut run.__bindgen_anon_1.mmio;
+            let n = (mmio.len as usize).min(mmio.data.len()).min(data.len());
+            mmio.data[..n].copy_from_slice(&data[..n]);
+        }
+    }
+
+    /// The general-purpose registers.
+    pub fn regs(&self) -> Result<kvm_regs, VmmError> {
+        self.fd.get_regs().map_err(|e| VmmError::Kvm("KVM_GET_REGS", e))
+    }
+
+    /// The special registers.
+    pub fn sregs(&self) -> Result<kvm_bindings::kvm_sregs, VmmError> {
+        self.fd
+            .get_sregs()
+            .map_err(|e| VmmError::Kvm("KVM_GET_SREGS", e))
+    }
+}
+
+/// A small fingerprint of the vCPU's registers: RIP and a blake3 of the general registers.
+pub fn fingerprint(regs: &kvm_regs) -> (u64, u64) {
+    let mut h = blake3::Hasher::new();
+    for v in [
+        regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp, regs.r8,
+        regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15, regs.rip,
+        regs.rflags,
+    ] {
+        h.update(&v.to_le_bytes());
+    }
+    let d = h.finalize();
+    (
+        regs.rip,
+        u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")),
+    )
+}

@@ -1,0 +1,16 @@
+//! The ftvm VMM: runs a ring-3 guest under KVM, one vCPU, devices over MMIO, with every
+//! nondeterministic input entering at numbered epoch boundaries (DESIGN §3) so that a run can
+//! be recorded and replayed.
+
+pub mod bus;
+pub mod devices;
+pub mod epoch;
+pub mod error;
+pub mod guests;
+pub mod kvm;
+pub mod live;
+pub mod machine;
+pub mod signals;
+pub mod solo;
+
+pub use error::VmmError;

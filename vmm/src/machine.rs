@@ -1,0 +1,229 @@
+//! The machine: a KVM VM, its MMIO bus and devices, an input source and a console, driven by
+//! the run loop. The run loop is an explicit state machine over [`RunState`]; every exit comes
+//! from [`Vcpu::run`](crate::kvm::vcpu::Vcpu::run), and every epoch boundary is handled in one
+//! place, [`Machine::boundary`].
+
+use std::fmt;
+
+use kvm_bindings::kvm_regs;
+
+use crate::bus::MmioBus;
+use crate::epoch::{Boundary, BoundaryCx, ConsoleSink, Fingerprint, InputError, Inputs, MachineRequest};
+use crate::error::VmmError;
+use crate::kvm::vcpu::{fingerprint, VmExit};
+use crate::kvm::KvmVm;
+use crate::signals;
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest wrote the exit register.
+    Exited {
+        /// The status it wrote.
+        status: u64,
+    },
+    /// The guest crashed, broke its contract, or KVM could not run it.
+    Crashed(Box<CrashReport>),
+    /// A signal stopped the node.
+    Stopped {
+        /// The signal number.
+        signal: i32,
+    },
+}
+
+/// What the operator needs to know about a crashed guest.
+#[derive(Debug)]
+pub struct CrashReport {
+    /// Why the run ended.
+    pub reason: String,
+    /// Boundaries passed before the crash.
+    pub boundary: Boundary,
+    /// The general registers.
+    pub regs: kvm_regs,
+    /// CR0, CR2, CR3, CR4, EFER (when KVM could read them).
+    pub control: Option<[u64; 5]>,
+}
+
+impl fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.regs;
+        writeln!(f, "guest crashed: {} (after boundary {})", self.reason, self.boundary)?;
+        writeln!(f, "  rip={:#018x} rsp={:#018x} rflags={:#x}", r.rip, r.rsp, r.rflags)?;
+        writeln!(f, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
+        writeln!(f, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", r.rsi, r.rdi, r.rbp, r.r8)?;
+        writeln!(f, "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}", r.r9, r.r10, r.r11, r.r12)?;
+        write!(f, "  r13={:#018x} r14={:#018x} r15={:#018x}", r.r13, r.r14, r.r15)?;
+        if let Some([cr0, cr2, cr3, cr4, efer]) = self.control {
+            write!(f, "\n  cr0={cr0:#x} cr2={cr2:#x} cr3={cr3:#x} cr4={cr4:#x} efer={efer:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// States of the run loop.
+#[derive(Debug)]
+enum RunState {
+    /// The guest runs (or is about to re-enter).
+    Running,
+    /// A boundary asked the machine to end.
+    Finishing(Outcome),
+}
+
+/// A complete VM ready to run.
+pub struct Machine {
+    vm: KvmVm,
+    bus: MmioBus,
+    inputs: Box<dyn Inputs>,
+    console: Box<dyn ConsoleSink>,
+    boundary: Boundary,
+    stop: std::sync::Arc<signals::StopSignal>,
+}
+
+impl Machine {
+    /// Assembles a machine.
+    pub fn new(
+        vm: KvmVm,
+        bus: MmioBus,
+        inputs: Box<dyn Inputs>,
+        console: Box<dyn ConsoleSink>,
+        stop: std::sync::Arc<signals::StopSignal>,
+    ) -> Self {
+        Machine {
+            vm,
+            bus,
+            inputs,
+            console,
+            boundary: 0,
+            stop,
+        }
+    }
+
+    /// Boundaries passed so far.
+    pub fn boundaries(&self) -> Boundary {
+        self.boundary
+    }
+
+    /// The VM (memory, vCPU).
+    pub fn vm(&self) -> &KvmVm {
+        &self.vm
+    }
+
+    /// The input source.
+    pub fn inputs_mut(&mut self) -> &mut dyn Inputs {
+        self.inputs.as_mut()
+    }
+
+    /// The guest's fingerprint now.
+    pub fn fingerprint(&self) -> Result<Fingerprint, VmmError> {
+        let (rip, regs_hash) = fingerprint(&self.vm.vcpu.regs()?);
+        Ok(Fingerprint { rip, regs_hash })
+    }
+
+    /// Runs the guest until it exits, crashes or a signal stops the node.
+    pub fn run(&mut self) -> Result<Outcome, VmmError> {
+        let kick = self.vm.vcpu.kick_handle();
+        let _registration = signals::register_vcpu(kick);
+        let mut state = RunState::Running;
+        loop {
+            state = match state {
+                RunState::Finishing(outcome) => return Ok(outcome),
+                RunState::Running => {
+                    if let Some(signal) = self.stop.signalled() {
+                        RunState::Finishing(Outcome::Stopped { signal })
+                    } else {
+                        let exit = self.vm.vcpu.run()?;
+                        self.on_exit(exit)?
+                    }
+                }
+            };
+        }
+    }
+
+    /// Turns one exit into the next state.
+    fn on_exit(&mut self, exit: VmExit) -> Result<RunState, VmmError> {
+        let crash = |m: &Self, reason: String| -> Result<RunState, VmmError> {
+            Ok(RunState::Finishing(Outcome::Crashed(Box::new(m.crash_report(reason)?))))
+        };
+        match exit {
+            VmExit::MmioRead { addr, len } => {
+                let mut data = [0u8; 8];
+                let r = self.boundary(addr, Access::Read(&mut data[..len]));
+                self.vm.vcpu.complete_mmio_read(&data[..len]);
+                self.after_boundary(r)
+            }
+            VmExit::MmioWrite { addr, len, data } => {
+                let r = self.boundary(addr, Access::Write(&data[..len]));
+                self.after_boundary(r)
+            }
+            VmExit::Interrupted => Ok(RunState::Running),
+            VmExit::Shutdown => crash(self, "triple fault (an exception with no handler: KVM_EXIT_SHUTDOWN)".into()),
+            VmExit::InternalError { suberror } => crash(self, format!("KVM internal error (suberror {suberror})")),
+            VmExit::FailEntry { reason } => crash(self, format!("VM entry failed (reason {reason:#x})")),
+            VmExit::Forbidden(what) => crash(self, format!("guest contract violation: {what}")),
+            VmExit::Other(what) => crash(self, format!("unexpected exit: {what}")),
+        }
+    }
+
+    fn after_boundary(&mut self, r: Result<Option<MachineRequest>, VmmError>) -> Result<RunState, VmmError> {
+        match r {
+            Ok(None) => Ok(RunState::Running),
+            Ok(Some(MachineRequest::Exit(status))) => Ok(RunState::Finishing(Outcome::Exited { status })),
+            Err(VmmError::Input(InputError::Stopped(signal))) => {
+                Ok(RunState::Finishing(Outcome::Stopped { signal }))
+            }
+            Err(VmmError::Bus(e)) => Ok(RunState::Finishing(Outcome::Crashed(Box::new(
+                self.crash_report(e.to_string())?,
+            )))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// An epoch boundary: the one place where the VMM changes guest-visible state. In order:
+    /// (1) devices take new guest requests, (2) events for this boundary are applied,
+    /// (3) the MMIO access is completed; the caller then resumes the vCPU.
+    fn boundary(&mut self, addr: u64, access: Access<'_>) -> Result<Option<MachineRequest>, VmmError> {
+        self.boundary += 1;
+        let b = self.boundary;
+        let fp = if self.inputs.wants_fingerprint() {
+            Some(self.fingerprint()?)
+        } else {
+            None
+        };
+        self.inputs.boundary(b, fp)?;
+        let mut request = None;
+        let mut cx = BoundaryCx {
+            boundary: b,
+            mem: &self.vm.memory,
+            inputs: self.inputs.as_mut(),
+            console: self.console.as_mut(),
+            request: &mut request,
+        };
+        match access {
+            Access::Read(data) => self.bus.read(addr, data, &mut cx)?,
+            Access::Write(data) => self.bus.write(addr, data, &mut cx)?,
+        }
+        Ok(request)
+    }
+
+    fn crash_report(&self, reason: String) -> Result<CrashReport, VmmError> {
+        let regs = self.vm.vcpu.regs()?;
+        let control = self
+            .vm
+            .vcpu
+            .sregs()
+            .ok()
+            .map(|s| [s.cr0, s.cr2, s.cr3, s.cr4, s.efer]);
+        Ok(CrashReport {
+            reason,
+            boundary: self.boundary,
+            regs,
+            control,
+        })
+    }
+}
+
+/// The guest's MMIO access at a boundary.
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
