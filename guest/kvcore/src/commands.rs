@@ -3,7 +3,6 @@
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::String;
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 
@@ -525,7 +524,9 @@ fn set(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
             let at = if n <= 0 {
                 None
             } else if name_is(o, "ex") {
-                (n as u64).checked_mul(1000).and_then(|v| v.checked_add(c.now))
+                (n as u64)
+                    .checked_mul(1000)
+                    .and_then(|v| v.checked_add(c.now))
             } else if name_is(o, "px") {
                 (n as u64).checked_add(c.now)
             } else if name_is(o, "exat") {
@@ -592,7 +593,9 @@ fn setex(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         None => return err(c, NOT_INT),
         Some(n) if n <= 0 => None,
         Some(n) if ms => (n as u64).checked_add(c.now),
-        Some(n) => (n as u64).checked_mul(1000).and_then(|v| v.checked_add(c.now)),
+        Some(n) => (n as u64)
+            .checked_mul(1000)
+            .and_then(|v| v.checked_add(c.now)),
     };
     let Some(at) = at else {
         let name = if ms { "psetex" } else { "setex" };
@@ -631,7 +634,7 @@ fn getdel(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
 }
 
 fn mset(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
-    if a.len() % 2 == 0 {
+    if a.len().is_multiple_of(2) {
         arity_error(c.out, "mset");
         return Effect::None;
     }
@@ -786,7 +789,9 @@ fn expire(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         );
     }
     let ms: Option<i64> = match lname {
-        "expire" => n.checked_mul(1000).and_then(|v| v.checked_add(c.now as i64)),
+        "expire" => n
+            .checked_mul(1000)
+            .and_then(|v| v.checked_add(c.now as i64)),
         "pexpire" => n.checked_add(c.now as i64),
         "expireat" => n.checked_mul(1000),
         _ => Some(n),
@@ -890,7 +895,14 @@ fn count_arg(c: &mut Ctx<'_>, a: &[Vec<u8>], i: usize) -> Result<Option<usize>, 
 
 fn pop(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
     if a.len() > 3 {
-        arity_error(c.out, if name_is(&a[0], "lpop") { "lpop" } else { "rpop" });
+        arity_error(
+            c.out,
+            if name_is(&a[0], "lpop") {
+                "lpop"
+            } else {
+                "rpop"
+            },
+        );
         return Effect::None;
     }
     let left = name_is(&a[0], "lpop");
@@ -1140,7 +1152,7 @@ fn sismember(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
 
 fn hset(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
     let hmset = name_is(&a[0], "hmset");
-    if a.len() % 2 == 1 {
+    if !a.len().is_multiple_of(2) {
         arity_error(c.out, if hmset { "hmset" } else { "hset" });
         return Effect::None;
     }
@@ -1166,7 +1178,9 @@ fn hset(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
     Effect::Logged
 }
 
-fn get_hash<'s>(s: &'s Store, key: &[u8]) -> Result<Option<&'s BTreeMap<Vec<u8>, Vec<u8>>>, ()> {
+type Hash = BTreeMap<Vec<u8>, Vec<u8>>;
+
+fn get_hash<'s>(s: &'s Store, key: &[u8]) -> Result<Option<&'s Hash>, ()> {
     match s.get(key).map(|e| &e.value) {
         None => Ok(None),
         Some(Value::Hash(x)) => Ok(Some(x)),
@@ -1273,7 +1287,7 @@ fn zadd(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         i += 1;
     }
     let pairs = &a[i..];
-    if pairs.is_empty() || pairs.len() % 2 != 0 {
+    if pairs.is_empty() || !pairs.len().is_multiple_of(2) {
         return err(c, SYNTAX);
     }
     if nx && xx {
@@ -1282,14 +1296,17 @@ fn zadd(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
             "ERR XX and NX options at the same time are not compatible",
         );
     }
-    if (gt && nx) || (lt && nx) || (gt && lt) {
+    if (nx && (gt || lt)) || (gt && lt) {
         return err(
             c,
             "ERR GT, LT, and/or NX options at the same time are not compatible",
         );
     }
     if incr && pairs.len() > 2 {
-        return err(c, "ERR INCR option supports a single increment-element pair");
+        return err(
+            c,
+            "ERR INCR option supports a single increment-element pair",
+        );
     }
     let mut scores = Vec::with_capacity(pairs.len() / 2);
     for p in pairs.chunks(2) {

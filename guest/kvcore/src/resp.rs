@@ -64,7 +64,11 @@ impl fmt::Display for ProtocolError {
             ProtocolError::InvalidMultibulkLength => f.write_str("invalid multibulk length"),
             ProtocolError::InvalidBulkLength => f.write_str("invalid bulk length"),
             ProtocolError::ExpectedDollar(b) => {
-                let c = if b.is_ascii_graphic() { *b as char } else { '?' };
+                let c = if b.is_ascii_graphic() {
+                    *b as char
+                } else {
+                    '?'
+                };
                 write!(f, "expected '$', got '{c}'")
             }
             ProtocolError::ExpectedCrlf => f.write_str("expected CRLF after bulk data"),
@@ -132,12 +136,12 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Parse {
 
 /// Finds a CRLF-terminated header line starting at `start`; returns the line's content
 /// (without CRLF) and the offset just past it.
-fn header_line(
-    buf: &[u8],
+fn header_line<'b>(
+    buf: &'b [u8],
     start: usize,
     limits: &Limits,
     too_big: ProtocolError,
-) -> Result<Option<(&[u8], usize)>, ProtocolError> {
+) -> Result<Option<(&'b [u8], usize)>, ProtocolError> {
     let rest = &buf[start..];
     match rest.iter().position(|&b| b == b'\r') {
         None => {
@@ -193,12 +197,11 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
 }
 
 fn parse_multibulk(buf: &[u8], limits: &Limits) -> Parse {
-    let (line, mut pos) =
-        match header_line(buf, 0, limits, ProtocolError::TooBigMbulkCount) {
-            Err(e) => return Parse::Error(e),
-            Ok(None) => return Parse::Incomplete,
-            Ok(Some(x)) => x,
-        };
+    let (line, mut pos) = match header_line(buf, 0, limits, ProtocolError::TooBigMbulkCount) {
+        Err(e) => return Parse::Error(e),
+        Ok(None) => return Parse::Incomplete,
+        Ok(Some(x)) => x,
+    };
     let count = match parse_i64(&line[1..]) {
         Some(n) => n,
         None => return Parse::Error(ProtocolError::InvalidMultibulkLength),
@@ -489,7 +492,10 @@ mod tests {
     #[test]
     fn inline() {
         assert_eq!(parse(b"PING\r\n", &lim()), cmd(&[b"PING"], 6));
-        assert_eq!(parse(b"  set a  b\n", &lim()), cmd(&[b"set", b"a", b"b"], 11));
+        assert_eq!(
+            parse(b"  set a  b\n", &lim()),
+            cmd(&[b"set", b"a", b"b"], 11)
+        );
         assert_eq!(
             parse(b"set \"a b\\x41\\n\" 'c\\'d'\r\n", &lim()),
             cmd(&[b"set", b"a bA\n", b"c'd"], 24)
@@ -518,11 +524,11 @@ mod tests {
             max_bulk_len: 10,
             max_args: 3,
             max_inline_len: 16,
-            max_request_len: 64,
+            max_request_len: 40,
         };
         let e = |b: &[u8]| match parse(b, &l) {
             Parse::Error(e) => e,
-            other => panic!("{other:?}"),
+            other => panic!("{b:?}: {other:?}"),
         };
         assert_eq!(e(b"*x\r\n"), ProtocolError::InvalidMultibulkLength);
         assert_eq!(e(b"*4\r\n"), ProtocolError::InvalidMultibulkLength);
@@ -532,7 +538,10 @@ mod tests {
         assert_eq!(e(b"*1\r\n$1\r\nab\r\n"), ProtocolError::ExpectedCrlf);
         assert_eq!(e(&[b'a'; 17]), ProtocolError::TooBigInline);
         assert_eq!(e(b"*1111111111111111111"), ProtocolError::TooBigMbulkCount);
-        assert_eq!(e(b"*1\r\n$1111111111111111111"), ProtocolError::TooBigBulkCount);
+        assert_eq!(
+            e(b"*1\r\n$1111111111111111111"),
+            ProtocolError::TooBigBulkCount
+        );
         assert_eq!(
             e(b"*3\r\n$10\r\n0123456789\r\n$10\r\n0123456789\r\n$10\r\n01234"),
             ProtocolError::RequestTooLarge
