@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The bundled guests: binaries of the guest workspace.
-const GUESTS: &[&str] = &["selftest", "crash", "hostile", "spin"];
+const GUESTS: &[&str] = &["selftest", "crash", "hostile", "spin", "exitbench"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -31,7 +31,7 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&guest_dir)
-        .args(["build", "--release", "--locked"])
+        .args(["build", "--release"])
         .arg("--target-dir")
         .arg(&guest_target);
     for var in [

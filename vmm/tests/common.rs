@@ -1,0 +1,91 @@
+//! Shared helpers of the VMM's end-to-end tests: run `ftvm-node` for real under KVM.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Fails loudly when KVM is unusable here: these tests need it, and CI has it.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!(
+            "\n*** this test needs /dev/kvm (read/write) and cannot run here: {e} ***\n\
+             *** run the tests as root on a host with KVM ***\n"
+        );
+    }
+}
+
+/// The node binary.
+pub fn node() -> Command {
+    require_kvm();
+    Command::new(env!("CARGO_BIN_EXE_ftvm-node"))
+}
+
+/// Runs the node to completion.
+pub fn run(args: &[&str]) -> Output {
+    node().args(args).output().expect("spawn ftvm-node")
+}
+
+/// A node running in the background whose stdout lines arrive on a channel.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = node()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ftvm-node");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits (at most `limit`) for a stdout line containing `needle`.
+    pub fn expect_line(&self, needle: &str, limit: Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => continue,
+                Err(e) => panic!("no line containing {needle:?} within {limit:?}: {e}"),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(r, 0, "kill failed");
+    }
+
+    /// Waits for the process to end, at most `limit`; returns its status and stderr.
+    pub fn wait_within(self, limit: Duration) -> (ExitStatus, String) {
+        let mut child = self.child;
+        let (tx, rx) = mpsc::channel();
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            let status = child.wait();
+            let _ = tx.send((status, s, child));
+        });
+        match rx.recv_timeout(limit) {
+            Ok((status, s, _)) => (status.expect("wait"), s),
+            Err(_) => panic!("ftvm-node did not exit within {limit:?}"),
+        }
+    }
+}
