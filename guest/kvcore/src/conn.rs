@@ -168,3 +168,218 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn setup() -> (Store, LogWriter, Vec<u8>) {
+        let mut log = LogWriter::format(1 << 20, 9).unwrap();
+        let mut disk = alloc::vec![0u8; 1 << 20];
+        commit(&mut log, &mut disk);
+        (Store::new(1), log, disk)
+    }
+
+    fn commit(log: &mut LogWriter, disk: &mut [u8]) {
+        if let Some(b) = log.seal() {
+            disk[b.offset as usize..][..b.bytes.len()].copy_from_slice(&b.bytes);
+            log.mark_durable();
+        }
+    }
+
+    #[test]
+    fn write_replies_wait_for_the_flush() {
+        let (mut store, mut log, mut disk) = setup();
+        let mut c = Connection::new(Limits::default());
+        let mut out = Vec::new();
+        c.feed(b"PING\r\n");
+        c.process(&mut store, &mut log, 0);
+        c.take_output(&log, &mut out);
+        assert_eq!(out, b"+PONG\r\n", "nothing pending: released at once");
+        out.clear();
+        c.feed(b"SET a 1\r\nGET a\r\n");
+        c.process(&mut store, &mut log, 0);
+        c.take_output(&log, &mut out);
+        assert!(out.is_empty(), "the write and the read after it wait");
+        // Another connection reading the unflushed value waits too.
+        let mut c2 = Connection::new(Limits::default());
+        c2.feed(b"GET a\r\n");
+        c2.process(&mut store, &mut log, 0);
+        c2.take_output(&log, &mut out);
+        assert!(out.is_empty());
+        let b = log.seal().unwrap();
+        c.take_output(&log, &mut out);
+        assert!(out.is_empty(), "sealed is not durable");
+        disk[b.offset as usize..][..b.bytes.len()].copy_from_slice(&b.bytes);
+        log.mark_durable();
+        c.take_output(&log, &mut out);
+        assert_eq!(out, b"+OK\r\n$1\r\n1\r\n");
+        out.clear();
+        c2.take_output(&log, &mut out);
+        assert_eq!(out, b"$1\r\n1\r\n");
+        assert_eq!(c.pending_output(), 0);
+    }
+
+    #[test]
+    fn protocol_error_replies_then_closes() {
+        let (mut store, mut log, _) = setup();
+        let mut c = Connection::new(Limits::default());
+        c.feed(b"PING\r\n*1\r\n$x\r\nPING\r\n");
+        assert_eq!(c.process(&mut store, &mut log, 0), Status::Closing);
+        assert!(!c.finished());
+        let mut out = Vec::new();
+        c.take_output(&log, &mut out);
+        assert_eq!(
+            out,
+            b"+PONG\r\n-ERR Protocol error: invalid bulk length\r\n".as_slice()
+        );
+        assert!(c.finished());
+        c.feed(b"PING\r\n");
+        assert_eq!(c.buffered_input(), 0);
+    }
+
+    #[test]
+    fn oversized_request_closes() {
+        let (mut store, mut log, mut disk) = setup();
+        let limits = Limits {
+            max_request_len: 1000,
+            ..Limits::default()
+        };
+        // 23 bytes of headers + 900 + CRLF fits.
+        let mut c = Connection::new(limits);
+        c.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$900\r\n");
+        assert_eq!(c.process(&mut store, &mut log, 0), Status::Open);
+        c.feed(&[b'x'; 900]);
+        c.feed(b"\r\n");
+        assert_eq!(c.process(&mut store, &mut log, 0), Status::Open);
+        assert_eq!(store.len(), 1);
+        // A declared size over the limit is refused before its data arrives.
+        let mut c = Connection::new(limits);
+        c.feed(b"*3\r\n$3\r\nSET\r\n$1\r\nz\r\n$990\r\n");
+        assert_eq!(c.process(&mut store, &mut log, 0), Status::Closing);
+        let mut out = Vec::new();
+        c.take_output(&log, &mut out);
+        assert!(out.is_empty(), "ordered after the unflushed SET");
+        commit(&mut log, &mut disk);
+        c.take_output(&log, &mut out);
+        assert_eq!(out, b"-ERR Protocol error: request too large\r\n");
+        assert!(c.finished());
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn quit() {
+        let (mut store, mut log, _) = setup();
+        let mut c = Connection::new(Limits::default());
+        c.feed(b"QUIT\r\nPING\r\n");
+        assert_eq!(c.process(&mut store, &mut log, 0), Status::Closing);
+        let mut out = Vec::new();
+        c.take_output(&log, &mut out);
+        assert_eq!(out, b"+OK\r\n");
+        assert!(c.finished());
+    }
+
+    fn mbulk(args: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        crate::resp::write_array_len(&mut v, args.len());
+        for a in args {
+            crate::resp::write_bulk(&mut v, a);
+        }
+        v
+    }
+
+    /// What `redis-benchmark` sends: its start-up queries, then the default suite, 16
+    /// requests pipelined at a time. Fed in one piece and byte by byte, same replies.
+    #[test]
+    fn redis_benchmark_traffic() {
+        let mut input = Vec::new();
+        input.extend(mbulk(&[b"CONFIG", b"GET", b"save"]));
+        input.extend(mbulk(&[b"CONFIG", b"GET", b"appendonly"]));
+        let val = [b'x'; 3];
+        let suite: Vec<Vec<u8>> = alloc::vec![
+            b"PING\r\n".to_vec(),
+            mbulk(&[b"PING"]),
+            mbulk(&[b"SET", b"key:__rand_int__", &val]),
+            mbulk(&[b"GET", b"key:__rand_int__"]),
+            mbulk(&[b"INCR", b"counter:__rand_int__"]),
+            mbulk(&[b"LPUSH", b"mylist", &val]),
+            mbulk(&[b"RPUSH", b"mylist", &val]),
+            mbulk(&[b"LPOP", b"mylist"]),
+            mbulk(&[b"RPOP", b"mylist"]),
+            mbulk(&[b"SADD", b"myset", b"element:__rand_int__"]),
+            mbulk(&[b"HSET", b"myhash", b"element:__rand_int__", &val]),
+            mbulk(&[b"SPOP", b"myset"]),
+            mbulk(&[b"ZADD", b"myzset", b"0", b"element:__rand_int__"]),
+            mbulk(&[b"ZPOPMIN", b"myzset"]),
+            mbulk(&[b"LPUSH", b"mylist", &val]),
+            mbulk(&[b"LRANGE", b"mylist", b"0", b"99"]),
+            mbulk(&[b"LRANGE", b"mylist", b"0", b"599"]),
+            mbulk(&[
+                b"MSET", b"key:1", &val, b"key:2", &val, b"key:3", &val, b"key:4", &val, b"key:5",
+                &val, b"key:6", &val, b"key:7", &val, b"key:8", &val, b"key:9", &val, b"key:10",
+                &val,
+            ]),
+        ];
+        for req in &suite {
+            for _ in 0..16 {
+                input.extend_from_slice(req);
+            }
+        }
+        let run = |chunk: usize| {
+            let (mut store, mut log, mut disk) = setup();
+            let mut c = Connection::new(Limits::default());
+            let mut out = Vec::new();
+            for (i, part) in input.chunks(chunk).enumerate() {
+                c.feed(part);
+                assert_eq!(c.process(&mut store, &mut log, i as u64), Status::Open);
+                commit(&mut log, &mut disk);
+                c.take_output(&log, &mut out);
+            }
+            assert_eq!(c.buffered_input(), 0);
+            (out, disk)
+        };
+        let (whole, disk) = run(input.len());
+        let text = alloc::string::String::from_utf8_lossy(&whole);
+        assert!(
+            !text.contains("-ERR") && !text.contains("WRONGTYPE"),
+            "{text}"
+        );
+        assert!(text.starts_with(
+            "*2\r\n$4\r\nsave\r\n$0\r\n\r\n*2\r\n$10\r\nappendonly\r\n$3\r\nyes\r\n+PONG\r\n"
+        ));
+        let (bytewise, _) = run(1);
+        assert_eq!(whole, bytewise);
+        let (odd, _) = run(37);
+        assert_eq!(whole, odd);
+        // Everything acknowledged is on the disk.
+        let mut s = Store::new(5);
+        let rec = crate::aof::replay(&disk, &mut s).unwrap();
+        assert!(rec.stop.is_clean());
+        let (mut store, mut log, _) = setup();
+        let mut c = Connection::new(Limits::default());
+        c.feed(&input);
+        c.process(&mut store, &mut log, 0);
+        assert_eq!(
+            s.entries().collect::<Vec<_>>(),
+            store.entries().collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn full_disk_refuses_writes_but_serves_reads() {
+        let mut store = Store::new(1);
+        let mut log = LogWriter::format(4096, 1).unwrap();
+        let mut c = Connection::new(Limits::default());
+        c.feed(b"SET a b\r\nGET a\r\n");
+        c.process(&mut store, &mut log, 0);
+        log.seal();
+        log.mark_durable();
+        let mut out = Vec::new();
+        c.take_output(&log, &mut out);
+        assert_eq!(
+            out,
+            b"-ERR disk log is full, write refused\r\n$-1\r\n".as_slice()
+        );
+    }
+}

@@ -54,7 +54,7 @@ pub enum ProtocolError {
     TooBigBulkCount,
     /// An inline request with an unterminated quoted string.
     UnbalancedQuotes,
-    /// An incomplete request buffered more than [`Limits::max_request_len`] bytes.
+    /// A request larger than [`Limits::max_request_len`] bytes (declared or buffered).
     RequestTooLarge,
 }
 
@@ -232,6 +232,10 @@ fn parse_multibulk(buf: &[u8], limits: &Limits) -> Parse {
             _ => return Parse::Error(ProtocolError::InvalidBulkLength),
         };
         let end = next + len;
+        if end + 2 > limits.max_request_len {
+            // Refuse as soon as the declared size is known, without buffering it.
+            return Parse::Error(ProtocolError::RequestTooLarge);
+        }
         if buf.len() < end + 2 {
             return Parse::Incomplete;
         }
