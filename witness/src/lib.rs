@@ -1,1 +1,21 @@
 //! The witness: the arbiter that decides which node of an FT pair may run alone.
+//!
+//! Layers, from the inside out:
+//! * [`state`] — the rule as a pure state machine (claim/status, idempotent retried grants);
+//! * [`codec`] — the compact, versioned request/response wire format;
+//! * [`store`] — durable state in rocksdb, every grant synced before its reply;
+//! * [`server`] — the QUIC + mutual-TLS service with pair authorization by certificate;
+//! * [`client`] — [`WitnessClient`], used by `ftvm-node` and the CLI;
+//! * [`config`], [`metrics`] — the TOML configuration and Prometheus metrics.
+
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use client::{ClaimOutcome, ClientOptions, PairStatus, WitnessClient, WitnessError};
+pub use config::Config;
+pub use server::Server;
