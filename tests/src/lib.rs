@@ -1,2 +1,4 @@
-//! Test harness shared by the end-to-end tests: locating the built binaries, and (later)
-//! network namespaces that stand in for hosts.
+//! Test harness shared by the end-to-end tests: network namespaces that stand in for hosts
+//! ([`netns`]), and (later) locating the built binaries.
+
+pub mod netns;
