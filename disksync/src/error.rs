@@ -1,0 +1,66 @@
+//! Errors of the disksync library.
+
+use std::path::PathBuf;
+
+/// Result alias of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a resync.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named file.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process holds the disk (an advisory lock conflicts).
+    #[error("disk {0} is in use by another process (advisory lock held); stop it or let ftvm-node coordinate the resync")]
+    Locked(PathBuf),
+    /// Source and target differ in size and resizing was not allowed.
+    #[error("size mismatch: source is {source_size} bytes, target is {target_size} bytes (pass --resize to change the target)")]
+    SizeMismatch { source_size: u64, target_size: u64 },
+    /// A malformed, truncated or unexpected protocol message.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The peer reported an error and ended the session.
+    #[error("peer reported an error: {0}")]
+    Remote(String),
+    /// QUIC connection or TLS failure.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// A block's data does not match the hash the source announced for it.
+    #[error("block {index}: data received does not match the source's hash (source changed during the resync, or corruption)")]
+    BlockMismatch { index: u64 },
+    /// The final root hashes differ.
+    #[error("root hash mismatch after resync: local {local}, source {remote}")]
+    RootMismatch { local: String, remote: String },
+    /// A sidecar file (record, cache, state) is malformed or does not fit the disk.
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+    /// Invalid parameters.
+    #[error("{0}")]
+    Invalid(String),
+    /// The operation was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::BadFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Block geometry and blake3 leaf hashing, on all cores, reading large and sequentially.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crate::stats::Stats;
+use crate::{Error, Result};
+
+/// A blake3 digest.
+pub type Hash = [u8; 32];
+
+/// Default block size: 64 KiB.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Smallest and largest block sizes accepted.
+pub const MIN_BLOCK_SIZE: u32 = 512;
+pub const MAX_BLOCK_SIZE: u32 = 16 * 1024 * 1024;
+
+/// Bytes one hashing work item reads at once (rounded to whole blocks).
+const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+
+const LEAF_CONTEXT: &str = "ftvm-disksync 2026 v1 block leaf";
+const NODE_CONTEXT: &str = "ftvm-disksync 2026 v1 tree node";
+const ROOT_CONTEXT: &str = "ftvm-disksync 2026 v1 disk root";
+
+fn leaf_template() -> &'static blake3::Hasher {
+    static T: OnceLock<blake3::Hasher> = OnceLock::new();
+    T.get_or_init(|| blake3::Hasher::new_derive_key(LEAF_CONTEXT))
+}
+fn node_template() -> &'static blake3::Hasher {
+    static T: OnceLock<blake3::Hasher> = OnceLock::new();
+    T.get_or_init(|| blake3::Hasher::new_derive_key(NODE_CONTEXT))
+}
+
+/// Hash of one block's contents.
+pub fn leaf_hash(data: &[u8]) -> Hash {
+    let mut h = leaf_template().clone();
+    h.update(data);
+    *h.finalize().as_bytes()
+}
+
+/// Hash of an inner tree node.
+pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut h = node_template().clone();
+    h.update(left);
+    h.update(right);
+    *h.finalize().as_bytes()
+}
+
+/// The disk's root hash: the tree's top node bound to the disk size and block size.
+pub fn root_hash(top: &Hash, geo: Geometry) -> Hash {
+    let mut h = blake3::Hasher::new_derive_key(ROOT_CONTEXT);
+    h.update(top);
+    h.update(&geo.disk_size.to_le_bytes());
+    h.update(&geo.block_size.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Hex form of a hash.
+pub fn hex(h: &Hash) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Size of a disk and how it is cut into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub disk_size: u64,
+    pub block_size: u32,
+}
+
+impl Geometry {
+    /// Checks the block size (a power of two between 512 B and 16 MiB).
+    pub fn new(disk_size: u64, block_size: u32) -> Result<Self> {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(Error::Invalid(format!(
+                "block size {block_size} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+            )));
+        }
+        Ok(Self {
+            disk_size,
+            block_size,
+        })
+    }
+
+    /// Number of blocks (the last one may be short).
+    pub fn blocks(&self) -> u64 {
+        self.disk_size.div_ceil(self.block_size as u64)
+    }
+
+    /// Byte offset and length of block `i`.
+    pub fn block(&self, i: u64) -> (u64, usize) {
+        let off = i * self.block_size as u64;
+        let len = (self.disk_size - off).min(self.block_size as u64);
+        (off, len as usize)
+    }
+
+    /// Blocks touched by the byte range `[offset, offset+len)` (clamped to the disk).
+    pub fn blocks_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 || offset >= self.disk_size {
+            return 0..0;
+        }
+        let end = offset.saturating_add(len).min(self.disk_size);
+        let bs = self.block_size as u64;
+        offset / bs..end.div_ceil(bs)
+    }
+}
+
+/// Geometry of the file at `path` (its current size).
+pub fn file_geometry(file: &File, path: &Path, block_size: u32) -> Result<Geometry> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    Geometry::new(len, block_size)
+}
+
+/// True if every byte of `data` is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { data.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Number of hashing threads: every core.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// Hashes every block of `file`.
+pub fn hash_file(
+    file: &File,
+    path: &Path,
+    geo: Geometry,
+    stats: &Stats,
+    cancel: &AtomicBool,
+) -> Result<Vec<Hash>> {
+    let mut leaves = vec![[0u8; 32]; geo.blocks() as usize];
+    hash_runs(
+        file,
+        path,
+        geo,
+        &[(0, geo.blocks())],
+        &mut leaves,
+        stats,
+        cancel,
+    )?;
+    Ok(leaves)
+}
+
+/// Hashes the blocks in `runs` (`(first block, count)`, ascending, disjoint) into `leaves`.
+///
+/// Work is cut into segments of up to 8 MiB taken in ascending order by one thread per core,
+/// so the file is read in large, nearly sequential requests.
+pub fn hash_runs(
+    file: &File,
+    path: &Path,
+    geo: Geometry,
+    runs: &[(u64, u64)],
+    leaves: &mut [Hash],
+    stats: &Stats,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let per_seg = (SEGMENT_BYTES / geo.block_size as u64).max(1);
+    let mut segs = Vec::new();
+    for &(start, count) in runs {
+        let end = start + count;
+        assert!(end <= geo.blocks(), "run beyond the end of the disk");
+        let mut s = start;
+        while s < end {
+            let n = per_seg.min(end - s);
+            segs.push((s, n));
+            s += n;
+        }
+    }
+    let total: u64 = segs
+        .iter()
+        .map(|&(s, n)| {
+            let (off, _) = geo.block(s);
+            let (loff, llen) = geo.block(s + n - 1);
+            loff + llen as u64 - off
+        })
+        .sum();
+    stats.bytes_to_hash.store(total, Ordering::Relaxed);
+    stats.bytes_hashed.store(0, Ordering::Relaxed);
+
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(u64, Vec<Hash>)>> = Mutex::new(Vec::with_capacity(segs.len()));
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let nthreads = threads().min(segs.len()).max(1);
+    std::thread::scope(|sc| {
+        for _ in 0..nthreads {
+            sc.spawn(|| {
+                let mut buf = vec![0u8; (per_seg * geo.block_size as u64) as usize];
+                loop {
+                    if cancel.load(Ordering::Relaxed) {
+                        let mut e = first_err.lock().unwrap();
+                        e.get_or_insert(Error::Cancelled);
+                        return;
+                    }
+                    if first_err.lock().unwrap().is_some() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(s, n)) = segs.get(i) else { return };
+                    let (off, _) = geo.block(s);
+                    let (loff, llen) = geo.block(s + n - 1);
+                    let len = (loff + llen as u64 - off) as usize;
+                    if let Err(e) = file.read_exact_at(&mut buf[..len], off) {
+                        first_err
+                            .lock()
+                            .unwrap()
+                            .get_or_insert(Error::io("read", path, e));
+                        return;
+                    }
+                    let bs = geo.block_size as usize;
+                    let hashes: Vec<Hash> = buf[..len].chunks(bs).map(leaf_hash).collect();
+                    Stats::add(&stats.bytes_hashed, len as u64);
+                    results.lock().unwrap().push((s, hashes));
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().unwrap() {
+        return Err(e);
+    }
+    for (s, hashes) in results.into_inner().unwrap() {
+        leaves[s as usize..s as usize + hashes.len()].copy_from_slice(&hashes);
+    }
+    Ok(())
+}
+
+/// Turns a sorted list of block indices into `(first, count)` runs.
+pub fn runs_of(indices: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for i in indices {
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == i => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+/// Reads block `i` of `file` into `buf` (resized to the block's length).
+pub fn read_block(
+    file: &File,
+    path: &Path,
+    geo: Geometry,
+    i: u64,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let (off, len) = geo.block(i);
+    buf.resize(len, 0);
+    file.read_exact_at(buf, off)
+        .map_err(|e| Error::io("read", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry() {
+        let g = Geometry::new(10 * 4096 + 5, 4096).unwrap();
+        assert_eq!(g.blocks(), 11);
+        assert_eq!(g.block(10), (40960, 5));
+        assert_eq!(g.blocks_of(4095, 2), 0..2);
+        assert_eq!(g.blocks_of(40960, 100), 10..11);
+        assert_eq!(g.blocks_of(50000, 1), 0..0);
+        assert_eq!(g.blocks_of(0, 0), 0..0);
+        assert!(Geometry::new(1, 1000).is_err());
+        assert_eq!(Geometry::new(0, 4096).unwrap().blocks(), 0);
+    }
+
+    #[test]
+    fn runs() {
+        assert_eq!(runs_of([1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        assert!(runs_of([]).is_empty());
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v[1..]));
+        v[4098] = 1;
+        assert!(!is_zero(&v));
+        assert!(!is_zero(&v[3..]));
+    }
+
+    #[test]
+    fn leaf_differs_from_plain_blake3() {
+        assert_ne!(leaf_hash(b"abc"), *blake3::hash(b"abc").as_bytes());
+        assert_ne!(leaf_hash(b""), leaf_hash(&[0]));
+    }
+}
