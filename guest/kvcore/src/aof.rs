@@ -1,49 +1,74 @@
 //! The durable append-only log on the guest's virtio-blk disk.
 //!
-//! Layout: sector 0 is a header (magic, format version, sector size, log id, CRC-32); the
-//! records follow from byte 512, back to back:
+//! # Layout
 //!
 //! ```text
-//! record  = magic u32 LE ("KVR1") | len u32 LE | crc u32 LE | payload[len]
+//! sector 0, sector 1   two header slots; the valid one with the highest generation rules
+//! byte 1024 …          region 0 | region 1   (the disk's remaining space, halved)
+//!
+//! header  = magic "FTVMKVLG" | version u32 | sector size u32 | log id u64 | generation u64
+//!           | region start u64 | region length u64 | crc32 of the above      (all LE)
+//! record  = magic u32 "KVR1" | len u32 | crc u32 | payload[len]
 //! crc     = CRC-32 over (len LE ++ payload), started from the previous record's crc
-//!           (the header's crc for the first record)
-//! payload = kind u8 (1 = command) | now_ms u64 LE | argc u32 LE | argc × (len u32 LE | bytes)
+//!           (from the header's crc for the first record of a region)
+//! payload = kind u8 (1 = command) | now_ms u64 | argc u32 | argc × (len u32 | bytes)
 //! ```
 //!
-//! Chaining each checksum to the previous one means stale records left further on the disk
-//! (from before a truncation) can never be mistaken for part of the log. After the last
-//! record the log always has at least four zero bytes (a zero magic): that is a clean end.
+//! The records of the current generation run back to back from the start of the header's
+//! region; after the last one there are at least four zero bytes (a zero magic): a clean end.
+//! Chaining each checksum to the previous one (and the first to the header) means stale
+//! records further on, left by an earlier truncation or an earlier generation, can never be
+//! taken for part of the log.
 //!
-//! Writing is group commit: [`LogWriter::append`] collects the records of one loop
-//! iteration, [`LogWriter::seal`] turns them into one sector-aligned [`Batch`] (it rewrites
-//! the partially filled last sector, whose committed bytes it repeats unchanged, so a torn
-//! write of that sector cannot damage them); the caller writes the batch at its offset,
-//! flushes, then calls [`LogWriter::mark_durable`] and only then releases the replies.
+//! # Writing: group commit
 //!
-//! Reading is [`Replayer`] (incremental, for a guest that reads its disk in chunks) or
-//! [`replay`] (a whole image in memory): good records are applied to the [`Store`], and the
-//! [`Recovery`] says where the log stops and why.
+//! [`LogWriter::append`] collects the records of one loop iteration; [`LogWriter::seal`]
+//! turns them into one sector-aligned [`Batch`]. It rewrites the partly filled last sector,
+//! repeating its committed bytes unchanged, so a torn write of that sector cannot damage
+//! them. The caller writes the batch at its offset, flushes, calls
+//! [`LogWriter::mark_durable`], and only then releases the replies (see `Connection`).
+//!
+//! # Compaction
+//!
+//! When the active region is half full ([`LogWriter::should_compact`]),
+//! [`LogWriter::compact`] writes a snapshot of the store (records that rebuild it) into the
+//! other region, then a new header (next generation) pointing there, each through the normal
+//! seal/write/flush/mark_durable cycle. A crash before the header write leaves the old
+//! generation in force, untouched; after it, the new one.
+//!
+//! # Reading
+//!
+//! [`Replayer`] (incremental, for a guest reading its disk in chunks) or [`replay`] (a whole
+//! image in memory): good records are applied to the [`Store`], and the [`Recovery`] says
+//! where the log stops and why.
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use crate::crc;
-use crate::store::Store;
+use crate::store::{Store, Value};
 
 /// Disk sector size: batches start and end on multiples of it.
 pub const SECTOR_SIZE: usize = 512;
-/// Size of the header at the start of the disk (one sector).
-pub const HEADER_LEN: usize = SECTOR_SIZE;
+/// Bytes at the start of the disk taken by the two header slots.
+pub const HEADER_AREA: usize = 2 * SECTOR_SIZE;
 /// Version of the on-disk format written by this code.
 pub const FORMAT_VERSION: u32 = 1;
 /// Largest record payload accepted (longer length fields are treated as corruption).
 pub const MAX_RECORD_PAYLOAD: usize = 64 << 20;
 /// Bytes in a record's header (magic, length, checksum).
 pub const RECORD_HEADER_LEN: usize = 12;
+/// Smallest disk a log can be formatted on.
+pub const MIN_CAPACITY: u64 = HEADER_AREA as u64 + 4 * SECTOR_SIZE as u64;
 
 const HEADER_MAGIC: [u8; 8] = *b"FTVMKVLG";
+const HEADER_CRC_AT: usize = 48;
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"KVR1");
 const KIND_COMMAND: u8 = 1;
+/// Snapshot records carry at most this many elements of a container each.
+const SNAPSHOT_CHUNK: usize = 256;
+/// … and about this many bytes of them (so a record stays far below the payload limit).
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
 fn align_down(x: u64) -> u64 {
     x - x % SECTOR_SIZE as u64
@@ -65,33 +90,127 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Builds the header sector for a new log.
-fn header_bytes(log_id: u64) -> Vec<u8> {
-    let mut h = Vec::with_capacity(HEADER_LEN);
-    h.extend_from_slice(&HEADER_MAGIC);
-    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    h.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-    h.extend_from_slice(&log_id.to_le_bytes());
-    let c = crc::crc32(&h);
-    h.extend_from_slice(&c.to_le_bytes());
-    h.resize(HEADER_LEN, 0);
-    h
+/// The two regions of a disk of `capacity` bytes: (start, length) of region `i`.
+fn region(capacity: u64, i: u64) -> (u64, u64) {
+    let len = align_down(capacity.saturating_sub(HEADER_AREA as u64) / 2);
+    (HEADER_AREA as u64 + i * len, len)
+}
+
+/// A decoded header slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    log_id: u64,
+    generation: u64,
+    start: u64,
+    len: u64,
+    /// The header's checksum: the chain seed of its region's first record.
+    crc: u32,
+}
+
+impl Header {
+    fn encode(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(SECTOR_SIZE);
+        h.extend_from_slice(&HEADER_MAGIC);
+        h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        h.extend_from_slice(&self.log_id.to_le_bytes());
+        h.extend_from_slice(&self.generation.to_le_bytes());
+        h.extend_from_slice(&self.start.to_le_bytes());
+        h.extend_from_slice(&self.len.to_le_bytes());
+        let c = crc::crc32(&h);
+        h.extend_from_slice(&c.to_le_bytes());
+        h.resize(SECTOR_SIZE, 0);
+        h
+    }
+
+    /// A header for generation `generation` in region `generation % 2` (slot likewise).
+    fn new(log_id: u64, generation: u64, capacity: u64) -> Header {
+        let (start, len) = region(capacity, generation % 2);
+        let mut h = Header {
+            log_id,
+            generation,
+            start,
+            len,
+            crc: 0,
+        };
+        h.crc = le32(&h.encode()[HEADER_CRC_AT..]);
+        h
+    }
+
+    /// Disk offset of this generation's header slot.
+    fn slot_offset(&self) -> u64 {
+        (self.generation % 2) * SECTOR_SIZE as u64
+    }
+
+    fn decode(h: &[u8]) -> Result<Header, HeaderError> {
+        if h.iter().all(|&b| b == 0) {
+            return Err(HeaderError::Blank);
+        }
+        if h[..8] != HEADER_MAGIC {
+            return Err(HeaderError::BadMagic);
+        }
+        let stored = le32(&h[HEADER_CRC_AT..]);
+        if crc::crc32(&h[..HEADER_CRC_AT]) != stored {
+            return Err(HeaderError::BadChecksum);
+        }
+        let version = le32(&h[8..]);
+        if version != FORMAT_VERSION {
+            return Err(HeaderError::UnsupportedVersion(version));
+        }
+        let sector = le32(&h[12..]);
+        if sector as usize != SECTOR_SIZE {
+            return Err(HeaderError::BadSectorSize(sector));
+        }
+        let hdr = Header {
+            log_id: le64(&h[16..]),
+            generation: le64(&h[24..]),
+            start: le64(&h[32..]),
+            len: le64(&h[40..]),
+            crc: stored,
+        };
+        let sane = hdr.start >= HEADER_AREA as u64
+            && hdr.start.is_multiple_of(SECTOR_SIZE as u64)
+            && hdr.len >= 2 * SECTOR_SIZE as u64
+            && hdr.start.checked_add(hdr.len).is_some();
+        if !sane {
+            return Err(HeaderError::BadChecksum);
+        }
+        Ok(hdr)
+    }
+}
+
+/// Picks the header in force from the two slots (the valid one with the higher generation).
+fn parse_headers(area: &[u8]) -> Result<Header, HeaderError> {
+    if area.iter().all(|&b| b == 0) {
+        return Err(HeaderError::Blank);
+    }
+    if area.len() < HEADER_AREA {
+        return Err(HeaderError::TooShort);
+    }
+    let a = Header::decode(&area[..SECTOR_SIZE]);
+    let b = Header::decode(&area[SECTOR_SIZE..HEADER_AREA]);
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok(if a.generation >= b.generation { a } else { b }),
+        (Ok(h), Err(_)) | (Err(_), Ok(h)) => Ok(h),
+        // Report the more telling error (a zero slot says only "blank").
+        (Err(HeaderError::Blank), Err(e)) | (Err(e), _) => Err(e),
+    }
 }
 
 /// Why the disk does not start with a usable log header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderError {
-    /// The first sector is all zeros: a new disk. Start one with [`LogWriter::format`].
+    /// The header sectors are all zeros: a new disk. Start one with [`LogWriter::format`].
     Blank,
-    /// The disk is shorter than one sector and not all zeros.
+    /// The disk is shorter than the header area and not all zeros.
     TooShort,
-    /// The first sector is not a kv log header (some other data is on this disk).
+    /// Not a kv log (some other data is on this disk).
     BadMagic,
     /// A kv log of a format version this code does not read.
     UnsupportedVersion(u32),
     /// A kv log written with another sector size.
     BadSectorSize(u32),
-    /// The header's checksum does not match (the header sector is damaged).
+    /// Both header slots are damaged.
     BadChecksum,
 }
 
@@ -99,39 +218,13 @@ impl fmt::Display for HeaderError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HeaderError::Blank => f.write_str("blank disk (no log header)"),
-            HeaderError::TooShort => f.write_str("disk shorter than one sector"),
+            HeaderError::TooShort => f.write_str("disk shorter than the log header"),
             HeaderError::BadMagic => f.write_str("not a kv log (bad header magic)"),
             HeaderError::UnsupportedVersion(v) => write!(f, "unsupported log format version {v}"),
             HeaderError::BadSectorSize(s) => write!(f, "unsupported log sector size {s}"),
-            HeaderError::BadChecksum => f.write_str("log header checksum mismatch"),
+            HeaderError::BadChecksum => f.write_str("log header damaged (checksum mismatch)"),
         }
     }
-}
-
-/// Parses the header sector; returns (log id, chain seed).
-fn parse_header(h: &[u8]) -> Result<(u64, u32), HeaderError> {
-    if h.iter().all(|&b| b == 0) {
-        return Err(HeaderError::Blank);
-    }
-    if h.len() < HEADER_LEN {
-        return Err(HeaderError::TooShort);
-    }
-    if h[..8] != HEADER_MAGIC {
-        return Err(HeaderError::BadMagic);
-    }
-    let stored = le32(&h[24..]);
-    if crc::crc32(&h[..24]) != stored {
-        return Err(HeaderError::BadChecksum);
-    }
-    let version = le32(&h[8..]);
-    if version != FORMAT_VERSION {
-        return Err(HeaderError::UnsupportedVersion(version));
-    }
-    let sector = le32(&h[12..]);
-    if sector as usize != SECTOR_SIZE {
-        return Err(HeaderError::BadSectorSize(sector));
-    }
-    Ok((le64(&h[16..]), stored))
 }
 
 /// Where and why replay stopped.
@@ -139,7 +232,8 @@ fn parse_header(h: &[u8]) -> Result<(u64, u32), HeaderError> {
 pub enum Stop {
     /// A zero magic: the log ends here as written. Nothing was lost.
     Clean,
-    /// The log runs up to the very end of the disk.
+    /// The log runs up to the end of its region (or the disk image ends exactly at a record
+    /// boundary).
     EndOfImage,
     /// The disk ends inside a record (a torn write, or an image cut short).
     Truncated,
@@ -165,7 +259,7 @@ impl fmt::Display for Stop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Stop::Clean => f.write_str("clean end of log"),
-            Stop::EndOfImage => f.write_str("log fills the disk"),
+            Stop::EndOfImage => f.write_str("log fills its space"),
             Stop::Truncated => f.write_str("torn record: the disk ends inside it"),
             Stop::BadMagic(m) => write!(f, "corrupt record header (magic {m:#010x})"),
             Stop::BadLength(l) => write!(f, "corrupt record header (length {l})"),
@@ -187,6 +281,9 @@ pub struct Recovery {
     pub stop: Stop,
     /// The log's identity, chosen when it was formatted.
     pub log_id: u64,
+    /// The generation in force (it grows by one at each compaction).
+    pub generation: u64,
+    header: Header,
     chain: u32,
     /// Disk bytes from `align_down(end)` to `end` (the good part of the last sector).
     tail: Vec<u8>,
@@ -196,13 +293,24 @@ impl fmt::Display for Recovery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "kv log: replayed {} records; log ends at byte {}: {}",
-            self.records, self.end, self.stop
+            "kv log: generation {}: replayed {} records; log ends at byte {}: {}",
+            self.generation, self.records, self.end, self.stop
         )?;
         if !self.stop.is_clean() {
             f.write_str("; truncating the log there")?;
         }
         Ok(())
+    }
+}
+
+/// Encodes a command payload.
+fn encode_command(out: &mut Vec<u8>, now_ms: u64, args: &[&[u8]]) {
+    out.push(KIND_COMMAND);
+    out.extend_from_slice(&now_ms.to_le_bytes());
+    out.extend_from_slice(&(args.len() as u32).to_le_bytes());
+    for a in args {
+        out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+        out.extend_from_slice(a);
     }
 }
 
@@ -224,8 +332,9 @@ fn decode_command(p: &[u8]) -> Option<(u64, Vec<Vec<u8>>)> {
     (pos == p.len() && !args.is_empty()).then_some((now, args))
 }
 
-/// Reads a log incrementally: feed it the disk from byte 0 in chunks of any size, and it
-/// applies each good record to the store as soon as it is complete.
+/// Reads a log incrementally: give it the disk in chunks, each starting at
+/// [`Replayer::next_offset`] (it skips the region not in force), and it applies each good
+/// record to the store as soon as it is complete.
 #[derive(Debug)]
 pub struct Replayer {
     buf: Vec<u8>,
@@ -233,7 +342,7 @@ pub struct Replayer {
     base: u64,
     /// Disk offset of the next record.
     pos: u64,
-    header: Option<Result<(u64, u32), HeaderError>>,
+    header: Option<Result<Header, HeaderError>>,
     chain: u32,
     records: u64,
     stop: Option<Stop>,
@@ -247,12 +356,12 @@ impl Default for Replayer {
 }
 
 impl Replayer {
-    /// A replayer positioned at byte 0 of the disk.
+    /// A replayer that wants the disk from byte 0.
     pub fn new() -> Self {
         Replayer {
             buf: Vec::new(),
             base: 0,
-            pos: HEADER_LEN as u64,
+            pos: 0,
             header: None,
             chain: 0,
             records: 0,
@@ -275,20 +384,38 @@ impl Replayer {
         }
         self.buf.extend_from_slice(chunk);
         if self.header.is_none() {
-            if self.buf.len() < HEADER_LEN {
+            if self.buf.len() < HEADER_AREA {
                 return false;
             }
-            let h = parse_header(&self.buf[..HEADER_LEN]);
-            if let Ok((_, seed)) = h {
-                self.chain = seed;
-            }
+            let h = parse_headers(&self.buf[..HEADER_AREA]);
             self.header = Some(h);
-            if self.header.as_ref().is_some_and(|h| h.is_err()) {
-                return true;
+            match h {
+                Err(_) => return true,
+                Ok(h) => {
+                    self.chain = h.crc;
+                    self.pos = h.start;
+                    // Skip to the region in force.
+                    let skip = (h.start - self.base).min(self.buf.len() as u64) as usize;
+                    self.buf.drain(..skip);
+                    self.base += skip as u64;
+                    if self.base < h.start {
+                        self.buf.clear();
+                        self.base = h.start;
+                    }
+                }
             }
         }
+        let region_end = match self.header {
+            Some(Ok(h)) => h.start + h.len,
+            _ => return true,
+        };
         while self.stop.is_none() {
             let off = (self.pos - self.base) as usize;
+            let room = region_end - self.pos;
+            if room < 4 {
+                self.stop = Some(Stop::EndOfImage);
+                break;
+            }
             let avail = &self.buf[off..];
             if avail.len() < 4 {
                 break;
@@ -306,11 +433,12 @@ impl Replayer {
                 break;
             }
             let len = le32(&avail[4..]);
-            if len as usize > MAX_RECORD_PAYLOAD || len < 13 {
+            let total = RECORD_HEADER_LEN as u64 + len as u64;
+            if len as usize > MAX_RECORD_PAYLOAD || len < 13 || total > room {
                 self.stop = Some(Stop::BadLength(len));
                 break;
             }
-            let total = RECORD_HEADER_LEN + len as usize;
+            let total = total as usize;
             if avail.len() < total {
                 break;
             }
@@ -346,10 +474,10 @@ impl Replayer {
     /// Ends replay (at the end of the log, or at the end of the disk) and reports where
     /// the log stops and why.
     pub fn finish(self) -> Result<Recovery, HeaderError> {
-        let (log_id, _) = match self.header {
+        let header = match self.header {
             Some(h) => h?,
             None => {
-                parse_header(&self.buf)?;
+                parse_headers(&self.buf)?;
                 return Err(HeaderError::TooShort);
             }
         };
@@ -366,7 +494,9 @@ impl Replayer {
             end: self.pos,
             records: self.records,
             stop,
-            log_id,
+            log_id: header.log_id,
+            generation: header.generation,
+            header,
             chain: self.chain,
             tail: self.buf[..off.min(self.buf.len())].to_vec(),
         })
@@ -376,17 +506,24 @@ impl Replayer {
 /// Replays a whole disk image held in memory into `store` (see [`Replayer`]).
 pub fn replay(image: &[u8], store: &mut Store) -> Result<Recovery, HeaderError> {
     let mut r = Replayer::new();
-    r.feed(image, store);
+    loop {
+        let at = r.next_offset().min(image.len() as u64) as usize;
+        if r.feed(&image[at..], store) || r.next_offset() >= image.len() as u64 {
+            break;
+        }
+    }
     r.finish()
 }
 
-/// Why a record could not be appended.
+/// Why a record could not be appended, or a log not be started or compacted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogError {
     /// The disk has no room left for it.
     Full,
     /// The record is larger than [`MAX_RECORD_PAYLOAD`].
     TooLarge,
+    /// Compaction needs a quiet log: nothing unsealed and no batch in flight.
+    Busy,
 }
 
 impl fmt::Display for LogError {
@@ -394,6 +531,7 @@ impl fmt::Display for LogError {
         match self {
             LogError::Full => f.write_str("the disk log is full"),
             LogError::TooLarge => f.write_str("the record is too large for the disk log"),
+            LogError::Busy => f.write_str("the disk log is busy"),
         }
     }
 }
@@ -407,9 +545,22 @@ pub struct Batch {
     pub offset: u64,
     /// The sectors to write.
     pub bytes: Vec<u8>,
-    /// [`LogWriter::appended`] at the time of sealing: once this batch is durable, every
-    /// reply tagged with a count up to this one may be released.
+    /// [`LogWriter::durable`] once this batch is on disk (replies tagged up to this count
+    /// may then be released).
     pub upto: u64,
+}
+
+/// Where a writer is in a compaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Appending to the region in force.
+    Normal,
+    /// A snapshot is being written into the other region; its header is not yet written.
+    Snapshot(Header),
+    /// The snapshot is on disk: the next batch is the new header, making `upto` durable.
+    Switch(Header, u64),
+    /// The header batch is in flight.
+    Switching(Header, u64),
 }
 
 /// Builds group-commit batches of records. At most one batch is in flight at a time
@@ -418,6 +569,7 @@ pub struct Batch {
 #[derive(Clone, Debug)]
 pub struct LogWriter {
     capacity: u64,
+    header: Header,
     /// Disk offset (sector aligned) of `pending[0]`.
     base: u64,
     /// Disk bytes from `base` to the end of the log, including records not yet sealed.
@@ -427,39 +579,48 @@ pub struct LogWriter {
     sealed: u64,
     durable: u64,
     in_flight: Option<u64>,
-    /// The next batch must be written even without new records (a new header, or a
-    /// damaged tail to overwrite).
+    /// The next batch must be written even without new records (a new log, or a damaged
+    /// tail to overwrite).
     must_write: bool,
+    phase: Phase,
+    /// Log end when a compaction last failed for lack of room (do not retry at once).
+    failed_compaction_at: Option<u64>,
 }
 
 impl LogWriter {
     /// Starts a new, empty log on a disk of `capacity` bytes. The first batch (sealed even
     /// without records) writes the header. `log_id` should be fresh entropy.
     pub fn format(capacity: u64, log_id: u64) -> Result<Self, LogError> {
-        if capacity < 2 * SECTOR_SIZE as u64 {
+        if capacity < MIN_CAPACITY {
             return Err(LogError::Full);
         }
-        let pending = header_bytes(log_id);
-        let chain = le32(&pending[24..]);
+        let header = Header::new(log_id, 0, capacity);
+        // Slot 0 = generation 0, slot 1 zeroed; region 0 follows directly.
+        let mut pending = header.encode();
+        pending.resize(HEADER_AREA, 0);
         Ok(LogWriter {
             capacity,
+            header,
             base: 0,
             pending,
-            chain,
+            chain: header.crc,
             appended: 0,
             sealed: 0,
             durable: 0,
             in_flight: None,
             must_write: true,
+            phase: Phase::Normal,
+            failed_compaction_at: None,
         })
     }
 
-    /// Continues the log that [`replay`] recovered, on a disk of `capacity` bytes. If the
-    /// log had a damaged tail, the first batch (sealed even without records) overwrites it,
-    /// which is the truncation.
+    /// Continues the log that [`replay`] recovered, on a disk of `capacity` bytes (the
+    /// same disk). If the log had a damaged tail, the first batch (sealed even without
+    /// records) overwrites it, which is the truncation.
     pub fn resume(rec: &Recovery, capacity: u64) -> Self {
         LogWriter {
             capacity,
+            header: rec.header,
             base: align_down(rec.end),
             pending: rec.tail.clone(),
             chain: rec.chain,
@@ -468,6 +629,8 @@ impl LogWriter {
             durable: 0,
             in_flight: None,
             must_write: !rec.stop.is_clean(),
+            phase: Phase::Normal,
+            failed_compaction_at: None,
         }
     }
 
@@ -481,10 +644,34 @@ impl LogWriter {
         self.base + self.pending.len() as u64
     }
 
-    /// Bytes of records that can still be appended before the disk is full.
+    /// The region records are being appended to: (start, length).
+    fn target(&self) -> (u64, u64) {
+        match &self.phase {
+            Phase::Normal => (self.header.start, self.header.len),
+            Phase::Snapshot(h) | Phase::Switch(h, _) | Phase::Switching(h, _) => (h.start, h.len),
+        }
+    }
+
+    /// Bytes of records that can still be appended before the log's space is full.
     pub fn room(&self) -> u64 {
+        let (start, len) = self.target();
         // Keep room for the zero magic that marks the end.
-        align_down(self.capacity).saturating_sub(self.end() + 4)
+        (start + len).saturating_sub(self.end() + 4)
+    }
+
+    fn push_record(&mut self, now_ms: u64, args: &[&[u8]]) {
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
+        self.pending.extend_from_slice(&[0; 8]);
+        encode_command(&mut self.pending, now_ms, args);
+        let len = (self.pending.len() - start - RECORD_HEADER_LEN) as u32;
+        self.pending[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+        let c = crc::update(
+            crc::update(self.chain, &len.to_le_bytes()),
+            &self.pending[start + RECORD_HEADER_LEN..],
+        );
+        self.pending[start + 8..start + 12].copy_from_slice(&c.to_le_bytes());
+        self.chain = c;
     }
 
     /// Appends a command record (`args` as given by `Outcome::log_args`, run at
@@ -497,26 +684,8 @@ impl LogWriter {
         if len as u64 > self.room() {
             return Err(LogError::Full);
         }
-        let start = self.pending.len();
-        self.pending.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
-        self.pending
-            .extend_from_slice(&((len - RECORD_HEADER_LEN) as u32).to_le_bytes());
-        self.pending.extend_from_slice(&[0; 4]);
-        self.pending.push(KIND_COMMAND);
-        self.pending.extend_from_slice(&now_ms.to_le_bytes());
-        self.pending
-            .extend_from_slice(&(args.len() as u32).to_le_bytes());
-        for a in args {
-            self.pending
-                .extend_from_slice(&(a.len() as u32).to_le_bytes());
-            self.pending.extend_from_slice(a);
-        }
-        let c = crc::update(
-            crc::update(self.chain, &self.pending[start + 4..start + 8]),
-            &self.pending[start + RECORD_HEADER_LEN..],
-        );
-        self.pending[start + 8..start + 12].copy_from_slice(&c.to_le_bytes());
-        self.chain = c;
+        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
+        self.push_record(now_ms, &refs);
         self.appended += 1;
         Ok(())
     }
@@ -526,7 +695,7 @@ impl LogWriter {
         self.appended
     }
 
-    /// Number of records known to be on disk (flushed).
+    /// Number of appended records known to be on disk (flushed and in force).
     pub fn durable(&self) -> u64 {
         self.durable
     }
@@ -538,7 +707,7 @@ impl LogWriter {
 
     /// Whether there is something for [`LogWriter::seal`] to write.
     pub fn has_unsealed(&self) -> bool {
-        self.must_write || self.appended > self.sealed
+        self.must_write || self.appended > self.sealed || matches!(self.phase, Phase::Switch(..))
     }
 
     /// Closes the current batch: returns the sectors to write, or None if there is nothing
@@ -546,6 +715,15 @@ impl LogWriter {
     pub fn seal(&mut self) -> Option<Batch> {
         if self.in_flight.is_some() || !self.has_unsealed() {
             return None;
+        }
+        if let Phase::Switch(h, upto) = self.phase {
+            self.phase = Phase::Switching(h, upto);
+            self.in_flight = Some(upto);
+            return Some(Batch {
+                offset: h.slot_offset(),
+                bytes: h.encode(),
+                upto,
+            });
         }
         let end = self.end();
         let total = (align_up(end + 4) - self.base) as usize;
@@ -569,8 +747,114 @@ impl LogWriter {
     /// Records that the batch returned by the last [`LogWriter::seal`] has been written and
     /// flushed: replies waiting for its records may now be released.
     pub fn mark_durable(&mut self) {
-        if let Some(upto) = self.in_flight.take() {
-            self.durable = upto;
+        let Some(upto) = self.in_flight.take() else {
+            return;
+        };
+        match self.phase {
+            Phase::Normal => self.durable = upto,
+            // The snapshot region is not in force before its header is written.
+            Phase::Snapshot(h) => self.phase = Phase::Switch(h, upto),
+            Phase::Switch(..) => {}
+            Phase::Switching(h, upto) => {
+                self.header = h;
+                self.durable = upto;
+                self.phase = Phase::Normal;
+            }
+        }
+    }
+
+    /// Whether the log's region is more than half full, so that [`LogWriter::compact`]
+    /// should run at the next quiet moment.
+    pub fn should_compact(&self) -> bool {
+        let used = self.end() - self.header.start;
+        let grown_since_failure = self
+            .failed_compaction_at
+            .is_none_or(|at| self.end() >= at + self.header.len / 8);
+        self.phase == Phase::Normal && used > self.header.len / 2 && grown_since_failure
+    }
+
+    /// Starts a compaction: the next batches write a snapshot of `store` (taken at
+    /// `now_ms`) into the other region and then switch the header to it. Records appended
+    /// from now on follow the snapshot. Needs a quiet log (call it right after
+    /// [`LogWriter::mark_durable`], with nothing unsealed); fails with
+    /// [`LogError::Full`] if the snapshot would not leave an eighth of the region free.
+    pub fn compact(&mut self, store: &Store, now_ms: u64) -> Result<(), LogError> {
+        if self.in_flight.is_some() || self.has_unsealed() || self.phase != Phase::Normal {
+            return Err(LogError::Busy);
+        }
+        let next = Header::new(
+            self.header.log_id,
+            self.header.generation + 1,
+            self.capacity,
+        );
+        let saved = (core::mem::take(&mut self.pending), self.base, self.chain);
+        self.base = next.start;
+        self.chain = next.crc;
+        self.phase = Phase::Snapshot(next);
+        write_snapshot(store, &mut |args: &[&[u8]]| self.push_record(now_ms, args));
+        if self.end() + next.len / 8 > next.start + next.len {
+            (self.pending, self.base, self.chain) = saved;
+            self.phase = Phase::Normal;
+            self.failed_compaction_at = Some(self.end());
+            return Err(LogError::Full);
+        }
+        self.failed_compaction_at = None;
+        self.must_write = true;
+        Ok(())
+    }
+}
+
+/// Calls `emit` with commands that rebuild `store` from empty (run at the snapshot's time).
+fn write_snapshot(store: &Store, emit: &mut dyn FnMut(&[&[u8]])) {
+    let mut num = Vec::new();
+    for (key, e) in store.entries() {
+        let mut chunked = |cmd: &[u8], items: &mut dyn Iterator<Item = Vec<&[u8]>>| {
+            let mut args: Vec<&[u8]> = alloc::vec![cmd, key];
+            let (mut n, mut bytes) = (0, 0);
+            for it in items {
+                bytes += it.iter().map(|x| x.len()).sum::<usize>();
+                args.extend(it);
+                n += 1;
+                if n == SNAPSHOT_CHUNK || bytes >= SNAPSHOT_CHUNK_BYTES {
+                    emit(&args);
+                    args.truncate(2);
+                    (n, bytes) = (0, 0);
+                }
+            }
+            if n > 0 {
+                emit(&args);
+            }
+        };
+        match &e.value {
+            Value::Str(v) => emit(&[b"SET", key, v]),
+            Value::List(l) => chunked(b"RPUSH", &mut l.iter().map(|x| alloc::vec![&x[..]])),
+            Value::Set(s) => chunked(b"SADD", &mut s.iter().map(|x| alloc::vec![&x[..]])),
+            Value::Hash(h) => chunked(
+                b"HSET",
+                &mut h.iter().map(|(f, v)| alloc::vec![&f[..], &v[..]]),
+            ),
+            Value::ZSet(z) => {
+                let scores: Vec<Vec<u8>> = z
+                    .iter()
+                    .map(|(_, s)| {
+                        let mut b = alloc::string::String::new();
+                        let _ = fmt::write(&mut b, format_args!("{s}"));
+                        b.into_bytes()
+                    })
+                    .collect();
+                chunked(
+                    b"ZADD",
+                    &mut z
+                        .iter()
+                        .zip(&scores)
+                        .map(|((m, _), s)| alloc::vec![&s[..], m]),
+                )
+            }
+        }
+        if let Some(t) = e.expires_at {
+            num.clear();
+            crate::resp::push_i64(&mut num, t as i64);
+            emit(&[b"PEXPIREAT", key, &num]);
         }
     }
 }

@@ -28,6 +28,11 @@
 //!     // write batch.bytes at batch.offset on the block device, then FLUSH, then:
 //!     disk[batch.offset as usize..][..batch.bytes.len()].copy_from_slice(&batch.bytes);
 //!     log.mark_durable();
+//!     // At a quiet moment, keep the log from filling the disk: the next batches then
+//!     // write a snapshot of the store and switch the log over to it.
+//!     if log.should_compact() && !log.has_unsealed() {
+//!         let _ = log.compact(&store, 1_000);
+//!     }
 //! }
 //! let mut tx = Vec::new();
 //! conn.take_output(&log, &mut tx); // only now may the replies be sent

@@ -63,12 +63,14 @@ fn blank_and_foreign_disks() {
     assert_eq!(replay(&[], &mut s), Err(HeaderError::Blank));
     assert_eq!(replay(&[1; 100], &mut s), Err(HeaderError::TooShort));
     assert_eq!(replay(&[1; 4096], &mut s), Err(HeaderError::BadMagic));
-    let mut h = header_bytes(3);
+    let mut h = Header::new(3, 0, 1 << 20).encode();
+    h.resize(HEADER_AREA, 0);
     h[25] ^= 1;
     assert_eq!(replay(&h, &mut s), Err(HeaderError::BadChecksum));
     let d = Disk::new(4096);
     let (s, r) = recover(&d.image);
-    assert_eq!((r.records, r.stop, r.end), (0, Stop::Clean, 512));
+    assert_eq!((r.records, r.stop, r.end), (0, Stop::Clean, 1024));
+    assert_eq!(r.generation, 0);
     assert_eq!(r.log_id, 0xfeed);
     assert!(s.is_empty());
 }
@@ -139,9 +141,10 @@ fn many_batches_across_sectors() {
     for chunk in [1usize, 7, 511, 512, 4096] {
         let mut s2 = Store::new(0);
         let mut rp = Replayer::new();
-        for c in d.image.chunks(chunk) {
-            assert_eq!(rp.next_offset() as usize % chunk, 0);
-            if rp.feed(c, &mut s2) {
+        loop {
+            let at = rp.next_offset() as usize;
+            let c = &d.image[at..(at + chunk).min(d.image.len())];
+            if rp.feed(c, &mut s2) || c.is_empty() {
                 break;
             }
         }
@@ -156,7 +159,7 @@ fn many_batches_across_sectors() {
 
 fn last_record_start(d: &Disk) -> usize {
     // Walk the records to find where the last one starts.
-    let mut pos = HEADER_LEN;
+    let mut pos = HEADER_AREA;
     let mut last = pos;
     while le32(&d.image[pos..]) == RECORD_MAGIC {
         last = pos;
@@ -242,7 +245,7 @@ fn resume_after_corruption_truncates_and_continues() {
     let last = last_record_start(&d);
     // The record for "e" starts just before "f"'s; corrupt "e".
     let e_start = {
-        let mut pos = HEADER_LEN;
+        let mut pos = HEADER_AREA;
         let mut starts = vec![];
         while le32(&d.image[pos..]) == RECORD_MAGIC {
             starts.push(pos);
@@ -280,27 +283,32 @@ fn resume_after_corruption_truncates_and_continues() {
 
 #[test]
 fn disk_full() {
-    let mut log = LogWriter::format(1024, 1).unwrap();
-    let big = vec![b"SET".to_vec(), b"k".to_vec(), vec![b'x'; 500]];
+    // Two regions of 1024 bytes each.
+    let mut log = LogWriter::format(3072, 1).unwrap();
+    let big = vec![b"SET".to_vec(), b"k".to_vec(), vec![b'x'; 1000]];
     assert_eq!(log.append(0, &big), Err(LogError::Full));
     let small = args("SET k v");
     while log.append(0, &small).is_ok() {}
     assert!(log.room() < LogWriter::record_len(&small) as u64);
     let b = log.seal().unwrap();
-    assert_eq!(b.bytes.len(), 1024);
-    assert!(LogWriter::format(512, 1).is_err());
+    assert_eq!(
+        b.offset + b.bytes.len() as u64,
+        2048,
+        "region 0 ends at 2048"
+    );
+    assert!(LogWriter::format(MIN_CAPACITY - 1, 1).is_err());
 }
 
 #[test]
 fn one_batch_in_flight() {
     let mut log = LogWriter::format(1 << 16, 1).unwrap();
     let b0 = log.seal().unwrap();
-    assert_eq!((b0.offset, b0.bytes.len(), b0.upto), (0, 1024, 0));
+    assert_eq!((b0.offset, b0.bytes.len(), b0.upto), (0, 1536, 0));
     log.append(5, &args("SET a b")).unwrap();
     assert!(log.seal().is_none(), "header batch still in flight");
     log.mark_durable();
     let b1 = log.seal().unwrap();
-    assert_eq!((b1.offset, b1.upto), (512, 1));
+    assert_eq!((b1.offset, b1.upto), (1024, 1));
     assert_eq!(log.durable(), 0);
     log.mark_durable();
     assert_eq!(log.durable(), 1);
@@ -326,4 +334,112 @@ fn fuzz_replay_never_panics() {
             assert!(r.records <= 3);
         }
     }
+}
+
+/// Drives a small disk through many compactions the way the guest loop does, with every
+/// data type and expiries in the store, and checks each recovery against the live store.
+#[test]
+fn compaction_keeps_everything() {
+    let size = 16 * 1024;
+    let mut d = Disk::new(size);
+    let mut generations = 0;
+    for i in 0..3000u64 {
+        let k = i % 7;
+        let line = match i % 6 {
+            0 => alloc::format!("SET s{k} value{i}"),
+            1 => alloc::format!("RPUSH l{k} e{i}"),
+            2 => alloc::format!("SADD z{k} m{}", i % 5),
+            3 => alloc::format!("HSET h{k} f{} v{i}", i % 3),
+            4 => alloc::format!("ZADD q{k} {}.25 m{}", i % 11, i % 4),
+            _ => alloc::format!("EXPIRE s{k} {}", 1000 + i),
+        };
+        d.exec(i, &line);
+        if i % 5 == 0 {
+            d.exec(i, &alloc::format!("LPOP l{k}"));
+        }
+        d.commit();
+        if d.log.should_compact() {
+            d.log.compact(&d.store, i).unwrap();
+            generations += 1;
+            // The snapshot batch, then the header batch.
+            d.commit().unwrap();
+            assert_eq!(
+                d.log.durable(),
+                d.log.appended(),
+                "no new records in between"
+            );
+            let (off, len) = d.commit().unwrap();
+            assert!(off < HEADER_AREA && len == SECTOR_SIZE);
+        }
+        if i % 97 == 0 {
+            let (s, r) = recover(&d.image);
+            assert!(r.stop.is_clean(), "{r}");
+            assert_eq!(
+                s.entries().collect::<Vec<_>>(),
+                d.store.entries().collect::<Vec<_>>(),
+                "at {i}"
+            );
+        }
+    }
+    assert!(generations > 10, "{generations}");
+    let (_, r) = recover(&d.image);
+    assert_eq!(r.generation, generations);
+}
+
+/// A crash after the snapshot is written but before the header switch leaves the old
+/// generation in force; a torn header write likewise.
+#[test]
+fn crash_during_compaction_keeps_the_old_generation() {
+    let mut d = Disk::new(64 * 1024);
+    for i in 0..50u64 {
+        d.exec(i, &alloc::format!("SET k{i} v{i}"));
+    }
+    d.commit();
+    let before = d.image.clone();
+    d.log.compact(&d.store, 100).unwrap();
+    // Writes arriving during the compaction follow the snapshot.
+    d.exec(101, "SET late 1");
+    d.commit().unwrap();
+    assert_eq!(d.log.durable(), 50, "not durable before the header switch");
+    let after_snapshot = d.image.clone();
+    let b = d.log.seal().unwrap();
+    assert_eq!(b.bytes.len(), SECTOR_SIZE);
+    // Crash before the header write.
+    let (s, r) = recover(&after_snapshot);
+    assert_eq!((r.generation, r.records, s.len()), (0, 50, 50));
+    // Torn header write.
+    let mut torn = after_snapshot.clone();
+    torn[b.offset as usize..][..b.bytes.len()].copy_from_slice(&b.bytes);
+    torn[b.offset as usize + 20] ^= 0xff;
+    let (s, r) = recover(&torn);
+    assert_eq!((r.generation, s.len()), (0, 50));
+    // The header lands: the new generation holds the snapshot and the late write.
+    d.image[b.offset as usize..][..b.bytes.len()].copy_from_slice(&b.bytes);
+    d.log.mark_durable();
+    assert_eq!(d.log.durable(), 51);
+    let (s, r) = recover(&d.image);
+    assert_eq!((r.generation, s.len()), (1, 51));
+    assert!(r.stop.is_clean());
+    assert_ne!(before, d.image);
+    // And appending continues in the new region.
+    d.exec(102, "SET after 1");
+    d.commit();
+    let (s, _) = recover(&d.image);
+    assert_eq!(s.len(), 52);
+}
+
+#[test]
+fn compaction_refused_when_busy_or_too_big() {
+    let mut d = Disk::new(8 * 1024);
+    d.exec(1, "SET a 1");
+    assert_eq!(d.log.compact(&d.store, 1), Err(LogError::Busy));
+    d.commit();
+    let big = "x".repeat(3200);
+    d.exec(2, &alloc::format!("SET b {big}"));
+    d.commit();
+    // The store's snapshot would not leave room in a 3.5 KiB region.
+    assert_eq!(d.log.compact(&d.store, 3), Err(LogError::Full));
+    assert!(!d.log.should_compact(), "no retry until the log grows");
+    let (s, r) = recover(&d.image);
+    assert_eq!((s.len(), r.generation), (2, 0));
 }
