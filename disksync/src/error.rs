@@ -44,7 +44,7 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
     /// The operation was cancelled.
-    #[error("cancelled")]
+    #[error("interrupted; what was written is kept, rerun to resume")]
     Cancelled,
 }
 

@@ -149,6 +149,7 @@ pub fn local_resync(
     let mut summary = Summary {
         blocks_compared: geo.blocks(),
         blocks_differing: differing.len() as u64,
+        bytes_hashed: Stats::get(&stats.bytes_hashed) + Stats::get(&src_stats.bytes_hashed),
         differing_runs: hash::runs_of(differing.iter().copied()),
         ..Default::default()
     };

@@ -226,7 +226,7 @@ impl Msg {
                 }
             }
             3 => {
-                if p.is_empty() || (p.len() - 1) % 8 != 0 || (p.len() - 1) / 8 > MAX_NODES {
+                if p.is_empty() || !(p.len() - 1).is_multiple_of(8) || (p.len() - 1) / 8 > MAX_NODES {
                     return Err(bad("bad GetNodes length"));
                 }
                 Msg::GetNodes {
@@ -235,7 +235,7 @@ impl Msg {
                 }
             }
             4 => {
-                if p.len() % 32 != 0 {
+                if !p.len().is_multiple_of(32) {
                     return Err(bad("Nodes length not a multiple of 32"));
                 }
                 Msg::Nodes {
@@ -243,7 +243,7 @@ impl Msg {
                 }
             }
             5 => {
-                if p.len() % 12 != 0 || p.len() / 12 > MAX_RUNS {
+                if !p.len().is_multiple_of(12) || p.len() / 12 > MAX_RUNS {
                     return Err(bad("bad GetBlocks length"));
                 }
                 Msg::GetBlocks {

@@ -435,6 +435,11 @@ pub struct PullOptions {
     pub fast: Option<FastPath>,
     /// Where to keep resume state (`None`: no resume).
     pub state_path: Option<PathBuf>,
+    /// When set (e.g. by a Ctrl-C handler), the transfer stops at the next block, keeps what
+    /// was written for a later resume, and fails with [`Error::Cancelled`].
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// Test hook: behave as interrupted after this many blocks were written.
+    pub stop_after_blocks: Option<u64>,
 }
 
 impl PullOptions {
@@ -446,6 +451,8 @@ impl PullOptions {
             verify_only: false,
             fast: None,
             state_path: Some(crate::state_path(disk)),
+            interrupt: None,
+            stop_after_blocks: None,
         }
     }
 }
@@ -618,10 +625,11 @@ async fn pull_stream(
         }
     }
 
-    // Hash the local side in the background (concurrently with the source).
+    // Hash the local side in the background (concurrently with the source). When resuming,
+    // only if the source turns out to have changed since the interrupted run.
     let cancel = Arc::new(AtomicBool::new(false));
     let _guard = CancelOnDrop(cancel.clone());
-    let task = {
+    let start_hashing = || -> Result<tokio::task::JoinHandle<Result<Tree>>> {
         let file = target
             .file
             .try_clone()
@@ -629,7 +637,7 @@ async fn pull_stream(
         let path = target.path.clone();
         let (stats, cancel) = (stats.clone(), cancel.clone());
         let fast = fast.clone();
-        tokio::task::spawn_blocking(move || {
+        Ok(tokio::task::spawn_blocking(move || {
             let leaves = match &fast {
                 Some((cache, cand)) => Leaves::Fast {
                     cache,
@@ -638,7 +646,7 @@ async fn pull_stream(
                 None => Leaves::Full,
             };
             disk_tree(&file, &path, geo, leaves, &stats, &cancel)
-        })
+        }))
     };
     let join = |r: std::result::Result<Result<Tree>, tokio::task::JoinError>| {
         r.map_err(|e| Error::Invalid(format!("hashing task: {e}")))?
@@ -661,8 +669,6 @@ async fn pull_stream(
             get_nodes(send, recv, top, &[0], stats).await?[0]
         };
         if remote_top == s.source_top {
-            cancel.store(true, Ordering::Relaxed);
-            let _ = task.await;
             local_tree = Tree::from_leaves(s.leaves.clone());
             let pending = s.pending();
             let remote = get_nodes(send, recv, 0, &pending, stats).await?;
@@ -676,18 +682,19 @@ async fn pull_stream(
         } else {
             tracing::info!("the source changed since the interrupted pull: starting over");
             s.remove()?;
-            local_tree = join(task.await)?;
+            local_tree = join(start_hashing()?.await)?;
             stats.set_phase(Phase::Comparing);
             differing = walk(send, recv, &local_tree, stats).await?;
         }
         source_top = remote_top;
     } else {
-        local_tree = join(task.await)?;
+        local_tree = join(start_hashing()?.await)?;
         stats.set_phase(Phase::Comparing);
         differing = walk(send, recv, &local_tree, stats).await?;
         source_top = differing_top(&local_tree, &differing);
     }
     summary.blocks_differing = differing.len() as u64;
+    summary.bytes_hashed = Stats::get(&stats.bytes_hashed);
     stats
         .blocks_differing
         .store(differing.len() as u64, Ordering::Relaxed);
@@ -732,6 +739,7 @@ async fn pull_stream(
             st.as_mut(),
             stats,
             &mut summary,
+            opts,
         )
         .await?;
         resumed_state = st;
@@ -805,6 +813,7 @@ async fn transfer(
     mut state: Option<&mut PullState>,
     stats: &Stats,
     summary: &mut Summary,
+    opts: &PullOptions,
 ) -> Result<()> {
     stats.set_phase(Phase::Transferring);
     stats
@@ -863,6 +872,14 @@ async fn transfer(
         };
         let receive = async {
             for &(i, want) in differing {
+                let interrupted = opts
+                    .interrupt
+                    .as_ref()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+                    || opts.stop_after_blocks == Some(summary.blocks_sent);
+                if interrupted {
+                    return Err(Error::Cancelled);
+                }
                 let (idx, data) = match expect_msg(recv, "Block").await? {
                     Msg::Block { index, data } => (index, Some(data)),
                     Msg::Zero { index } => (index, None),

@@ -81,6 +81,8 @@ pub struct Summary {
     pub data_bytes: u64,
     /// Tree hashes exchanged.
     pub hashes_exchanged: u64,
+    /// Bytes of the local disk hashed (the fast path hashes only candidate blocks).
+    pub bytes_hashed: u64,
     /// UDP bytes sent plus received (0 for a local resync).
     pub wire_bytes: u64,
     /// True if this run resumed an interrupted pull.
@@ -99,13 +101,14 @@ impl Summary {
     /// One machine-readable line: `key=value` pairs.
     pub fn line(&self) -> String {
         format!(
-            "compared={} differing={} sent={} zero={} data_bytes={} hashes={} wire_bytes={} resumed={} fast={} elapsed={:.3}s root={}",
+            "compared={} differing={} sent={} zero={} data_bytes={} hashes={} hashed_bytes={} wire_bytes={} resumed={} fast={} elapsed={:.3}s root={}",
             self.blocks_compared,
             self.blocks_differing,
             self.blocks_sent,
             self.zero_blocks,
             self.data_bytes,
             self.hashes_exchanged,
+            self.bytes_hashed,
             self.wire_bytes,
             self.resumed,
             self.fast_path,

@@ -277,6 +277,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 verify_only: false,
                 fast: fast_path(&remote)?,
                 state_path: Some(state),
+                interrupt: None,
+                stop_after_blocks: std::env::var("FTVM_RESYNC_STOP_AFTER_BLOCKS")
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
             };
             let summary = remote_session(&remote, &lock, &opts, "pull")?;
             print_summary(&summary);
@@ -290,6 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 verify_only: true,
                 fast: fast_path(&remote)?,
                 state_path: None,
+                interrupt: None,
+                stop_after_blocks: None,
             };
             let summary = match remote_session(&remote, &lock, &opts, "verify") {
                 Ok(s) => s,
@@ -375,6 +381,9 @@ fn remote_session(
     let Some(peer) = remote.peer.clone().or(name) else {
         bail!("give the server's identity name: --peer NAME or --from NAME@{addr}");
     };
+    let mut opts = opts.clone();
+    let interrupt = Arc::new(AtomicBool::new(false));
+    opts.interrupt = Some(interrupt.clone());
     let target = TargetDisk {
         file: lock.file().try_clone()?,
         path: remote.disk.clone(),
@@ -382,15 +391,27 @@ fn remote_session(
     let stats = Arc::new(Stats::new());
     let progress = Progress::start(stats.clone(), what);
     let rt = runtime()?;
-    let r = rt.block_on(net::pull(
-        &remote.tls.tls,
-        &remote.tls.node,
-        addr,
-        &peer,
-        &target,
-        opts,
-        stats,
-    ));
+    let r = rt.block_on(async {
+        let pull = net::pull(
+            &remote.tls.tls,
+            &remote.tls.node,
+            addr,
+            &peer,
+            &target,
+            &opts,
+            stats,
+        );
+        tokio::pin!(pull);
+        tokio::select! {
+            r = &mut pull => r,
+            _ = tokio::signal::ctrl_c() => {
+                // Stop at the next block, keeping what was written for a resume.
+                eprintln!("ftvm-resync: interrupted; saving progress (rerun to resume)");
+                interrupt.store(true, Ordering::Relaxed);
+                pull.await
+            }
+        }
+    });
     progress.stop();
     Ok(r?)
 }
