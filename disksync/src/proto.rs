@@ -226,7 +226,8 @@ impl Msg {
                 }
             }
             3 => {
-                if p.is_empty() || !(p.len() - 1).is_multiple_of(8) || (p.len() - 1) / 8 > MAX_NODES {
+                if p.is_empty() || !(p.len() - 1).is_multiple_of(8) || (p.len() - 1) / 8 > MAX_NODES
+                {
                     return Err(bad("bad GetNodes length"));
                 }
                 Msg::GetNodes {
