@@ -366,6 +366,18 @@ pub struct Host {
     pub guest_mac: Option<String>,
 }
 
+impl Host {
+    /// The host's address with its prefix, e.g. `10.203.0.11/24`.
+    pub fn cidr(&self) -> String {
+        format!("{}/{PREFIX_LEN}", self.ip)
+    }
+
+    /// For a node: its guest's address with the prefix, as `ftvm-node --ip` takes it.
+    pub fn guest_cidr(&self) -> Option<String> {
+        self.guest_ip.map(|ip| format!("{ip}/{PREFIX_LEN}"))
+    }
+}
+
 /// An isolated topology: a fabric namespace with a bridge, and hosts attached to it.
 /// Everything is removed on drop.
 #[derive(Debug)]

@@ -125,6 +125,8 @@ fn node_has_a_tap_on_its_bridge_and_no_ipv6() {
         "{show}"
     );
     assert_eq!(a.guest_ip, Some(Ipv4Addr::new(10, 203, 0, 100)));
+    assert_eq!(a.guest_cidr().as_deref(), Some("10.203.0.100/24"));
+    assert_eq!(a.cidr(), "10.203.0.10/24");
     for i in [&tap, &bridge, &a.uplink] {
         let v =
             a.ns.run(&["cat", &format!("/proc/sys/net/ipv6/conf/{i}/disable_ipv6")])

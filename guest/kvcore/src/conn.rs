@@ -382,4 +382,55 @@ mod tests {
             b"-ERR disk log is full, write refused\r\n$-1\r\n".as_slice()
         );
     }
+
+    /// Garbage on one connection (random bytes, split at random points) never panics and
+    /// never disturbs another connection being served at the same time.
+    #[test]
+    fn garbage_on_one_connection_does_not_disturb_another() {
+        let (mut store, mut log, mut disk) = setup();
+        let mut x: u64 = 0xdead_beef;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let limits = Limits {
+            max_bulk_len: 1000,
+            max_args: 16,
+            max_inline_len: 200,
+            max_request_len: 4000,
+        };
+        let mut good = Connection::new(limits);
+        let mut closed = 0;
+        for round in 0..2000u64 {
+            let mut bad = Connection::new(limits);
+            for _ in 0..(next() % 8) {
+                let n = (next() % 300) as usize;
+                let bytes: Vec<u8> = (0..n)
+                    .map(|_| match next() % 6 {
+                        0 => b'*',
+                        1 => b'$',
+                        2 => b'\r',
+                        3 => b'\n',
+                        _ => next() as u8,
+                    })
+                    .collect();
+                bad.feed(&bytes);
+                if bad.process(&mut store, &mut log, round) == Status::Closing {
+                    closed += 1;
+                    break;
+                }
+            }
+            good.feed(alloc::format!("SET k{round} v\r\nGET k{round}\r\n").as_bytes());
+            assert_eq!(good.process(&mut store, &mut log, round), Status::Open);
+            commit(&mut log, &mut disk);
+            let mut out = Vec::new();
+            good.take_output(&log, &mut out);
+            let want = alloc::format!("+OK\r\n$1\r\nv\r\n");
+            assert_eq!(out, want.as_bytes(), "round {round}");
+            bad.take_output(&log, &mut Vec::new());
+        }
+        assert!(closed > 100, "{closed}");
+    }
 }
