@@ -73,6 +73,19 @@ pub trait Inputs: Send {
     /// The guest WAITs at `b` until `deadline_ns` (monotonic) or an event; returns the clock
     /// when the wait ends.
     fn wait(&mut self, b: Boundary, deadline_ns: u64) -> Result<ClockValue, InputError>;
+    /// Every how many boundaries a memory digest is wanted (0: never).
+    fn digest_every(&self) -> u64 {
+        0
+    }
+    /// The digest of guest memory when the guest reached boundary `b` (before anything was
+    /// applied there).
+    fn memory_digest(&mut self, _b: Boundary, _digest: [u8; 32]) -> Result<(), InputError> {
+        Ok(())
+    }
+    /// The run ended in `end`.
+    fn finish(&mut self, _end: &crate::replay::codec::End) -> Result<(), InputError> {
+        Ok(())
+    }
 }
 
 /// Where console output goes.

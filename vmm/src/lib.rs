@@ -10,6 +10,7 @@ pub mod guests;
 pub mod kvm;
 pub mod live;
 pub mod machine;
+pub mod replay;
 pub mod signals;
 pub mod solo;
 

@@ -12,7 +12,16 @@ use crate::epoch::{Boundary, BoundaryCx, ConsoleSink, Fingerprint, InputError, I
 use crate::error::VmmError;
 use crate::kvm::vcpu::{fingerprint, VmExit};
 use crate::kvm::KvmVm;
+use crate::replay::codec::{End, EndKind};
+use crate::replay::digest::MemoryDigest;
 use crate::signals;
+
+impl ConsoleSink for HashingConsole {
+    fn write(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.inner.write(bytes);
+    }
+}
 
 /// How a run ended.
 #[derive(Debug)]
@@ -69,14 +78,22 @@ enum RunState {
     Finishing(Outcome),
 }
 
+/// Console output passed on and hashed (the replayer compares the hash).
+struct HashingConsole {
+    inner: Box<dyn ConsoleSink>,
+    hasher: blake3::Hasher,
+}
+
 /// A complete VM ready to run.
 pub struct Machine {
     vm: KvmVm,
     bus: MmioBus,
     inputs: Box<dyn Inputs>,
-    console: Box<dyn ConsoleSink>,
+    console: HashingConsole,
     boundary: Boundary,
     stop: std::sync::Arc<signals::StopSignal>,
+    digest: Option<MemoryDigest>,
+    end: Option<End>,
 }
 
 impl Machine {
@@ -88,14 +105,55 @@ impl Machine {
         console: Box<dyn ConsoleSink>,
         stop: std::sync::Arc<signals::StopSignal>,
     ) -> Self {
+        let digest = vm
+            .memory
+            .dirty_logging()
+            .then(|| MemoryDigest::new_zeroed(&vm.memory));
         Machine {
             vm,
             bus,
             inputs,
-            console,
+            console: HashingConsole {
+                inner: console,
+                hasher: blake3::Hasher::new(),
+            },
             boundary: 0,
             stop,
+            digest,
+            end: None,
         }
+    }
+
+    /// The final state, once [`run`](Self::run) has returned an outcome.
+    pub fn end(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    /// The digest of guest memory now (requires dirty logging).
+    pub fn memory_digest(&mut self) -> Result<Option<[u8; 32]>, VmmError> {
+        match self.digest.as_mut() {
+            Some(d) => Ok(Some(d.update(&self.vm.memory, self.vm.vm_fd())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records how the run ended and lets the input source check or log it.
+    fn finish(&mut self, outcome: &Outcome) -> Result<(), VmmError> {
+        let kind = match outcome {
+            Outcome::Exited { status } => EndKind::Exited(*status),
+            Outcome::Crashed(_) => EndKind::Crashed,
+            Outcome::Stopped { signal } => EndKind::Stopped(*signal),
+        };
+        let end = End {
+            boundary: self.boundary,
+            kind,
+            fingerprint: self.fingerprint()?,
+            memory_digest: self.memory_digest()?.unwrap_or([0; 32]),
+            console_digest: *self.console.hasher.finalize().as_bytes(),
+        };
+        self.end = Some(end.clone());
+        self.inputs.finish(&end)?;
+        Ok(())
     }
 
     /// Boundaries passed so far.
@@ -126,7 +184,10 @@ impl Machine {
         let mut state = RunState::Running;
         loop {
             state = match state {
-                RunState::Finishing(outcome) => return Ok(outcome),
+                RunState::Finishing(outcome) => {
+                    self.finish(&outcome)?;
+                    return Ok(outcome);
+                }
                 RunState::Running => {
                     if let Some(signal) = self.stop.signalled() {
                         RunState::Finishing(Outcome::Stopped { signal })
@@ -190,12 +251,18 @@ impl Machine {
             None
         };
         self.inputs.boundary(b, fp)?;
+        let every = self.inputs.digest_every();
+        if every > 0 && b % every == 0 {
+            if let Some(d) = self.memory_digest()? {
+                self.inputs.memory_digest(b, d)?;
+            }
+        }
         let mut request = None;
         let mut cx = BoundaryCx {
             boundary: b,
             mem: &self.vm.memory,
             inputs: self.inputs.as_mut(),
-            console: self.console.as_mut(),
+            console: &mut self.console,
             request: &mut request,
         };
         match access {

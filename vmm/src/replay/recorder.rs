@@ -1,0 +1,158 @@
+//! The recorder: live inputs whose every answer is also appended to a log, with the guest's
+//! fingerprint at each boundary where something was applied, memory digests, and the end.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use super::codec::{inputs_hash, Encoder, End, Event, Header, Record};
+use super::LogStats;
+use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
+
+struct Pending {
+    boundary: Boundary,
+    fingerprint: Fingerprint,
+    events: Vec<Event>,
+    digest: Option<[u8; 32]>,
+}
+
+/// Live inputs that record.
+pub struct Recorder<I: Inputs, W: Write + Send> {
+    live: I,
+    out: W,
+    enc: Encoder,
+    buf: Vec<u8>,
+    pending: Option<Pending>,
+    digest_every: u64,
+    stats: LogStats,
+    published: Arc<Mutex<LogStats>>,
+}
+
+impl<I: Inputs, W: Write + Send> Recorder<I, W> {
+    /// Starts a log on `out` with `header`.
+    pub fn new(live: I, mut out: W, header: Header) -> Result<Self, InputError> {
+        let mut enc = Encoder::new();
+        let mut buf = Vec::new();
+        let digest_every = header.digest_every;
+        enc.encode(&Record::Header(header), &mut buf);
+        out.write_all(&buf)?;
+        let stats = LogStats {
+            bytes: buf.len() as u64,
+            ..Default::default()
+        };
+        buf.clear();
+        Ok(Recorder {
+            live,
+            out,
+            enc,
+            buf,
+            pending: None,
+            digest_every,
+            stats,
+            published: Arc::default(),
+        })
+    }
+
+    /// Figures so far.
+    pub fn stats(&self) -> LogStats {
+        self.stats
+    }
+
+    /// Where the final figures appear when the run finishes (the recorder itself is owned by
+    /// the machine by then).
+    pub fn stats_handle(&self) -> Arc<Mutex<LogStats>> {
+        self.published.clone()
+    }
+
+    fn write(&mut self, rec: &Record) -> Result<(), InputError> {
+        self.buf.clear();
+        self.enc.encode(rec, &mut self.buf);
+        self.out.write_all(&self.buf)?;
+        self.stats.bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<(), InputError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        if !p.events.is_empty() {
+            self.stats.boundary_records += 1;
+            self.stats.events += p.events.len() as u64;
+            let rec = Record::Boundary {
+                boundary: p.boundary,
+                fingerprint: p.fingerprint,
+                inputs_hash: inputs_hash(&p.events),
+                events: p.events,
+            };
+            self.write(&rec)?;
+        }
+        if let Some(digest) = p.digest {
+            self.stats.digests += 1;
+            self.write(&Record::Digest {
+                boundary: p.boundary,
+                digest,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, e: Event) {
+        if let Some(p) = self.pending.as_mut() {
+            p.events.push(e);
+        }
+    }
+}
+
+impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
+    fn wants_fingerprint(&self) -> bool {
+        true
+    }
+
+    fn boundary(&mut self, b: Boundary, fingerprint: Option<Fingerprint>) -> Result<(), InputError> {
+        self.flush_pending()?;
+        self.pending = Some(Pending {
+            boundary: b,
+            fingerprint: fingerprint.unwrap_or_default(),
+            events: Vec::new(),
+            digest: None,
+        });
+        self.live.boundary(b, fingerprint)
+    }
+
+    fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError> {
+        let c = self.live.clock(b)?;
+        self.push(Event::Clock(c));
+        Ok(c)
+    }
+
+    fn entropy(&mut self, b: Boundary) -> Result<u64, InputError> {
+        let v = self.live.entropy(b)?;
+        self.push(Event::Entropy(v));
+        Ok(v)
+    }
+
+    fn wait(&mut self, b: Boundary, deadline_ns: u64) -> Result<ClockValue, InputError> {
+        let c = self.live.wait(b, deadline_ns)?;
+        self.push(Event::WaitEnded(c));
+        Ok(c)
+    }
+
+    fn digest_every(&self) -> u64 {
+        self.digest_every
+    }
+
+    fn memory_digest(&mut self, _b: Boundary, digest: [u8; 32]) -> Result<(), InputError> {
+        if let Some(p) = self.pending.as_mut() {
+            p.digest = Some(digest);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, end: &End) -> Result<(), InputError> {
+        self.flush_pending()?;
+        self.write(&Record::End(end.clone()))?;
+        self.out.flush()?;
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = self.stats;
+        Ok(())
+    }
+}

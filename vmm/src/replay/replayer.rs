@@ -1,0 +1,274 @@
+//! The replayer: answers the VMM's questions from a log and checks, at every boundary, that the
+//! guest is where the recorded guest was. The first difference stops the replay with a
+//! divergence report naming the boundary and what differs.
+
+use std::collections::VecDeque;
+
+use super::codec::{inputs_hash, DecodeError, Decoder, End, EndKind, Event, Header, Record};
+use super::LogStats;
+use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
+
+/// Inputs read from a log.
+pub struct Replayer {
+    header: Header,
+    records: VecDeque<Record>,
+    current: Option<(Boundary, VecDeque<Event>)>,
+    end: Option<End>,
+    stats: LogStats,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().take(8).map(|x| format!("{x:02x}")).collect()
+}
+
+impl Replayer {
+    /// Decodes and validates a whole log (so a malformed log is refused before the guest
+    /// starts).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(bytes);
+        let header = match d.next_record()? {
+            Some(Record::Header(h)) => h,
+            _ => {
+                return Err(DecodeError::Malformed {
+                    offset: 0,
+                    what: "empty log".into(),
+                })
+            }
+        };
+        let mut records = VecDeque::new();
+        let mut stats = LogStats {
+            bytes: bytes.len() as u64,
+            ..Default::default()
+        };
+        let mut end = None;
+        while let Some(r) = d.next_record()? {
+            match &r {
+                Record::Boundary { events, .. } => {
+                    stats.boundary_records += 1;
+                    stats.events += events.len() as u64;
+                }
+                Record::Digest { .. } => stats.digests += 1,
+                Record::End(e) => end = Some(e.clone()),
+                _ => {}
+            }
+            records.push_back(r);
+        }
+        if end.is_none() {
+            return Err(DecodeError::Truncated {
+                offset: bytes.len() as u64,
+                what: "the log has no end record (the recording was cut short)",
+            });
+        }
+        Ok(Replayer {
+            header,
+            records,
+            current: None,
+            end,
+            stats,
+        })
+    }
+
+    /// The log's header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Figures about the log.
+    pub fn stats(&self) -> LogStats {
+        self.stats
+    }
+
+    /// The recorded end.
+    pub fn end(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    fn diverge(boundary: Boundary, what: impl Into<String>) -> InputError {
+        InputError::Divergence {
+            boundary,
+            what: what.into(),
+        }
+    }
+
+    fn skip_watermarks(&mut self) {
+        while matches!(self.records.front(), Some(Record::Watermark(_))) {
+            self.records.pop_front();
+        }
+    }
+
+    /// When the guest asks for an input at `b` and the log has none there: a recorded stop at
+    /// `b` ends the replay the same way; anything else is a divergence.
+    fn no_input(&self, b: Boundary, asked: &str) -> InputError {
+        match self.end.as_ref() {
+            Some(End {
+                boundary,
+                kind: EndKind::Stopped(sig),
+                ..
+            }) if *boundary == b => InputError::Stopped(*sig),
+            _ => Self::diverge(b, format!("the guest asked for {asked}, but the log records no input at this boundary")),
+        }
+    }
+
+    fn next_event(&mut self, b: Boundary, asked: &str) -> Result<Event, InputError> {
+        match self.current.as_mut() {
+            Some((cb, events)) if *cb == b => match events.pop_front() {
+                Some(e) => Ok(e),
+                None => Err(Self::diverge(b, format!("the guest asked for {asked}, more inputs than the log records here"))),
+            },
+            _ => Err(self.no_input(b, asked)),
+        }
+    }
+
+    fn check_current_consumed(&mut self) -> Result<(), InputError> {
+        if let Some((b, events)) = self.current.take() {
+            if !events.is_empty() {
+                return Err(Self::diverge(b, format!(
+                    "the log records {} more input(s) here ({:?}) that the guest did not ask for",
+                    events.len(),
+                    events.front()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Inputs for Replayer {
+    fn wants_fingerprint(&self) -> bool {
+        true
+    }
+
+    fn boundary(&mut self, b: Boundary, fingerprint: Option<Fingerprint>) -> Result<(), InputError> {
+        self.check_current_consumed()?;
+        self.skip_watermarks();
+        match self.records.front() {
+            Some(Record::Boundary { boundary, .. }) if *boundary == b => {
+                let Some(Record::Boundary {
+                    fingerprint: recorded,
+                    inputs_hash: hash,
+                    events,
+                    ..
+                }) = self.records.pop_front()
+                else {
+                    unreachable!("just matched a boundary record")
+                };
+                let fp = fingerprint.unwrap_or_default();
+                if fp != recorded {
+                    return Err(Self::diverge(b, format!(
+                        "guest state differs: recorded rip {:#x} registers {:#018x}, replay rip {:#x} registers {:#018x}",
+                        recorded.rip, recorded.regs_hash, fp.rip, fp.regs_hash
+                    )));
+                }
+                let applied = inputs_hash(&events);
+                if applied != hash {
+                    return Err(Self::diverge(b, format!(
+                        "the inputs to apply ({events:?}) are not those recorded (hash {applied:#018x}, recorded {hash:#018x})"
+                    )));
+                }
+                self.current = Some((b, events.into()));
+                Ok(())
+            }
+            Some(Record::Boundary { boundary, .. }) if *boundary < b => {
+                Err(Self::diverge(*boundary, "the guest passed a boundary with logged inputs without asking for them"))
+            }
+            Some(Record::End(e)) if e.boundary < b => match e.kind {
+                EndKind::Stopped(sig) => Err(InputError::Stopped(sig)),
+                _ => Err(Self::diverge(b, format!(
+                    "the guest went on past the recorded end (boundary {})",
+                    e.boundary
+                ))),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError> {
+        match self.next_event(b, "the clock")? {
+            Event::Clock(c) => Ok(c),
+            other => Err(Self::diverge(b, format!("the guest read the clock; the log has {other:?}"))),
+        }
+    }
+
+    fn entropy(&mut self, b: Boundary) -> Result<u64, InputError> {
+        match self.next_event(b, "entropy")? {
+            Event::Entropy(v) => Ok(v),
+            other => Err(Self::diverge(b, format!("the guest read entropy; the log has {other:?}"))),
+        }
+    }
+
+    fn wait(&mut self, b: Boundary, _deadline_ns: u64) -> Result<ClockValue, InputError> {
+        match self.next_event(b, "a WAIT")? {
+            Event::WaitEnded(c) => Ok(c),
+            other => Err(Self::diverge(b, format!("the guest WAITed; the log has {other:?}"))),
+        }
+    }
+
+    fn digest_every(&self) -> u64 {
+        self.header.digest_every
+    }
+
+    fn memory_digest(&mut self, b: Boundary, digest: [u8; 32]) -> Result<(), InputError> {
+        // The digest of `b` follows `b`'s boundary record, if there is one.
+        let pos = self
+            .records
+            .iter()
+            .position(|r| !matches!(r, Record::Watermark(_)));
+        match pos.map(|i| (i, &self.records[i])) {
+            Some((i, Record::Digest { boundary, digest: recorded })) if *boundary == b => {
+                if *recorded != digest {
+                    return Err(Self::diverge(b, format!(
+                        "guest memory differs: recorded digest {}…, replay {}…",
+                        hex(recorded),
+                        hex(&digest)
+                    )));
+                }
+                self.records.remove(i);
+                Ok(())
+            }
+            _ => Err(Self::diverge(b, "the log has no memory digest for this boundary")),
+        }
+    }
+
+    fn finish(&mut self, end: &End) -> Result<(), InputError> {
+        self.check_current_consumed()?;
+        self.skip_watermarks();
+        let recorded = match self.records.pop_front() {
+            Some(Record::End(e)) => e,
+            Some(Record::Boundary { boundary, .. }) | Some(Record::Digest { boundary, .. }) => {
+                return Err(Self::diverge(boundary, format!(
+                    "the replay ended ({:?} at boundary {}) before the recorded run did",
+                    end.kind, end.boundary
+                )))
+            }
+            _ => return Err(InputError::Log("the log has no end record".into())),
+        };
+        let b = end.boundary;
+        if recorded.kind != end.kind || recorded.boundary != end.boundary {
+            return Err(Self::diverge(b, format!(
+                "the run ended differently: recorded {:?} at boundary {}, replay {:?} at boundary {}",
+                recorded.kind, recorded.boundary, end.kind, end.boundary
+            )));
+        }
+        if matches!(end.kind, EndKind::Stopped(_)) {
+            // A signal stops the guest between exits, at a point no replay can reproduce.
+            return Ok(());
+        }
+        if recorded.fingerprint != end.fingerprint {
+            return Err(Self::diverge(b, format!(
+                "final registers differ: recorded rip {:#x} ({:#018x}), replay rip {:#x} ({:#018x})",
+                recorded.fingerprint.rip, recorded.fingerprint.regs_hash, end.fingerprint.rip, end.fingerprint.regs_hash
+            )));
+        }
+        if recorded.memory_digest != end.memory_digest {
+            return Err(Self::diverge(b, format!(
+                "final memory differs: recorded {}…, replay {}…",
+                hex(&recorded.memory_digest),
+                hex(&end.memory_digest)
+            )));
+        }
+        if recorded.console_digest != end.console_digest {
+            return Err(Self::diverge(b, "the console output differs"));
+        }
+        Ok(())
+    }
+}
