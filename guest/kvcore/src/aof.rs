@@ -90,10 +90,9 @@ fn le64(b: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The two regions of a disk of `capacity` bytes: (start, length) of region `i`.
-fn region(capacity: u64, i: u64) -> (u64, u64) {
-    let len = align_down(capacity.saturating_sub(HEADER_AREA as u64) / 2);
-    (HEADER_AREA as u64 + i * len, len)
+/// Length of each of the two regions on a disk of `capacity` bytes.
+fn region_len(capacity: u64) -> u64 {
+    align_down(capacity.saturating_sub(HEADER_AREA as u64) / 2)
 }
 
 /// A decoded header slot.
@@ -123,9 +122,10 @@ impl Header {
         h
     }
 
-    /// A header for generation `generation` in region `generation % 2` (slot likewise).
-    fn new(log_id: u64, generation: u64, capacity: u64) -> Header {
-        let (start, len) = region(capacity, generation % 2);
+    /// A header for generation `generation` in region `generation % 2` (slot likewise),
+    /// regions being `len` bytes long.
+    fn new(log_id: u64, generation: u64, len: u64) -> Header {
+        let start = HEADER_AREA as u64 + (generation % 2) * len;
         let mut h = Header {
             log_id,
             generation,
@@ -594,7 +594,7 @@ impl LogWriter {
         if capacity < MIN_CAPACITY {
             return Err(LogError::Full);
         }
-        let header = Header::new(log_id, 0, capacity);
+        let header = Header::new(log_id, 0, region_len(capacity));
         // Slot 0 = generation 0, slot 1 zeroed; region 0 follows directly.
         let mut pending = header.encode();
         pending.resize(HEADER_AREA, 0);
@@ -765,12 +765,16 @@ impl LogWriter {
 
     /// Whether the log's region is more than half full, so that [`LogWriter::compact`]
     /// should run at the next quiet moment.
+    /// Always false while a compaction is under way.
     pub fn should_compact(&self) -> bool {
-        let used = self.end() - self.header.start;
+        if self.phase != Phase::Normal {
+            return false;
+        }
+        let used = self.end().saturating_sub(self.header.start);
         let grown_since_failure = self
             .failed_compaction_at
             .is_none_or(|at| self.end() >= at + self.header.len / 8);
-        self.phase == Phase::Normal && used > self.header.len / 2 && grown_since_failure
+        used > self.header.len / 2 && grown_since_failure
     }
 
     /// Starts a compaction: the next batches write a snapshot of `store` (taken at
@@ -782,11 +786,14 @@ impl LogWriter {
         if self.in_flight.is_some() || self.has_unsealed() || self.phase != Phase::Normal {
             return Err(LogError::Busy);
         }
-        let next = Header::new(
-            self.header.log_id,
-            self.header.generation + 1,
-            self.capacity,
-        );
+        // The region length stays the one the log was formatted with (a disk grown later
+        // keeps its layout), so the two regions never overlap.
+        let cur = self.header;
+        let next = Header::new(cur.log_id, cur.generation + 1, cur.len);
+        let overlap = next.start < cur.start + cur.len && cur.start < next.start + next.len;
+        if overlap || next.start + next.len > self.capacity {
+            return Err(LogError::Full);
+        }
         let saved = (core::mem::take(&mut self.pending), self.base, self.chain);
         self.base = next.start;
         self.chain = next.crc;

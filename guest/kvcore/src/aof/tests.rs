@@ -443,3 +443,44 @@ fn compaction_refused_when_busy_or_too_big() {
     let (s, r) = recover(&d.image);
     assert_eq!((s.len(), r.generation), (2, 0));
 }
+
+/// A disk grown after formatting keeps its layout: compaction never overlaps the regions.
+#[test]
+fn grown_disk_keeps_its_layout() {
+    let mut d = Disk::new(16 * 1024);
+    for i in 0..40u64 {
+        d.exec(i, &alloc::format!("SET k{} {}", i % 3, "v".repeat(100)));
+        d.commit();
+        if d.log.should_compact() {
+            d.log.compact(&d.store, i).unwrap();
+            d.commit();
+            d.commit();
+        }
+    }
+    let (_, r) = recover(&d.image);
+    d.image.resize(64 * 1024, 0);
+    let mut log = LogWriter::resume(&r, d.image.len() as u64);
+    let mut store = d.store.clone();
+    for i in 40..400u64 {
+        let a = args(&alloc::format!("SET k{} {}", i % 3, "w".repeat(100)));
+        let mut out = Vec::new();
+        store.execute(&a, i, &mut out);
+        log.append(i, &a).unwrap();
+        for _ in 0..3 {
+            if let Some(b) = log.seal() {
+                assert!(b.offset + b.bytes.len() as u64 <= 1024 + 2 * 7680);
+                d.image[b.offset as usize..][..b.bytes.len()].copy_from_slice(&b.bytes);
+                log.mark_durable();
+            }
+            if log.should_compact() && !log.has_unsealed() {
+                log.compact(&store, i).unwrap();
+            }
+        }
+        let (s, r) = recover(&d.image);
+        assert!(r.stop.is_clean());
+        assert_eq!(
+            s.entries().collect::<Vec<_>>(),
+            store.entries().collect::<Vec<_>>()
+        );
+    }
+}
