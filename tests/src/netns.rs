@@ -242,6 +242,18 @@ impl Netns {
         probe_result(out)
     }
 
+    /// Checks that a TCP connection from this namespace to `addr:port` opens (e.g. that a
+    /// guest's server is listening); sends nothing.
+    pub fn tcp_open(&self, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<bool> {
+        let out = self.output(&[
+            probe_binary()?.into_os_string(),
+            "open".into(),
+            format!("{addr}:{port}").into(),
+            timeout.as_millis().to_string().into(),
+        ])?;
+        probe_result(out)
+    }
+
     /// Starts a TCP echo server in this namespace on `addr:port`.
     pub fn spawn_echo(&self, addr: Ipv4Addr, port: u16) -> Result<Spawned> {
         self.spawn(&[

@@ -99,6 +99,11 @@ fn tcp_between_namespaces_and_spawned_processes_are_killed() {
     let up = netns::Netns::wait_until(Duration::from_secs(5), || client.ns.tcp_echo(b.ip, 7007, T))
         .unwrap();
     assert!(up, "TCP echo from client to node b");
+    assert!(client.ns.tcp_open(b.ip, 7007, T).unwrap());
+    assert!(
+        !client.ns.tcp_open(b.ip, 7008, T).unwrap(),
+        "nothing listens there"
+    );
     assert!(server.is_running());
     lab.cut(&b).unwrap();
     assert!(!client.ns.tcp_echo(b.ip, 7007, T).unwrap());

@@ -5,6 +5,7 @@
 //! ftvm-nsprobe ping ADDR [COUNT [TIMEOUT_MS]]   ICMP echo; exit 0 if any reply arrives
 //! ftvm-nsprobe listen ADDR:PORT                 TCP echo server (runs until killed)
 //! ftvm-nsprobe connect ADDR:PORT [TIMEOUT_MS]   connect, send a line, expect it echoed back
+//! ftvm-nsprobe open ADDR:PORT [TIMEOUT_MS]      only check that a TCP connection opens
 //! ```
 //! Exit status: 0 reachable, 1 not reachable, 2 usage or local error.
 
@@ -18,10 +19,11 @@ fn main() -> ExitCode {
     let r = match args.first().map(String::as_str) {
         Some("ping") if args.len() >= 2 => ping(&args[1..]),
         Some("listen") if args.len() == 2 => listen(&args[1]),
-        Some("connect") if args.len() >= 2 => connect(&args[1..]),
+        Some("connect") if args.len() >= 2 => connect(&args[1..], true),
+        Some("open") if args.len() >= 2 => connect(&args[1..], false),
         _ => Err(
             "usage: ftvm-nsprobe ping ADDR [COUNT [TIMEOUT_MS]] | listen ADDR:PORT | \
-                  connect ADDR:PORT [TIMEOUT_MS]"
+                  connect ADDR:PORT [TIMEOUT_MS] | open ADDR:PORT [TIMEOUT_MS]"
                 .to_string(),
         ),
     };
@@ -163,7 +165,7 @@ fn listen(addr: &str) -> Result<bool, String> {
     Ok(true)
 }
 
-fn connect(args: &[String]) -> Result<bool, String> {
+fn connect(args: &[String], echo: bool) -> Result<bool, String> {
     let addr: SocketAddr = args[0]
         .parse()
         .map_err(|_| format!("bad address {:?}", args[0]))?;
@@ -171,6 +173,9 @@ fn connect(args: &[String]) -> Result<bool, String> {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
         return Ok(false);
     };
+    if !echo {
+        return Ok(true);
+    }
     let _ = s.set_read_timeout(Some(timeout));
     let msg = b"ftvm-nsprobe\n";
     if s.write_all(msg).is_err() {
