@@ -370,7 +370,8 @@ impl Replayer {
         }
     }
 
-    /// The disk offset the next chunk must start at.
+    /// The disk offset the next chunk must start at (sector aligned as long as every chunk
+    /// fed is a multiple of [`SECTOR_SIZE`]).
     pub fn next_offset(&self) -> u64 {
         self.base + self.buf.len() as u64
     }
