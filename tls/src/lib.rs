@@ -434,6 +434,41 @@ pub fn server_endpoint(
     quinn::Endpoint::server(cfg, addr).map_err(io_err(Path::new("<server socket>")))
 }
 
+/// Like [`server_endpoint`], but with a fixed stateless-reset key (at least 32 secret bytes,
+/// kept across restarts, e.g. in the service's data directory).
+///
+/// After a crash and restart on the same address, the server then answers packets of the
+/// connections it has forgotten with stateless resets that clients recognise, so they
+/// reconnect at once instead of waiting for their idle timeout.
+pub fn server_endpoint_with_reset_key(
+    addr: SocketAddr,
+    id: &Identity,
+    alpn: &[u8],
+    opts: &TransportOptions,
+    reset_key: &[u8],
+) -> Result<quinn::Endpoint, TlsError> {
+    if reset_key.len() < 32 {
+        return Err(TlsError::Transport(
+            "stateless reset key must be at least 32 bytes".into(),
+        ));
+    }
+    let cfg = server_config(id, alpn, opts)?;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let mut ep_cfg = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection IDs must also stay valid across restarts, or the restarted server drops the
+    // old connections' packets as invalid instead of resetting them.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&ring::digest::digest(&ring::digest::SHA256, reset_key).as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    ep_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let sock_path = Path::new("<server socket>");
+    let socket = std::net::UdpSocket::bind(addr).map_err(io_err(sock_path))?;
+    quinn::Endpoint::new(ep_cfg, Some(cfg), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(io_err(sock_path))
+}
+
 /// A client endpoint bound to `bind` (port 0 for any) whose default configuration is
 /// [`client_config`]. Must be called inside a tokio runtime.
 pub fn client_endpoint(

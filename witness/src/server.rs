@@ -97,7 +97,14 @@ impl Server {
         }
         topts.keep_alive = None; // clients keep their connections alive if they want to
         topts.max_concurrent_streams = 256;
-        let endpoint = ftvm_tls::server_endpoint(config.listen, &identity, ALPN_WITNESS, &topts)?;
+        let reset_key = store.reset_key()?;
+        let endpoint = ftvm_tls::server_endpoint_with_reset_key(
+            config.listen,
+            &identity,
+            ALPN_WITNESS,
+            &topts,
+            &reset_key,
+        )?;
 
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let shared = Arc::new(Shared {

@@ -12,6 +12,7 @@ use crate::state::PairState;
 const FORMAT_KEY: &[u8] = b"ftvm-witness/format";
 const FORMAT: &[u8] = b"1";
 const PAIR_PREFIX: &[u8] = b"pair/";
+const RESET_KEY: &[u8] = b"ftvm-witness/reset-key";
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +181,27 @@ impl Store {
         Ok(())
     }
 
+    /// The QUIC stateless-reset key of this witness: 32 random bytes created on first use and
+    /// kept, so that a restarted witness can reset the connections of its previous life.
+    pub fn reset_key(&self) -> Result<Vec<u8>, StoreError> {
+        if let Some(k) = self.db.get(RESET_KEY)? {
+            if k.len() >= 32 {
+                return Ok(k);
+            }
+        }
+        let mut k = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k).map_err(|_| {
+            StoreError::Corrupt {
+                pair: String::new(),
+                what: "no system randomness for the reset key",
+            }
+        })?;
+        let mut w = rocksdb::WriteOptions::default();
+        w.set_sync(true);
+        self.db.put_opt(RESET_KEY, &k, &w)?;
+        Ok(k)
+    }
+
     /// The directory of the store.
     pub fn path(&self) -> &Path {
         &self.path
@@ -234,6 +256,9 @@ mod tests {
             Err(StoreError::AlreadyInitialized(_))
         ));
         let s = Store::open(&p, false).unwrap();
+        let k = s.reset_key().unwrap();
+        assert_eq!(k.len(), 32);
+        assert_eq!(s.reset_key().unwrap(), k);
         let m = s.load().unwrap();
         assert_eq!(m.len(), 2);
         assert_eq!(m["p"], st(2, Some("b")));

@@ -1,0 +1,96 @@
+//! kill -9 of the witness between rounds: every decision is preserved.
+
+mod common;
+
+use common::*;
+use ftvm_witness::ClaimOutcome;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_survive_kill_9_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
+    let mut w = start(&cfg, "127.0.0.1:0", true);
+    let addr = w.addr;
+    // The clients outlive every witness process: they reconnect by themselves.
+    let a = std::sync::Arc::new(client(dir.path(), "node-a", addr));
+    let b = std::sync::Arc::new(client(dir.path(), "node-b", addr));
+
+    let mut history: Vec<(u64, String)> = Vec::new();
+    let mut generation = 0;
+    for round in 0..10 {
+        let (ra, rb) = tokio::join!(a.claim("vm1", generation), b.claim("vm1", generation));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let winner = match (&ra, &rb) {
+            (ClaimOutcome::Granted { generation: g }, ClaimOutcome::Denied { .. }) => {
+                assert_eq!(*g, generation + 1);
+                "node-a"
+            }
+            (ClaimOutcome::Denied { .. }, ClaimOutcome::Granted { generation: g }) => {
+                assert_eq!(*g, generation + 1);
+                "node-b"
+            }
+            other => panic!("round {round}: not exactly one grant: {other:?}"),
+        };
+        generation += 1;
+        history.push((generation, winner.to_string()));
+
+        // Crash the witness right after its replies and bring it back on the same port.
+        let t0 = std::time::Instant::now();
+        w.kill9();
+        assert!(
+            try_start(&cfg, &addr.to_string(), true).is_err(),
+            "--init must refuse an existing data directory"
+        );
+        w = start(&cfg, &addr.to_string(), false);
+        assert_eq!(w.addr, addr);
+
+        let st = a.status("vm1").await.unwrap();
+        // The restarted witness resets the old connection (same stateless-reset key), so the
+        // client reconnects at once instead of waiting out its 5 s attempt timeout.
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(3),
+            "reconnecting after the restart took {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(st.generation, generation, "round {round}: generation lost");
+        assert_eq!(
+            st.holder.as_deref(),
+            Some(winner),
+            "round {round}: holder lost"
+        );
+        // A retried claim (its reply "lost" in the crash) gets the same grant back, and the
+        // loser's retry is still denied: the restart changed no decision.
+        let (wc, lc) = if winner == "node-a" {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        assert_eq!(
+            wc.claim("vm1", generation - 1).await.unwrap(),
+            ClaimOutcome::Granted { generation }
+        );
+        assert_eq!(
+            lc.claim("vm1", generation - 1).await.unwrap(),
+            ClaimOutcome::Denied {
+                generation,
+                holder: Some(winner.to_string())
+            }
+        );
+    }
+    assert_eq!(history.len(), 10);
+    assert_eq!(w.metric("ftvm_witness_pair_generation{pair=\"vm1\"}"), 10);
+    w.kill9();
+
+    // Without --init, a missing data directory is an error, never a fresh start.
+    let data = dir.path().join("data");
+    std::fs::rename(&data, dir.path().join("moved")).unwrap();
+    let e = try_start(&cfg, "127.0.0.1:0", false)
+        .err()
+        .expect("must not start");
+    assert_ne!(e.code, Some(0));
+    assert!(e.stderr.contains("does not exist"), "{}", e.stderr);
+    assert!(
+        !data.exists(),
+        "a data directory was created without --init"
+    );
+}
