@@ -247,3 +247,33 @@ fn malformed_and_mismatched_logs_are_refused_before_the_guest_starts() {
     assert!(se.contains("bytes of guest memory"), "{se}");
     assert!(so.is_empty());
 }
+
+#[test]
+fn the_incremental_memory_digest_equals_a_full_one() {
+    common::require_kvm();
+    struct Null;
+    impl vmm::epoch::ConsoleSink for Null {
+        fn write(&mut self, _: &[u8]) {}
+    }
+    let stop = vmm::signals::install().unwrap();
+    let params = vmm::kvm::boot::BootParams {
+        args: "400".into(),
+        dirty_log: true,
+        ..Default::default()
+    };
+    let mut m = vmm::solo::build_machine(
+        vmm::guests::bundled("clockwork").unwrap(),
+        32 << 20,
+        &params,
+        Box::new(vmm::live::LiveInputs::new(stop.clone(), 0)),
+        Box::new(Null),
+        stop,
+    )
+    .unwrap();
+    let outcome = m.run().unwrap();
+    assert!(matches!(outcome, vmm::machine::Outcome::Exited { status: 0 }), "{outcome:?}");
+    let incremental = m.memory_digest().unwrap().unwrap();
+    let full = vmm::replay::digest::MemoryDigest::full(&m.vm().memory).unwrap();
+    assert_eq!(incremental, full);
+    assert_eq!(m.end().unwrap().memory_digest, full);
+}

@@ -5,11 +5,14 @@
 //! pages it touched, so a memory digest can be kept up to date from KVM's dirty log (pages the
 //! guest wrote) plus this record (pages the VMM wrote).
 
-use std::sync::Mutex;
-
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
+
+/// The mapping type: vm-memory's mmap with a bitmap of the pages the VMM writes through it
+/// (including the virtio queue code).
+pub type Mmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 use crate::error::VmmError;
 use ftvm_abi::layout::PAGE_SIZE;
@@ -19,22 +22,19 @@ pub const RAM_SLOT: u32 = 0;
 
 /// Guest RAM.
 pub struct GuestMemory {
-    mmap: GuestMemoryMmap<()>,
+    mmap: Mmap,
     size: u64,
-    vmm_dirty: Mutex<Vec<u64>>,
     dirty_logging: std::sync::atomic::AtomicBool,
 }
 
 impl GuestMemory {
     /// Maps `size` bytes of zeroed anonymous memory.
     pub fn new(size: u64) -> Result<Self, VmmError> {
-        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+        let mmap = Mmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| VmmError::Memory(format!("cannot map {size} bytes of guest memory: {e}")))?;
-        let pages = size.div_ceil(PAGE_SIZE) as usize;
         Ok(GuestMemory {
             mmap,
             size,
-            vmm_dirty: Mutex::new(vec![0; pages.div_ceil(64)]),
             dirty_logging: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -97,16 +97,13 @@ impl GuestMemory {
         }
         self.mmap
             .write_slice(data, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress { addr, len: data.len() as u64 })?;
-        if !data.is_empty() {
-            let mut dirty = self.vmm_dirty.lock().unwrap_or_else(|p| p.into_inner());
-            let first = addr / PAGE_SIZE;
-            let last = (addr + data.len() as u64 - 1) / PAGE_SIZE;
-            for page in first..=last {
-                dirty[(page / 64) as usize] |= 1 << (page % 64);
-            }
-        }
-        Ok(())
+            .map_err(|_| VmmError::GuestAddress { addr, len: data.len() as u64 })
+    }
+
+    /// The underlying mapping, for code that works on vm-memory's traits (virtio queues).
+    /// Writes through it are tracked like [`write`](Self::write)'s.
+    pub fn mmap(&self) -> &Mmap {
+        &self.mmap
     }
 
     /// Writes a little-endian u64 at `addr`.
@@ -130,11 +127,15 @@ impl GuestMemory {
         let mut bitmap = vm
             .get_dirty_log(RAM_SLOT, self.size as usize)
             .map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e))?;
-        let mut vmm = self.vmm_dirty.lock().unwrap_or_else(|p| p.into_inner());
-        bitmap.resize(vmm.len(), 0);
-        for (word, v) in bitmap.iter_mut().zip(vmm.iter_mut()) {
-            *word |= *v;
-            *v = 0;
+        let region = self
+            .mmap
+            .iter()
+            .next()
+            .ok_or_else(|| VmmError::Memory("guest memory has no region".into()))?;
+        let vmm = region.bitmap().get_and_reset();
+        bitmap.resize(vmm.len().max(bitmap.len()), 0);
+        for (word, v) in bitmap.iter_mut().zip(vmm) {
+            *word |= v;
         }
         Ok(bitmap)
     }
