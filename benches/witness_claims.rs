@@ -78,7 +78,11 @@ fn stats(name: &str, mut v: Vec<Duration>, wall: Duration) -> f64 {
     med.as_secs_f64()
 }
 
-async fn timed<F, Fut>(max_n: usize, max_t: Duration, mut f: F) -> anyhow::Result<(Vec<Duration>, Duration)>
+async fn timed<F, Fut>(
+    max_n: usize,
+    max_t: Duration,
+    mut f: F,
+) -> anyhow::Result<(Vec<Duration>, Duration)>
 where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -233,8 +237,14 @@ async fn parent() -> anyhow::Result<()> {
     stats(&format!("claim, {PAIRS} clients"), all, wall);
 
     println!("ratios:");
-    println!("  claim median / ping median   = {:>6.1}x", claim_med / ping_med);
-    println!("  claim median / status median = {:>6.1}x", claim_med / status_med);
+    println!(
+        "  claim median / ping median   = {:>6.1}x",
+        claim_med / ping_med
+    );
+    println!(
+        "  claim median / status median = {:>6.1}x",
+        claim_med / status_med
+    );
     println!("  (the difference is mostly the synced rocksdb write: fsync of the WAL)");
 
     drop(child.stdin.take()); // the witness exits when its stdin closes
@@ -242,6 +252,9 @@ async fn parent() -> anyhow::Result<()> {
     if !st.success() {
         bail!("witness process exited with {st}");
     }
-    println!("witness_claims: done in {:.1} s", run_start.elapsed().as_secs_f64());
+    println!(
+        "witness_claims: done in {:.1} s",
+        run_start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
