@@ -4,7 +4,8 @@
 //! 1% of their 64 KiB blocks are brought in line three ways, each timed from the client's
 //! command start to its exit, on the same files (the target is restored between runs):
 //!
-//! 1. `rsync --inplace --no-whole-file --stats` from an rsync daemon on 127.0.0.1 (TCP);
+//! 1. `rsync --inplace --no-whole-file --ignore-times --stats` from an rsync daemon on
+//!    127.0.0.1 (TCP);
 //! 2. `ftvm-resync pull` from `ftvm-resync serve` on 127.0.0.1 (QUIC + mutual TLS), full
 //!    Merkle compare (both sides hash the whole disk);
 //! 3. the same with `--fast` (leaf caches + written-block records: only written blocks are
@@ -114,7 +115,14 @@ fn resync_binary() -> Result<PathBuf> {
         target.display()
     );
     let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "disksync", "--bin", "ftvm-resync"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "disksync",
+            "--bin",
+            "ftvm-resync",
+        ])
         .current_dir(&workspace)
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -174,7 +182,14 @@ fn start_rsync_daemon(dir: &Path, src_dir: &Path) -> Result<(Killed, u16)> {
 fn start_serve(bin: &Path, disk: &Path, tls: &Path) -> Result<(Killed, SocketAddr)> {
     use std::io::BufRead;
     let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--node", "server", "--disk"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node",
+            "server",
+            "--disk",
+        ])
         .arg(disk)
         .arg("--tls")
         .arg(tls)
@@ -189,7 +204,13 @@ fn start_serve(bin: &Path, disk: &Path, tls: &Path) -> Result<(Killed, SocketAdd
             bail!("ftvm-resync serve exited");
         }
         if let Some(rest) = line.trim().strip_prefix("ftvm-resync: serving ") {
-            let a = rest.split(" on ").nth(1).unwrap().split(' ').next().unwrap();
+            let a = rest
+                .split(" on ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap();
             let addr = a.parse()?;
             std::thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
             return Ok((child, addr));
@@ -241,14 +262,19 @@ fn pull(bin: &Path, addr: SocketAddr, disk: &Path, tls: &Path, fast: bool) -> Re
 fn rsync(port: u16, name: &str, dst: &Path) -> Result<Run> {
     let t0 = Instant::now();
     let out = Command::new("rsync")
-        .args(["--inplace", "--no-whole-file", "--stats"])
+        // --ignore-times: the images have the same size and may share an mtime second, and
+        // rsync's quick check would then skip the file.
+        .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
         .arg(format!("rsync://127.0.0.1:{port}/src/{name}"))
         .arg(dst)
         .output()?;
     let secs = t0.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("rsync failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "rsync failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let field = |k: &str| -> Result<u64> {
         let l = stdout
@@ -317,7 +343,9 @@ fn main() -> Result<()> {
     let mut changed = std::collections::BTreeSet::new();
     let mut s = SEED;
     while (changed.len() as u64) < k {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         changed.insert((s >> 17) % nblocks);
     }
     {

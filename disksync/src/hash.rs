@@ -153,8 +153,8 @@ pub fn hash_file(
 
 /// Hashes the blocks in `runs` (`(first block, count)`, ascending, disjoint) into `leaves`.
 ///
-/// Work is cut into segments of up to 8 MiB taken in ascending order by one thread per core,
-/// so the file is read in large, nearly sequential requests.
+/// The file is memory-mapped; work is cut into segments of up to 8 MiB taken in ascending
+/// order by one thread per core, so the file is read in large, nearly sequential runs.
 pub fn hash_runs(
     file: &File,
     path: &Path,
@@ -187,45 +187,54 @@ pub fn hash_runs(
     stats.bytes_to_hash.store(total, Ordering::Relaxed);
     stats.bytes_hashed.store(0, Ordering::Relaxed);
 
+    if segs.is_empty() {
+        return Ok(());
+    }
+    // Map the file: hashing straight from the page cache saves a copy per byte (the caller
+    // holds the disk lock, so the file is not truncated under the mapping).
+    let map =
+        unsafe { memmap2::MmapOptions::new().map(file) }.map_err(|e| Error::io("mmap", path, e))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(u64, Vec<Hash>)>> = Mutex::new(Vec::with_capacity(segs.len()));
-    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let cancelled = AtomicBool::new(false);
     let nthreads = threads().min(segs.len()).max(1);
+    let bs = geo.block_size as usize;
     std::thread::scope(|sc| {
         for _ in 0..nthreads {
-            sc.spawn(|| {
-                let mut buf = vec![0u8; (per_seg * geo.block_size as u64) as usize];
-                loop {
-                    if cancel.load(Ordering::Relaxed) {
-                        let mut e = first_err.lock().unwrap();
-                        e.get_or_insert(Error::Cancelled);
-                        return;
-                    }
-                    if first_err.lock().unwrap().is_some() {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(s, n)) = segs.get(i) else { return };
-                    let (off, _) = geo.block(s);
-                    let (loff, llen) = geo.block(s + n - 1);
-                    let len = (loff + llen as u64 - off) as usize;
-                    if let Err(e) = file.read_exact_at(&mut buf[..len], off) {
-                        first_err
-                            .lock()
-                            .unwrap()
-                            .get_or_insert(Error::io("read", path, e));
-                        return;
-                    }
-                    let bs = geo.block_size as usize;
-                    let hashes: Vec<Hash> = buf[..len].chunks(bs).map(leaf_hash).collect();
-                    Stats::add(&stats.bytes_hashed, len as u64);
-                    results.lock().unwrap().push((s, hashes));
+            sc.spawn(|| loop {
+                if cancel.load(Ordering::Relaxed) {
+                    cancelled.store(true, Ordering::Relaxed);
+                    return;
                 }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(s, n)) = segs.get(i) else { return };
+                let (off, _) = geo.block(s);
+                let (loff, llen) = geo.block(s + n - 1);
+                let end = loff + llen as u64;
+                if end > map.len() as u64 {
+                    cancelled.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let data = &map[off as usize..end as usize];
+                let hashes: Vec<Hash> = data.chunks(bs).map(leaf_hash).collect();
+                Stats::add(&stats.bytes_hashed, data.len() as u64);
+                results.lock().unwrap().push((s, hashes));
             });
         }
     });
-    if let Some(e) = first_err.into_inner().unwrap() {
-        return Err(e);
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
+    if cancelled.load(Ordering::Relaxed) {
+        return Err(Error::io(
+            "hash",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while hashing",
+            ),
+        ));
     }
     for (s, hashes) in results.into_inner().unwrap() {
         leaves[s as usize..s as usize + hashes.len()].copy_from_slice(&hashes);

@@ -157,6 +157,9 @@ pub async fn pull(
     let ep = client_endpoint(tls_dir, node)?;
     let conn = connect(&ep, addr, server_name).await?;
     let r = pull_connection(&conn, target, opts, &stats).await;
-    ep.wait_idle().await;
+    if r.is_err() {
+        // Let the close (with its reason) reach the source.
+        let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
+    }
     r
 }

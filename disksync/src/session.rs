@@ -185,9 +185,9 @@ pub async fn serve_connection(
     let r = serve_stream(&mut send, &mut recv, src, stats, &mut report).await;
     match &r {
         Ok(()) => {
+            // The client ended its stream: the session is over.
             let _ = send.finish();
-            // The client closes the connection once it has what it needs.
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            conn.close(0u32.into(), b"done");
         }
         Err(Error::Connection(_)) => {}
         Err(e) if matches!(src.fault, Some(Fault::CloseAfterBlocks(_))) => {
@@ -516,7 +516,10 @@ pub async fn pull_connection(
     stats.wire_rx.store(s.udp_rx.bytes, Ordering::Relaxed);
     match r {
         Ok(mut summary) => {
+            // End our stream; the source then closes the connection (and does the draining),
+            // so this side can exit at once.
             let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
             conn.close(0u32.into(), b"done");
             summary.wire_bytes = s.udp_tx.bytes + s.udp_rx.bytes;
             Ok(summary)
