@@ -188,3 +188,80 @@ fn bad_names_are_refused() {
     ));
     assert!(!d.path().join(CA_CERT_FILE).exists());
 }
+
+#[test]
+fn restarted_server_with_same_reset_key_resets_old_connections() {
+    let d = tempfile::tempdir().unwrap();
+    init_dir(d.path(), &["witness", "node-a"]).unwrap();
+    let srv = Identity::load(d.path(), "witness").unwrap();
+    let cli = Identity::load(d.path(), "node-a").unwrap();
+    let key = [7u8; 32];
+    assert!(matches!(
+        server_endpoint_with_reset_key(
+            lo(),
+            &srv,
+            ALPN_LOG,
+            &TransportOptions::default(),
+            &key[..16]
+        ),
+        Err(TlsError::Transport(_))
+    ));
+    // The server lives in its own runtime so that dropping the runtime "crashes" it: no
+    // CONNECTION_CLOSE is ever sent.
+    let serve = |addr: SocketAddr| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let srv = srv.clone();
+        let ep = rt.block_on(async {
+            server_endpoint_with_reset_key(addr, &srv, ALPN_LOG, &TransportOptions::default(), &key)
+                .unwrap()
+        });
+        let addr = ep.local_addr().unwrap();
+        rt.spawn(async move {
+            while let Some(inc) = ep.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = inc.await else { return };
+                    while let Ok((mut s, mut r)) = conn.accept_bi().await {
+                        let data = r.read_to_end(1024).await.unwrap_or_default();
+                        let _ = s.write_all(&data).await;
+                        let _ = s.finish();
+                    }
+                });
+            }
+        });
+        (rt, addr)
+    };
+    let (rt1, addr) = serve(lo());
+    let client_rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = TransportOptions {
+        idle_timeout: Duration::from_secs(30),
+        keep_alive: None,
+        ..TransportOptions::default()
+    };
+    let ep = client_rt
+        .block_on(async { client_endpoint(lo(), &cli, ALPN_LOG, &opts) })
+        .unwrap();
+    let conn = client_rt
+        .block_on(async { ep.connect(addr, "witness").unwrap().await })
+        .unwrap();
+    let echo = |conn: quinn::Connection| async move {
+        let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        s.write_all(b"x").await.map_err(|e| e.to_string())?;
+        s.finish().map_err(|e| e.to_string())?;
+        r.read_to_end(16).await.map_err(|e| e.to_string())
+    };
+    assert_eq!(client_rt.block_on(echo(conn.clone())).unwrap(), b"x");
+    rt1.shutdown_background();
+    let (_rt2, addr2) = serve(addr);
+    assert_eq!(addr2, addr);
+    let t0 = std::time::Instant::now();
+    let res = client_rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), echo(conn.clone())).await
+    });
+    res.expect("the old connection was not reset").unwrap_err();
+    assert!(
+        matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)),
+        "{:?}",
+        conn.close_reason()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}

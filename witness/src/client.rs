@@ -217,8 +217,9 @@ impl WitnessClient {
         })?;
         let fut = async {
             let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            s.write_all(bytes).await.map_err(|e| e.to_string())?;
-            s.finish().map_err(|e| e.to_string())?;
+            // The witness may stop reading an oversized request early: still read its reply.
+            let _ = s.write_all(bytes).await;
+            let _ = s.finish();
             r.read_to_end(MAX_RESPONSE).await.map_err(|e| e.to_string())
         };
         match tokio::time::timeout(self.opts.attempt_timeout, fut).await {
