@@ -250,7 +250,7 @@ fn restarted_server_with_same_reset_key_resets_old_connections() {
         r.read_to_end(16).await.map_err(|e| e.to_string())
     };
     assert_eq!(client_rt.block_on(echo(conn.clone())).unwrap(), b"x");
-    rt1.shutdown_background();
+    rt1.shutdown_timeout(Duration::from_secs(5));
     let (_rt2, addr2) = serve(addr);
     assert_eq!(addr2, addr);
     let t0 = std::time::Instant::now();
