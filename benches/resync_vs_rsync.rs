@@ -101,11 +101,14 @@ fn resync_binary() -> Result<PathBuf> {
         println!("using FTVM_RESYNC_BIN={p}");
         return Ok(PathBuf::from(p));
     }
-    // This program is <target>/release/deps/resync_vs_rsync-HASH.
+    // This program is <target>/release/deps/resync_vs_rsync-HASH (or <target>/release/NAME).
     let exe = std::env::current_exe()?;
-    let target = exe
-        .ancestors()
-        .nth(3)
+    let mut profile_dir = exe.parent().context("no parent")?;
+    if profile_dir.file_name() == Some(std::ffi::OsStr::new("deps")) {
+        profile_dir = profile_dir.parent().context("no parent")?;
+    }
+    let target = profile_dir
+        .parent()
         .context("cannot locate the target directory")?
         .to_path_buf();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
