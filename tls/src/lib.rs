@@ -25,6 +25,8 @@
 //! ([`ALPN_WITNESS`], [`ALPN_RESYNC`], [`ALPN_LOG`]) so that a client of one service can never
 //! talk to another by mistake.
 
+#![deny(missing_docs)]
+
 use std::fs;
 use std::io::Write;
 use std::net::SocketAddr;

@@ -8,6 +8,8 @@
 //! * [`client`] — [`WitnessClient`], used by `ftvm-node` and the CLI;
 //! * [`config`], [`metrics`] — the TOML configuration and Prometheus metrics.
 
+#![deny(missing_docs)]
+
 pub mod client;
 pub mod codec;
 pub mod config;
