@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         let rec = vmm::solo::run_recorded(image, mem, &params, stop.clone(), &opts, Box::new(rec_out.clone()))?;
         let bytes = std::fs::read(&log)?;
         let rep_out = Capture::default();
-        let rep = vmm::solo::replay(image, &bytes, None, stop.clone(), Box::new(rep_out.clone()))?;
+        let rep = vmm::solo::replay(image, &bytes, None, None, stop.clone(), Box::new(rep_out.clone()))?;
         anyhow::ensure!(
             *rec_out.0.lock().unwrap() == *rep_out.0.lock().unwrap(),
             "{guest}: replay console differs"

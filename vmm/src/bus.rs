@@ -17,6 +17,18 @@ pub trait MmioDevice: Send {
         -> Result<(), VmmError>;
     /// Handles a guest write of `data` (1..=8 bytes) to `offset`.
     fn write(&mut self, offset: u64, data: &[u8], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError>;
+    /// Step 1 of every boundary: take the guest's new requests from the device's queues.
+    fn take_requests(&mut self, _cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+        Ok(())
+    }
+    /// Step 2 at WAIT/POLL boundaries: apply pending events (received frames).
+    fn apply_events(&mut self, _cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+        Ok(())
+    }
+    /// How many received frames the device could deliver to the guest now.
+    fn rx_room(&self, _mem: &crate::kvm::memory::GuestMemory) -> usize {
+        0
+    }
 }
 
 /// Errors configuring or using the bus.

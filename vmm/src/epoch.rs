@@ -71,8 +71,21 @@ pub trait Inputs: Send {
     /// Eight bytes of entropy at boundary `b`.
     fn entropy(&mut self, b: Boundary) -> Result<u64, InputError>;
     /// The guest WAITs at `b` until `deadline_ns` (monotonic) or an event; returns the clock
-    /// when the wait ends.
-    fn wait(&mut self, b: Boundary, deadline_ns: u64) -> Result<ClockValue, InputError>;
+    /// when the wait ends. `rx_room` is how many received frames the guest could take now
+    /// (a frame arriving is an event only if there is room for it).
+    fn wait(&mut self, b: Boundary, deadline_ns: u64, rx_room: usize) -> Result<ClockValue, InputError>;
+    /// Frames received from the network, at most `room` of them, to deliver at `b`.
+    fn net_rx(&mut self, _b: Boundary, _room: usize) -> Result<Vec<Vec<u8>>, InputError> {
+        Ok(Vec::new())
+    }
+    /// `len` random bytes for a virtio-rng request at `b`.
+    fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError>;
+    /// A block request completed at `b` with this status and hash of the data read. Both
+    /// hosts perform block I/O on their own disk: a recorder logs the result, a replayer
+    /// checks that this host's result is the recorded one (a difference is disk divergence).
+    fn disk_done(&mut self, _b: Boundary, _status: u8, _hash: u64) -> Result<(), InputError> {
+        Ok(())
+    }
     /// Every how many boundaries a memory digest is wanted (0: never).
     fn digest_every(&self) -> u64 {
         0
@@ -113,6 +126,11 @@ pub struct BoundaryCx<'a> {
     pub console: &'a mut dyn ConsoleSink,
     /// Set by a device to stop the machine after this boundary.
     pub request: &'a mut Option<MachineRequest>,
+    /// How many received frames the devices could take at this boundary.
+    pub rx_room: usize,
+    /// Set by the control device when the access is a WAIT or POLL: device events
+    /// (received frames) are applied at such boundaries.
+    pub doorbell: bool,
 }
 
 /// Test helpers: a guest memory without a VM and a scripted clock, for unit tests of devices.
@@ -142,10 +160,13 @@ pub mod testing {
             self.next_entropy = self.next_entropy.wrapping_mul(6364136223846793005).wrapping_add(1);
             Ok(self.next_entropy)
         }
-        fn wait(&mut self, _b: Boundary, deadline: u64) -> Result<ClockValue, InputError> {
+        fn wait(&mut self, _b: Boundary, deadline: u64, _room: usize) -> Result<ClockValue, InputError> {
             self.waits.push(deadline);
             self.now.mono_ns = self.now.mono_ns.max(deadline);
             Ok(self.now)
+        }
+        fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
+            Ok((0..len).map(|i| (b as usize + i) as u8).collect())
         }
     }
 
@@ -197,6 +218,8 @@ pub mod testing {
                 inputs: &mut self.inputs,
                 console: &mut self.console,
                 request: &mut self.request,
+                rx_room: 0,
+                doorbell: false,
             }
         }
     }

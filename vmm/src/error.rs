@@ -39,6 +39,25 @@ pub enum VmmError {
     /// Installing signal handling failed.
     #[error("signal setup failed: {0}")]
     Signal(std::io::Error),
+    /// The disk image cannot be used.
+    #[error("disk {path}: {why}")]
+    Disk {
+        /// The image path.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The TAP device cannot be used.
+    #[error("TAP {name}: {why}")]
+    Tap {
+        /// The interface name.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The node's configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
     /// An input source failed (live sources, a log).
     #[error(transparent)]
     Input(#[from] crate::epoch::InputError),

@@ -13,5 +13,6 @@ pub mod machine;
 pub mod replay;
 pub mod signals;
 pub mod solo;
+pub mod spec;
 
 pub use error::VmmError;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::devices::tap::Tap;
 use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
 use crate::signals::StopSignal;
 
@@ -13,6 +14,7 @@ pub struct LiveInputs {
     /// Added to the monotonic clock: where guest time stood when this source took over.
     mono_base: u64,
     stop: Arc<StopSignal>,
+    tap: Option<Arc<Tap>>,
 }
 
 impl LiveInputs {
@@ -22,7 +24,14 @@ impl LiveInputs {
             start: Instant::now(),
             mono_base,
             stop,
+            tap: None,
         }
+    }
+
+    /// Also receive frames from `tap`.
+    pub fn with_tap(mut self, tap: Arc<Tap>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     fn now(&self) -> ClockValue {
@@ -55,7 +64,26 @@ impl Inputs for LiveInputs {
         Ok(u64::from_le_bytes(b))
     }
 
-    fn wait(&mut self, _b: Boundary, deadline_ns: u64) -> Result<ClockValue, InputError> {
+    fn net_rx(&mut self, _b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
+        let mut frames = Vec::new();
+        if let Some(tap) = &self.tap {
+            while frames.len() < room {
+                match tap.try_read()? {
+                    Some(f) => frames.push(f),
+                    None => break,
+                }
+            }
+        }
+        Ok(frames)
+    }
+
+    fn random(&mut self, _b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
+        let mut v = vec![0u8; len];
+        getrandom(&mut v)?;
+        Ok(v)
+    }
+
+    fn wait(&mut self, _b: Boundary, deadline_ns: u64, rx_room: usize) -> Result<ClockValue, InputError> {
         loop {
             self.check_stop()?;
             let now = self.now();
@@ -67,13 +95,24 @@ impl Inputs for LiveInputs {
                 tv_sec: (left / 1_000_000_000).min(i64::MAX as u64) as libc::time_t,
                 tv_nsec: (left % 1_000_000_000) as libc::c_long,
             };
-            let mut pfd = libc::pollfd {
-                fd: self.stop.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
-            let r = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.stop.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.tap.as_ref().map_or(-1, |t| t.fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let n = if rx_room > 0 && self.tap.is_some() { 2 } else { 1 };
+            // SAFETY: `n` valid pollfds, a valid timespec, no signal mask change.
+            let r = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
+            if n == 2 && pfds[1].revents != 0 {
+                return Ok(self.now());
+            }
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {

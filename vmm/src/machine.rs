@@ -264,10 +264,24 @@ impl Machine {
             inputs: self.inputs.as_mut(),
             console: &mut self.console,
             request: &mut request,
+            rx_room: 0,
+            doorbell: false,
         };
+        // (1) Every device takes the guest's new requests.
+        for dev in self.bus.devices_mut() {
+            dev.take_requests(&mut cx)?;
+        }
+        cx.rx_room = self.bus.devices_mut().map(|d| d.rx_room(cx.mem)).sum();
+        // The access itself (a WAIT blocks here until there is something to apply).
         match access {
             Access::Read(data) => self.bus.read(addr, data, &mut cx)?,
             Access::Write(data) => self.bus.write(addr, data, &mut cx)?,
+        }
+        // (2) At WAIT and POLL, device events (received frames) are applied.
+        if cx.doorbell {
+            for dev in self.bus.devices_mut() {
+                dev.apply_events(&mut cx)?;
+            }
         }
         Ok(request)
     }

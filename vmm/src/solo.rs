@@ -1,22 +1,31 @@
-//! Running one VM unreplicated (`ftvm-node run --solo`): assemble the machine from options and
-//! run it to its end.
+//! Running one VM unreplicated (`ftvm-node run --solo`), optionally recording it, and
+//! replaying a recording: assembling the machine from a [`VmSetup`] and running it to its end.
 
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::bus::MmioBus;
 use crate::devices::control::ControlDevice;
-use crate::epoch::{ConsoleSink, InputError};
-use crate::replay::codec::{End, Header};
-use crate::replay::recorder::Recorder;
-use crate::replay::replayer::Replayer;
-use crate::replay::LogStats;
+use crate::devices::tap::Tap;
+use crate::devices::virtio::blk::{Block, SECTOR};
+use crate::devices::virtio::mmio::VirtioMmio;
+use crate::devices::virtio::net::{DropFrames, FrameSink, Net};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::{VIRTIO_BASE, VIRTIO_STRIDE};
+use crate::epoch::{Boundary, ConsoleSink, InputError, Inputs};
 use crate::error::VmmError;
 use crate::kvm::boot::BootParams;
 use crate::kvm::KvmVm;
 use crate::live::LiveInputs;
 use crate::machine::{Machine, Outcome};
+use crate::replay::codec::{End, Header};
+use crate::replay::recorder::Recorder;
+use crate::replay::replayer::Replayer;
+use crate::replay::LogStats;
 use crate::signals::StopSignal;
+use crate::spec::{DeviceSpec, DiskOptions};
 use ftvm_abi::control;
 
 /// Console output to the process's stdout, flushed at every write.
@@ -31,7 +40,18 @@ impl ConsoleSink for StdoutConsole {
     }
 }
 
-/// Parses a memory size: a number of bytes with an optional K/M/G (or KiB/MiB/GiB) suffix.
+/// Frames straight to the TAP (an unreplicated VM has no Output Rule to obey).
+pub struct TapSink(pub Arc<Tap>);
+
+impl FrameSink for TapSink {
+    fn send(&mut self, _b: Boundary, frame: &[u8]) {
+        if let Err(e) = self.0.write_frame(frame) {
+            tracing::warn!("TAP {}: dropped a frame: {e}", self.0.name());
+        }
+    }
+}
+
+/// Parses a size: a number of bytes with an optional K/M/G (or KiB/MiB/GiB) suffix.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -49,32 +69,153 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
-/// Builds the machine for an unreplicated run of `image` with `mem_size` bytes of memory.
+/// Everything that defines a VM.
+#[derive(Clone, Debug)]
+pub struct VmSetup<'a> {
+    /// The guest ELF image.
+    pub image: &'a [u8],
+    /// Guest memory size.
+    pub mem_size: u64,
+    /// The guest's argument string.
+    pub args: String,
+    /// The guest-visible devices.
+    pub devices: DeviceSpec,
+}
+
+impl<'a> VmSetup<'a> {
+    /// A VM with no devices but the control device.
+    pub fn plain(image: &'a [u8], mem_size: u64, args: &str) -> Self {
+        VmSetup {
+            image,
+            mem_size,
+            args: args.to_string(),
+            devices: DeviceSpec::default(),
+        }
+    }
+
+    fn boot_params(&self, dirty_log: bool) -> BootParams {
+        BootParams {
+            args: self.args.clone(),
+            net: self.devices.net.as_ref().map(|n| n.boot_config()),
+            dirty_log,
+            virtio_count: self.devices.virtio_count(),
+        }
+    }
+
+    /// The header a recording of this VM carries.
+    pub fn log_header(&self, digest_every: u64) -> Header {
+        Header {
+            image_hash: *blake3::hash(self.image).as_bytes(),
+            mem_size: self.mem_size,
+            cpuid_hash: crate::kvm::cpuid::baseline_hash(),
+            args: self.args.clone(),
+            machine: self.devices.describe(),
+            digest_every,
+        }
+    }
+}
+
+/// Opens the disk image read-write under an exclusive advisory lock (the one `ftvm-resync`
+/// honours), creating it with `opts.create_size` bytes if it does not exist. Returns the file
+/// and its capacity in sectors.
+pub fn open_disk(opts: &DiskOptions) -> Result<(File, u64), VmmError> {
+    let err = |why: String| VmmError::Disk {
+        path: opts.path.display().to_string(),
+        why,
+    };
+    let created = !opts.path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&opts.path)
+        .map_err(|e| err(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(err("in use by another process (ftvm-node or ftvm-resync)".into()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(err(format!("cannot lock: {e}"))),
+    }
+    if created {
+        if opts.create_size == 0 || opts.create_size % SECTOR != 0 {
+            return Err(err(format!("size {} is not a positive multiple of 512", opts.create_size)));
+        }
+        file.set_len(opts.create_size).map_err(|e| err(e.to_string()))?;
+        tracing::info!("created disk image {} of {} bytes", opts.path.display(), opts.create_size);
+    }
+    let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
+    if len < SECTOR {
+        return Err(err(format!("{len} bytes is smaller than one sector")));
+    }
+    Ok((file, len / SECTOR))
+}
+
+/// Opens the TAP device.
+pub fn open_tap(name: &str) -> Result<Arc<Tap>, VmmError> {
+    Tap::open(name).map(Arc::new).map_err(|e| VmmError::Tap {
+        name: name.to_string(),
+        why: e.to_string(),
+    })
+}
+
+/// Assembles a machine: the VM, the control device and the virtio devices of `setup`.
+pub fn assemble(
+    setup: &VmSetup<'_>,
+    disk: Option<File>,
+    sink: Box<dyn FrameSink>,
+    inputs: Box<dyn Inputs>,
+    console: Box<dyn ConsoleSink>,
+    stop: Arc<StopSignal>,
+    dirty_log: bool,
+) -> Result<Machine, VmmError> {
+    let mut vm = KvmVm::create(setup.mem_size, setup.image, &setup.boot_params(dirty_log))?;
+    vm.vcpu.set_stack(setup.mem_size)?;
+    let mut bus = MmioBus::new();
+    bus.insert(control::BASE, control::SIZE, Box::new(ControlDevice::new()))?;
+    let mut slot = VIRTIO_BASE;
+    let mut sink = Some(sink);
+    if let Some(n) = &setup.devices.net {
+        let net = Net::new(n.mac, sink.take().unwrap_or_else(|| Box::new(DropFrames)));
+        bus.insert(slot, VIRTIO_STRIDE, Box::new(VirtioMmio::new(net)))?;
+        slot += VIRTIO_STRIDE;
+    }
+    match (setup.devices.disk_sectors, disk) {
+        (Some(sectors), Some(file)) => {
+            let blk = Block::new(file).map_err(|e| VmmError::Config(format!("disk: {e}")))?;
+            if blk.sectors() != sectors {
+                return Err(VmmError::Config(format!(
+                    "the disk has {} sectors, the machine expects {sectors}",
+                    blk.sectors()
+                )));
+            }
+            bus.insert(slot, VIRTIO_STRIDE, Box::new(VirtioMmio::new(blk)))?;
+            slot += VIRTIO_STRIDE;
+        }
+        (None, None) => {}
+        _ => return Err(VmmError::Config("a disk needs both a size and an image".into())),
+    }
+    if setup.devices.rng {
+        bus.insert(slot, VIRTIO_STRIDE, Box::new(VirtioMmio::new(Rng)))?;
+    }
+    Ok(Machine::new(vm, bus, inputs, console, stop))
+}
+
+/// Builds a machine with only the control device (benchmarks, simple guests).
 pub fn build_machine(
     image: &[u8],
     mem_size: u64,
     params: &BootParams,
-    inputs: Box<dyn crate::epoch::Inputs>,
+    inputs: Box<dyn Inputs>,
     console: Box<dyn ConsoleSink>,
     stop: Arc<StopSignal>,
 ) -> Result<Machine, VmmError> {
-    let mut vm = KvmVm::create(mem_size, image, params)?;
-    vm.vcpu.set_stack(mem_size)?;
-    let mut bus = MmioBus::new();
-    bus.insert(control::BASE, control::SIZE, Box::new(ControlDevice::new()))?;
-    Ok(Machine::new(vm, bus, inputs, console, stop))
+    let setup = VmSetup::plain(image, mem_size, &params.args);
+    assemble(&setup, None, Box::new(DropFrames), inputs, console, stop, params.dirty_log)
 }
 
-/// Runs `image` alone with live inputs and the console on stdout.
-pub fn run_solo(image: &[u8], mem_size: u64, params: &BootParams, stop: Arc<StopSignal>) -> Result<Outcome, VmmError> {
-    let inputs = Box::new(LiveInputs::new(stop.clone(), 0));
-    let mut m = build_machine(image, mem_size, params, inputs, Box::new(StdoutConsole), stop)?;
-    let outcome = m.run()?;
-    tracing::info!(boundaries = m.boundaries(), "VM ended: {outcome:?}");
-    Ok(outcome)
-}
-
-/// Options for recording a solo run.
+/// Options for recording a run.
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
     /// The log file to write.
@@ -83,25 +224,14 @@ pub struct RecordOptions {
     pub digest_every: u64,
 }
 
-/// The header a recording of `image` with these parameters carries.
-pub fn log_header(image: &[u8], mem_size: u64, params: &BootParams, digest_every: u64) -> Header {
-    Header {
-        image_hash: *blake3::hash(image).as_bytes(),
-        mem_size,
-        cpuid_hash: crate::kvm::cpuid::baseline_hash(),
-        args: params.args.clone(),
-        digest_every,
-    }
-}
-
-/// What a recorded or replayed run did.
+/// What a run did.
 #[derive(Debug)]
 pub struct RunSummary {
     /// How it ended.
     pub outcome: Outcome,
     /// Boundaries passed.
     pub boundaries: u64,
-    /// The log's figures.
+    /// The log's figures (zero when nothing was recorded).
     pub log: LogStats,
     /// Wall time of the run.
     pub elapsed: std::time::Duration,
@@ -109,33 +239,57 @@ pub struct RunSummary {
     pub end: Option<End>,
 }
 
-/// Runs `image` alone with live inputs, recording every input to `opts.path`.
-pub fn run_recorded(
-    image: &[u8],
-    mem_size: u64,
-    params: &BootParams,
+/// Host resources of a live run.
+#[derive(Default)]
+pub struct HostResources {
+    /// The TAP for the NIC.
+    pub tap: Option<Arc<Tap>>,
+    /// The disk image and its capacity in sectors.
+    pub disk: Option<(File, u64)>,
+}
+
+/// Runs a VM alone with live inputs (recording them if `record` is given).
+pub fn run_live(
+    setup: &VmSetup<'_>,
+    host: HostResources,
     stop: Arc<StopSignal>,
-    opts: &RecordOptions,
+    record: Option<&RecordOptions>,
     console: Box<dyn ConsoleSink>,
 ) -> Result<RunSummary, VmmError> {
-    let file = std::fs::File::create(&opts.path).map_err(|e| {
-        VmmError::Input(InputError::Log(format!("cannot create {}: {e}", opts.path.display())))
-    })?;
-    let header = log_header(image, mem_size, params, opts.digest_every);
-    let recorder = Recorder::new(
-        LiveInputs::new(stop.clone(), 0),
-        std::io::BufWriter::with_capacity(1 << 20, file),
-        header,
-    )?;
-    let stats = recorder.stats_handle();
-    let params = BootParams {
-        dirty_log: true,
-        ..params.clone()
+    let mut live = LiveInputs::new(stop.clone(), 0);
+    let sink: Box<dyn FrameSink> = match &host.tap {
+        Some(t) => {
+            live = live.with_tap(t.clone());
+            Box::new(TapSink(t.clone()))
+        }
+        None => Box::new(DropFrames),
     };
+    let disk = host.disk.map(|(f, _)| f);
     let t = std::time::Instant::now();
-    let mut m = build_machine(image, mem_size, &params, Box::new(recorder), console, stop)?;
+    let (mut m, stats) = match record {
+        None => (
+            assemble(setup, disk, sink, Box::new(live), console, stop, false)?,
+            None,
+        ),
+        Some(opts) => {
+            let file = File::create(&opts.path).map_err(|e| {
+                VmmError::Input(InputError::Log(format!("cannot create {}: {e}", opts.path.display())))
+            })?;
+            let recorder = Recorder::new(
+                live,
+                std::io::BufWriter::with_capacity(1 << 20, file),
+                setup.log_header(opts.digest_every),
+            )?;
+            let stats = recorder.stats_handle();
+            (
+                assemble(setup, disk, sink, Box::new(recorder), console, stop, true)?,
+                Some(stats),
+            )
+        }
+    };
     let outcome = m.run()?;
-    let log = *stats.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!(boundaries = m.boundaries(), "VM ended: {outcome:?}");
+    let log = stats.map(|s| *s.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
     Ok(RunSummary {
         outcome,
         boundaries: m.boundaries(),
@@ -145,8 +299,26 @@ pub fn run_recorded(
     })
 }
 
-/// Checks that a log was recorded from this image (and memory size and arguments), before
-/// anything runs.
+/// Runs `image` alone with live inputs and the console on stdout (no devices).
+pub fn run_solo(image: &[u8], mem_size: u64, params: &BootParams, stop: Arc<StopSignal>) -> Result<Outcome, VmmError> {
+    let setup = VmSetup::plain(image, mem_size, &params.args);
+    Ok(run_live(&setup, HostResources::default(), stop, None, Box::new(StdoutConsole))?.outcome)
+}
+
+/// Runs `image` alone with live inputs, recording every input (no devices).
+pub fn run_recorded(
+    image: &[u8],
+    mem_size: u64,
+    params: &BootParams,
+    stop: Arc<StopSignal>,
+    opts: &RecordOptions,
+    console: Box<dyn ConsoleSink>,
+) -> Result<RunSummary, VmmError> {
+    let setup = VmSetup::plain(image, mem_size, &params.args);
+    run_live(&setup, HostResources::default(), stop, Some(opts), console)
+}
+
+/// Checks that a log was recorded from this image and memory size, before anything runs.
 pub fn check_header(h: &Header, image: &[u8], mem_size: u64) -> Result<(), String> {
     if h.image_hash != *blake3::hash(image).as_bytes() {
         return Err("the log was recorded with a different guest image".into());
@@ -163,29 +335,47 @@ pub fn check_header(h: &Header, image: &[u8], mem_size: u64) -> Result<(), Strin
     Ok(())
 }
 
-/// Replays `log` against `image`; `mem_size` defaults to the recorded size. Returns the
-/// summary when the replay ended exactly as the recording did; a divergence is an error.
+/// Replays `log` against `image`; `mem_size` defaults to the recorded size; `disk` is a copy
+/// of the disk image as it was when the recording started (required if the VM had a disk).
+/// Transmitted frames are dropped. Returns the summary when the replay ended exactly as the
+/// recording did; a divergence is an error.
 pub fn replay(
     image: &[u8],
     log: &[u8],
     mem_size: Option<u64>,
+    disk: Option<&Path>,
     stop: Arc<StopSignal>,
     console: Box<dyn ConsoleSink>,
 ) -> Result<RunSummary, VmmError> {
-    let replayer = Replayer::from_bytes(log)
-        .map_err(|e| VmmError::Input(InputError::Log(e.to_string())))?;
+    let refuse = |e: String| VmmError::Input(InputError::Log(format!("refused: {e}")));
+    let replayer = Replayer::from_bytes(log).map_err(|e| VmmError::Input(InputError::Log(e.to_string())))?;
     let h = replayer.header().clone();
     let mem_size = mem_size.unwrap_or(h.mem_size);
-    check_header(&h, image, mem_size)
-        .map_err(|e| VmmError::Input(InputError::Log(format!("refused: {e}"))))?;
-    let log_stats = replayer.stats();
-    let params = BootParams {
-        args: h.args.clone(),
-        dirty_log: true,
-        ..Default::default()
+    check_header(&h, image, mem_size).map_err(refuse)?;
+    let devices = DeviceSpec::parse(&h.machine).map_err(refuse)?;
+    let disk_file = match (devices.disk_sectors, disk) {
+        (Some(_), None) => return Err(refuse("the recorded VM had a disk: give a copy of it as it was when the recording started (--disk)".into())),
+        (Some(sectors), Some(p)) => {
+            let (f, s) = open_disk(&DiskOptions {
+                path: p.to_path_buf(),
+                create_size: 0,
+            })?;
+            if s != sectors {
+                return Err(refuse(format!("the recorded disk had {sectors} sectors, {} has {s}", p.display())));
+            }
+            Some(f)
+        }
+        (None, _) => None,
     };
+    let setup = VmSetup {
+        image,
+        mem_size,
+        args: h.args.clone(),
+        devices,
+    };
+    let log_stats = replayer.stats();
     let t = std::time::Instant::now();
-    let mut m = build_machine(image, mem_size, &params, Box::new(replayer), console, stop)?;
+    let mut m = assemble(&setup, disk_file, Box::new(DropFrames), Box::new(replayer), console, stop, true)?;
     let outcome = m.run()?;
     Ok(RunSummary {
         outcome,

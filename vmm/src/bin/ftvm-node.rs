@@ -132,7 +132,7 @@ fn replay(guest: &str, log: &std::path::Path, mem: Option<&str>) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
     };
-    match vmm::solo::replay(&image.bytes, &bytes, mem_size, stop, Box::new(vmm::solo::StdoutConsole)) {
+    match vmm::solo::replay(&image.bytes, &bytes, mem_size, None, stop, Box::new(vmm::solo::StdoutConsole)) {
         Ok(s) => {
             summary("replay: identical", &s);
             exit_for(s.outcome)

@@ -5,10 +5,9 @@
 //! console lengths are clamped to the buffer, and nothing a guest writes can make the VMM
 //! fail. Misuse is logged, at most a few lines per second.
 
-use std::time::{Duration, Instant};
-
 use ftvm_abi::{control as reg, layout, shared};
 
+use super::ratelimit::RateLimit;
 use crate::bus::MmioDevice;
 use crate::epoch::{BoundaryCx, ClockValue, MachineRequest};
 use crate::error::VmmError;
@@ -21,37 +20,6 @@ pub struct ControlDevice {
 impl Default for ControlDevice {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Lets through a few log lines per interval and counts the rest.
-struct RateLimit {
-    window_start: Option<Instant>,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        match self.window_start {
-            Some(s) if now.duration_since(s) < Duration::from_secs(1) => {}
-            _ => {
-                if self.suppressed > 0 {
-                    tracing::warn!(suppressed = self.suppressed, "control device: more guest misuse suppressed");
-                }
-                self.window_start = Some(now);
-                self.in_window = 0;
-                self.suppressed = 0;
-            }
-        }
-        self.in_window += 1;
-        if self.in_window > 5 {
-            self.suppressed += 1;
-            false
-        } else {
-            true
-        }
     }
 }
 
@@ -74,16 +42,12 @@ impl ControlDevice {
     /// A new control device.
     pub fn new() -> Self {
         ControlDevice {
-            warnings: RateLimit {
-                window_start: None,
-                in_window: 0,
-                suppressed: 0,
-            },
+            warnings: RateLimit::default(),
         }
     }
 
     fn misuse(&mut self, what: std::fmt::Arguments<'_>) {
-        if self.warnings.allow() {
+        if self.warnings.allow("control device") {
             tracing::warn!("control device: guest {what}");
         }
     }
@@ -137,12 +101,14 @@ impl MmioDevice for ControlDevice {
                 cx.console.write(&buf);
             }
             reg::WAIT => {
-                let c = cx.inputs.wait(cx.boundary, v)?;
+                let c = cx.inputs.wait(cx.boundary, v, cx.rx_room)?;
                 publish_clock(cx, c)?;
+                cx.doorbell = true;
             }
             reg::POLL => {
                 let c = cx.inputs.clock(cx.boundary)?;
                 publish_clock(cx, c)?;
+                cx.doorbell = true;
             }
             reg::EXIT => *cx.request = Some(MachineRequest::Exit(v)),
             _ => self.misuse(format_args!("wrote {v:#x} to read-only or unknown register {offset:#x}")),

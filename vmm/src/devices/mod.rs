@@ -1,6 +1,9 @@
 //! Device models on the MMIO bus.
 
 pub mod control;
+pub mod ratelimit;
+pub mod tap;
+pub mod virtio;
 
 /// Base address of the first virtio-mmio device (after the control device).
 pub const VIRTIO_BASE: u64 = ftvm_abi::control::BASE + 0x1000;

@@ -30,6 +30,11 @@ const KIND_END: u8 = 5;
 const EV_CLOCK: u8 = 1;
 const EV_ENTROPY: u8 = 2;
 const EV_WAIT_ENDED: u8 = 3;
+const EV_NET_RX: u8 = 4;
+const EV_RANDOM: u8 = 5;
+const EV_DISK_DONE: u8 = 6;
+/// Largest frame or random-byte event.
+pub const MAX_EVENT_BYTES: u64 = 65_536;
 
 /// What identifies the run a log belongs to; a replay must match it exactly.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +47,8 @@ pub struct Header {
     pub cpuid_hash: [u8; 32],
     /// The guest's argument string.
     pub args: String,
+    /// The devices and their guest-visible configuration (network addresses, disk size).
+    pub machine: String,
     /// A memory digest record every this many boundaries (0: none).
     pub digest_every: u64,
 }
@@ -56,6 +63,18 @@ pub enum Event {
     Entropy(u64),
     /// A WAIT ended, at this clock.
     WaitEnded(ClockValue),
+    /// A frame received from the network, delivered into the guest's RX queue.
+    NetRx(Vec<u8>),
+    /// Random bytes for a virtio-rng request.
+    Random(Vec<u8>),
+    /// A block request completed (with the truncated blake3 of the data read, 0 for others):
+    /// both hosts perform it on their own disk; the backup checks that its result matches.
+    DiskDone {
+        /// virtio-blk status.
+        status: u8,
+        /// Truncated blake3 of the data read.
+        hash: u64,
+    },
 }
 
 /// How the recorded run ended.
@@ -219,6 +238,8 @@ impl Encoder {
                 p.extend_from_slice(&h.cpuid_hash);
                 put_varint(&mut p, h.args.len() as u64);
                 p.extend_from_slice(h.args.as_bytes());
+                put_varint(&mut p, h.machine.len() as u64);
+                p.extend_from_slice(h.machine.as_bytes());
                 put_varint(&mut p, h.digest_every);
                 KIND_HEADER
             }
@@ -295,6 +316,16 @@ impl Encoder {
                 p.push(EV_WAIT_ENDED);
                 self.encode_clock(c, p);
             }
+            Event::NetRx(b) | Event::Random(b) => {
+                p.push(if matches!(e, Event::NetRx(_)) { EV_NET_RX } else { EV_RANDOM });
+                put_varint(p, b.len() as u64);
+                p.extend_from_slice(b);
+            }
+            Event::DiskDone { status, hash } => {
+                p.push(EV_DISK_DONE);
+                p.push(*status);
+                p.extend_from_slice(&hash.to_le_bytes());
+            }
         }
     }
 }
@@ -348,6 +379,15 @@ impl<'a> Reader<'a> {
             offset: self.offset,
             what: format!("varint too long in {what}"),
         })
+    }
+    fn string(&mut self, len: u64, what: &'static str) -> Result<String, DecodeError> {
+        let offset = self.offset;
+        std::str::from_utf8(self.bytes(len as usize, what)?)
+            .map(str::to_string)
+            .map_err(|_| DecodeError::Malformed {
+                offset,
+                what: format!("{what} are not UTF-8"),
+            })
     }
     fn done(&self) -> Result<(), DecodeError> {
         if self.pos == self.buf.len() {
@@ -458,12 +498,17 @@ impl<'a> Decoder<'a> {
                         offset,
                     });
                 }
-                let args = std::str::from_utf8(r.bytes(args_len as usize, "args")?)
-                    .map_err(|_| DecodeError::Malformed {
+                let args = r.string(args_len, "guest arguments")?;
+                let machine_len = r.varint("machine length")?;
+                if machine_len > MAX_ARGS {
+                    return Err(DecodeError::Oversized {
+                        what: "machine description",
+                        len: machine_len,
+                        limit: MAX_ARGS,
                         offset,
-                        what: "guest arguments are not UTF-8".into(),
-                    })?
-                    .to_string();
+                    });
+                }
+                let machine = r.string(machine_len, "machine description")?;
                 let digest_every = r.varint("digest interval")?;
                 self.seen_header = true;
                 Record::Header(Header {
@@ -471,6 +516,7 @@ impl<'a> Decoder<'a> {
                     mem_size,
                     cpuid_hash,
                     args,
+                    machine,
                     digest_every,
                 })
             }
@@ -584,6 +630,27 @@ impl<'a> Decoder<'a> {
             EV_CLOCK => Ok(Event::Clock(self.decode_clock(r)?)),
             EV_ENTROPY => Ok(Event::Entropy(r.u64("entropy")?)),
             EV_WAIT_ENDED => Ok(Event::WaitEnded(self.decode_clock(r)?)),
+            tag @ (EV_NET_RX | EV_RANDOM) => {
+                let len = r.varint("event length")?;
+                if len > MAX_EVENT_BYTES {
+                    return Err(DecodeError::Oversized {
+                        what: "event",
+                        len,
+                        limit: MAX_EVENT_BYTES,
+                        offset: r.offset,
+                    });
+                }
+                let b = r.bytes(len as usize, "event bytes")?.to_vec();
+                Ok(if tag == EV_NET_RX {
+                    Event::NetRx(b)
+                } else {
+                    Event::Random(b)
+                })
+            }
+            EV_DISK_DONE => Ok(Event::DiskDone {
+                status: r.u8("disk status")?,
+                hash: r.u64("disk hash")?,
+            }),
             tag => Err(DecodeError::UnknownEvent {
                 tag,
                 offset: r.offset,
@@ -605,6 +672,15 @@ pub fn inputs_hash(events: &[Event]) -> u64 {
             Event::Entropy(v) => {
                 h.update(&[2]);
                 h.update(&v.to_le_bytes());
+            }
+            Event::NetRx(b) | Event::Random(b) => {
+                h.update(&[if matches!(e, Event::NetRx(_)) { 4 } else { 5 }]);
+                h.update(&(b.len() as u64).to_le_bytes());
+                h.update(b);
+            }
+            Event::DiskDone { status, hash } => {
+                h.update(&[6, *status]);
+                h.update(&hash.to_le_bytes());
             }
         }
     }
@@ -630,6 +706,7 @@ mod tests {
                 mem_size: 64 << 20,
                 cpuid_hash: [9; 32],
                 args: "clock 10".into(),
+                machine: "net=52:54:00:12:34:56".into(),
                 digest_every: 100,
             }),
             Record::Boundary {
@@ -645,6 +722,9 @@ mod tests {
                 events: vec![
                     Event::Entropy(u64::MAX),
                     Event::WaitEnded(c(999_999, 1_699_999_999_000_000_000)),
+                    Event::NetRx(vec![1, 2, 3]),
+                    Event::Random(vec![9; 40]),
+                    Event::DiskDone { status: 0, hash: 77 },
                 ],
             },
             Record::Digest {
@@ -807,7 +887,7 @@ mod fuzz {
             let mut b = Vec::new();
             Encoder::new().encode(&Record::Header(Header {
                 image_hash: [0; 32], mem_size: 1 << 26, cpuid_hash: [0; 32],
-                args: String::new(), digest_every: 10,
+                args: String::new(), machine: String::new(), digest_every: 10,
             }), &mut b);
             b.extend_from_slice(&tail);
             let _ = decode_all(&b);

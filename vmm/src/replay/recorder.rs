@@ -131,10 +131,30 @@ impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
         Ok(v)
     }
 
-    fn wait(&mut self, b: Boundary, deadline_ns: u64) -> Result<ClockValue, InputError> {
-        let c = self.live.wait(b, deadline_ns)?;
+    fn wait(&mut self, b: Boundary, deadline_ns: u64, rx_room: usize) -> Result<ClockValue, InputError> {
+        let c = self.live.wait(b, deadline_ns, rx_room)?;
         self.push(Event::WaitEnded(c));
         Ok(c)
+    }
+
+    fn net_rx(&mut self, b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
+        let frames = self.live.net_rx(b, room)?;
+        for f in &frames {
+            self.push(Event::NetRx(f.clone()));
+        }
+        Ok(frames)
+    }
+
+    fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
+        let v = self.live.random(b, len)?;
+        self.push(Event::Random(v.clone()));
+        Ok(v)
+    }
+
+    fn disk_done(&mut self, b: Boundary, status: u8, hash: u64) -> Result<(), InputError> {
+        self.live.disk_done(b, status, hash)?;
+        self.push(Event::DiskDone { status, hash });
+        Ok(())
     }
 
     fn digest_every(&self) -> u64 {

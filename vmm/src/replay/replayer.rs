@@ -196,10 +196,47 @@ impl Inputs for Replayer {
         }
     }
 
-    fn wait(&mut self, b: Boundary, _deadline_ns: u64) -> Result<ClockValue, InputError> {
+    fn wait(&mut self, b: Boundary, _deadline_ns: u64, _rx_room: usize) -> Result<ClockValue, InputError> {
         match self.next_event(b, "a WAIT")? {
             Event::WaitEnded(c) => Ok(c),
             other => Err(Self::diverge(b, format!("the guest WAITed; the log has {other:?}"))),
+        }
+    }
+
+    fn net_rx(&mut self, b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
+        let mut frames = Vec::new();
+        if let Some((cb, events)) = self.current.as_mut() {
+            if *cb == b {
+                while let Some(Event::NetRx(_)) = events.front() {
+                    if let Some(Event::NetRx(f)) = events.pop_front() {
+                        frames.push(f);
+                    }
+                }
+            }
+        }
+        if frames.len() > room {
+            return Err(Self::diverge(b, format!(
+                "the log delivers {} frames here, the guest has room for {room}",
+                frames.len()
+            )));
+        }
+        Ok(frames)
+    }
+
+    fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
+        match self.next_event(b, "random bytes")? {
+            Event::Random(v) if v.len() == len => Ok(v),
+            other => Err(Self::diverge(b, format!("the guest asked for {len} random bytes; the log has {other:?}"))),
+        }
+    }
+
+    fn disk_done(&mut self, b: Boundary, status: u8, hash: u64) -> Result<(), InputError> {
+        match self.next_event(b, "a disk completion")? {
+            Event::DiskDone { status: s, hash: h } if s == status && h == hash => Ok(()),
+            Event::DiskDone { status: s, hash: h } => Err(Self::diverge(b, format!(
+                "disk divergence: the recorded block request completed with status {s} and data hash {h:#018x}, here with status {status} and hash {hash:#018x}"
+            ))),
+            other => Err(Self::diverge(b, format!("a block request completed; the log has {other:?}"))),
         }
     }
 
