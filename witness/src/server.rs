@@ -359,8 +359,13 @@ async fn answer(req: Request, node: &str, shared: &Shared) -> Response {
 /// Most claims taken into one synced batch.
 const MAX_BATCH: usize = 256;
 
+/// Test hook: when this environment variable is set, the witness aborts right after its first
+/// synced grant and before replying, to prove that a crash there loses only the reply.
+pub const CRASH_AFTER_WRITE_ENV: &str = "FTVM_WITNESS_TEST_CRASH_AFTER_WRITE";
+
 fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
     let m = shared.metrics.clone();
+    let crash_after_write = std::env::var_os(CRASH_AFTER_WRITE_ENV).is_some();
     let mut poisoned: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -392,6 +397,17 @@ fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shar
             let batch: Vec<(String, PairState)> = writes.clone().into_iter().collect();
             match store.write_synced(&batch) {
                 Ok(()) => {
+                    if crash_after_write {
+                        tracing::error!(
+                            event = "test_crash",
+                            "crashing after the write, before the reply ({CRASH_AFTER_WRITE_ENV})"
+                        );
+                        // SIGKILL, like `kill -9`: no destructor, no core file.
+                        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+                        unsafe {
+                            libc::kill(libc::getpid(), libc::SIGKILL);
+                        }
+                    }
                     m.synced_writes.fetch_add(1, Relaxed);
                     if let Ok(mut p) = shared.published.write() {
                         for (pair, st) in &batch {

@@ -94,3 +94,56 @@ async fn decisions_survive_kill_9_and_restart() {
         "a data directory was created without --init"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_write_and_reply_loses_only_the_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
+    let env = [(ftvm_witness::server::CRASH_AFTER_WRITE_ENV, "1")];
+    let mut w = match try_start_env(&cfg, "127.0.0.1:0", true, &env) {
+        Ok(w) => w,
+        Err(e) => panic!("{e:?}"),
+    };
+    let addr = w.addr;
+    let one_try = ftvm_witness::ClientOptions {
+        attempts: 1,
+        attempt_timeout: std::time::Duration::from_secs(3),
+        ..opts()
+    };
+    let id_a = ftvm_tls::Identity::load(dir.path(), "node-a").unwrap();
+    let a1 = ftvm_witness::WitnessClient::new(addr, &id_a, one_try).unwrap();
+    // The grant is written, then the witness dies before answering.
+    let e = a1.claim("vm1", 0).await.unwrap_err();
+    assert!(
+        matches!(e, ftvm_witness::WitnessError::Unreachable { .. }),
+        "{e}"
+    );
+    let st = w.child.wait().unwrap();
+    assert!(!st.success(), "the witness should have crashed: {st}");
+    assert!(w.log_text().contains("test_crash"));
+
+    let w2 = start(&cfg, &addr.to_string(), false);
+    let a = client(dir.path(), "node-a", w2.addr);
+    let b = client(dir.path(), "node-b", w2.addr);
+    // The other node racing for the same generation is denied: the grant survived ...
+    assert_eq!(
+        b.claim("vm1", 0).await.unwrap(),
+        ClaimOutcome::Denied {
+            generation: 1,
+            holder: Some("node-a".into())
+        }
+    );
+    // ... and the claimant's retry gets exactly that grant.
+    assert_eq!(
+        a.claim("vm1", 0).await.unwrap(),
+        ClaimOutcome::Granted { generation: 1 }
+    );
+    assert_eq!(
+        w2.metric("ftvm_witness_claims_total{result=\"regranted\"}"),
+        1
+    );
+    assert_eq!(
+        w2.metric("ftvm_witness_claims_total{result=\"granted\"}"),
+        0
+    );
+}

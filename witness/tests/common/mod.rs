@@ -58,6 +58,16 @@ pub struct StartFailure {
 /// Starts `serve --config CONFIG --listen LISTEN --metrics 127.0.0.1:0 [--init]` and waits for
 /// its readiness line on stdout (or its exit).
 pub fn try_start(config: &Path, listen: &str, init: bool) -> Result<WitnessProc, StartFailure> {
+    try_start_env(config, listen, init, &[])
+}
+
+/// [`try_start`] with extra environment variables.
+pub fn try_start_env(
+    config: &Path,
+    listen: &str,
+    init: bool,
+    env: &[(&str, &str)],
+) -> Result<WitnessProc, StartFailure> {
     let log = config.with_file_name(format!(
         "witness-{}.log",
         std::time::SystemTime::now()
@@ -83,6 +93,7 @@ pub fn try_start(config: &Path, listen: &str, init: bool) -> Result<WitnessProc,
     if init {
         cmd.arg("--init");
     }
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().expect("spawning ftvm-witness serve");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
