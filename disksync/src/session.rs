@@ -440,6 +440,8 @@ pub struct PullOptions {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Test hook: behave as interrupted after this many blocks were written.
     pub stop_after_blocks: Option<u64>,
+    /// Test hook: abort the whole process (a crash, no cleanup) after this many blocks.
+    pub crash_after_blocks: Option<u64>,
 }
 
 impl PullOptions {
@@ -453,6 +455,7 @@ impl PullOptions {
             state_path: Some(crate::state_path(disk)),
             interrupt: None,
             stop_after_blocks: None,
+            crash_after_blocks: None,
         }
     }
 }
@@ -882,6 +885,10 @@ async fn transfer(
                     || opts.stop_after_blocks == Some(summary.blocks_sent);
                 if interrupted {
                     return Err(Error::Cancelled);
+                }
+                if opts.crash_after_blocks == Some(summary.blocks_sent) {
+                    eprintln!("test hook: aborting after {} blocks", summary.blocks_sent);
+                    std::process::abort();
                 }
                 let (idx, data) = match expect_msg(recv, "Block").await? {
                     Msg::Block { index, data } => (index, Some(data)),

@@ -216,6 +216,49 @@ fn interrupted_pull_resumes_without_redoing_work() {
     assert!(!state.exists());
 }
 
+/// A target-side process killed hard (abort, no cleanup) mid-transfer resumes from its last
+/// checkpoint: blocks written after it are fetched again, nothing before it.
+#[test]
+fn crashed_pull_resumes_from_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(&dir.path().join("tls"), &[]);
+    let mut rng = Rng::new(43);
+    let (src, dst) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    random_image(&src, 6 << 20, &mut rng);
+    std::fs::copy(&src, &dst).unwrap();
+    diverge(&dst, BS, Divergence::EveryBlock, &mut rng);
+    let total = differing_blocks(&src, &dst, BS as usize).len() as u64;
+    let bs = BS.to_string();
+    let args = ["--block-size", bs.as_str()];
+    let server = Server::start(&src, &tls, &[]);
+    let env = [("FTVM_RESYNC_CRASH_AFTER_BLOCKS", "700")];
+    let out = remote_env("pull", &server, &dst, &tls, &args, &env);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("aborting after 700"),
+        "{}",
+        describe(&out)
+    );
+    let left = differing_blocks(&src, &dst, BS as usize).len() as u64;
+    assert_eq!(
+        total - left,
+        700,
+        "700 blocks were written before the crash"
+    );
+
+    let out = remote("pull", &server, &dst, &tls, &args);
+    assert!(out.status.success(), "{}", describe(&out));
+    let s = summary(&out);
+    assert_eq!(s["resumed"], "true");
+    // The last checkpoint before the crash was at 512 blocks (every 512 blocks or 1 s).
+    let sent = num(&s, "sent");
+    assert!(
+        sent >= left && sent <= total - 512,
+        "sent {sent}, left {left}, total {total}"
+    );
+    assert_identical(&src, &dst);
+}
+
 /// Garbage or a truncated message from the source ends the session with a clear error and
 /// leaves a target that a rerun completes.
 #[test]

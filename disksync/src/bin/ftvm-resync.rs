@@ -278,9 +278,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fast: fast_path(&remote)?,
                 state_path: Some(state),
                 interrupt: None,
-                stop_after_blocks: std::env::var("FTVM_RESYNC_STOP_AFTER_BLOCKS")
-                    .ok()
-                    .and_then(|v| v.parse().ok()),
+                stop_after_blocks: env_u64("FTVM_RESYNC_STOP_AFTER_BLOCKS"),
+                crash_after_blocks: env_u64("FTVM_RESYNC_CRASH_AFTER_BLOCKS"),
             };
             let summary = remote_session(&remote, &lock, &opts, "pull")?;
             print_summary(&summary);
@@ -296,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_path: None,
                 interrupt: None,
                 stop_after_blocks: None,
+                crash_after_blocks: None,
             };
             let summary = match remote_session(&remote, &lock, &opts, "verify") {
                 Ok(s) => s,
@@ -345,6 +345,11 @@ fn fast_path(remote: &Remote) -> anyhow::Result<Option<FastPath>> {
         );
     }
     Ok(f)
+}
+
+/// Test hooks are read from the environment so that they stay out of `--help`.
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 fn parse_fault(s: &str) -> anyhow::Result<Fault> {
@@ -406,9 +411,12 @@ fn remote_session(
             r = &mut pull => r,
             _ = tokio::signal::ctrl_c() => {
                 // Stop at the next block, keeping what was written for a resume.
-                eprintln!("ftvm-resync: interrupted; saving progress (rerun to resume)");
+                eprintln!("ftvm-resync: interrupted; saving progress (rerun to resume; Ctrl-C again to quit now)");
                 interrupt.store(true, Ordering::Relaxed);
-                pull.await
+                tokio::select! {
+                    r = &mut pull => r,
+                    _ = tokio::signal::ctrl_c() => Err(Error::Cancelled),
+                }
             }
         }
     });
