@@ -62,6 +62,50 @@ impl FastPath {
         }))
     }
 
+    /// Starts generation `generation` for the disk open as `file` at `path`: hashes it fully
+    /// and writes its leaf cache and an empty written-block record next to it (replacing
+    /// earlier ones atomically). Call it when both disks of a pair are known equal (after a
+    /// verified resync), on both hosts, with the same generation.
+    pub fn baseline(
+        file: &File,
+        path: &std::path::Path,
+        generation: u64,
+        block_size: u32,
+        stats: &Stats,
+    ) -> Result<FastPath> {
+        let geo = hash::file_geometry(file, path, block_size)?;
+        let tree = disk_tree(
+            file,
+            path,
+            geo,
+            Leaves::Full,
+            stats,
+            &AtomicBool::new(false),
+        )?;
+        Self::baseline_from_leaves(path, generation, geo, tree.leaves().to_vec())
+    }
+
+    /// Like [`baseline`](Self::baseline) with leaf hashes already known (e.g. from a resync
+    /// that just ended).
+    pub fn baseline_from_leaves(
+        path: &std::path::Path,
+        generation: u64,
+        geo: Geometry,
+        leaves: Vec<Hash>,
+    ) -> Result<FastPath> {
+        let cache = LeafCache {
+            generation,
+            geometry: geo,
+            leaves,
+        };
+        cache.save(crate::cache_path(path))?;
+        let record = WrittenBlocks::create(crate::record_path(path), generation, geo)?;
+        Ok(FastPath {
+            cache: Arc::new(cache),
+            record: Arc::new(record),
+        })
+    }
+
     fn usable_for(&self, geo: Geometry) -> bool {
         self.cache.geometry == geo
             && self.record.geometry() == geo

@@ -74,6 +74,12 @@ fn local_and_hash_commands() {
     let s = summary(&out);
     assert_eq!(num(&s, "compared"), 33);
 
+    // A missing target is created.
+    let new = dir.path().join("new.img");
+    let out = run(&[OsStr::new("local"), src.as_os_str(), new.as_os_str()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_identical(&src, &new);
+
     let h1 = run(&[OsStr::new("hash"), src.as_os_str()]);
     let h2 = run(&[OsStr::new("hash"), dst.as_os_str()]);
     assert!(h1.status.success());

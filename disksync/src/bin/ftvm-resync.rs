@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use disksync::cache::LeafCache;
 use disksync::hash::{self, hex, Geometry};
 use disksync::local::{disk_tree, local_resync, Leaves, LocalOptions};
 use disksync::lock::DiskLock;
 use disksync::net::{self, ServeOptions};
-use disksync::record::WrittenBlocks;
 use disksync::session::{FastPath, Fault, PullOptions, SourceDisk, TargetDisk};
 use disksync::stats::{Phase, Stats, Summary};
 use disksync::{Error, DEFAULT_BLOCK_SIZE};
@@ -107,7 +105,7 @@ enum Cmd {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Make local file DST equal to SRC (no network).
+    /// Make local file DST equal to SRC (no network; DST is created if missing).
     Local {
         src: PathBuf,
         dst: PathBuf,
@@ -172,13 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("blocks {} of {} bytes", geo.blocks(), geo.block_size);
             println!("size {}", geo.disk_size);
             if let Some(gen) = baseline {
-                LeafCache {
-                    generation: gen,
-                    geometry: geo,
-                    leaves: tree.leaves().to_vec(),
-                }
-                .save(disksync::cache_path(&path))?;
-                WrittenBlocks::create(disksync::record_path(&path), gen, geo)?;
+                FastPath::baseline_from_leaves(&path, gen, geo, tree.leaves().to_vec())?;
                 println!("baseline generation {gen}");
             }
             Ok(ExitCode::SUCCESS)
@@ -190,7 +182,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resize,
         } => {
             let s = DiskLock::shared(&src)?;
+            let created = !dst.exists();
+            if created {
+                std::fs::File::create(&dst).with_context(|| format!("create {}", dst.display()))?;
+            }
             let d = DiskLock::exclusive(&dst)?;
+            let resize = resize || created;
             let stats = Arc::new(Stats::new());
             let progress = Progress::start(stats.clone(), "local");
             let r = local_resync(
