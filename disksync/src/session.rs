@@ -180,6 +180,9 @@ pub struct ServeReport {
     pub fast_path: bool,
     /// Root verified equal by the client.
     pub verified: bool,
+    /// The source's block hashes, when the client verified an equal root (to start a new
+    /// generation with [`FastPath::baseline_from_leaves`] without hashing again).
+    pub leaves: Vec<Hash>,
 }
 
 /// Sets a flag when dropped (stops background hashing when a session ends early).
@@ -410,6 +413,9 @@ async fn serve_stream(
                 let t = tree.get().await?;
                 let mine = t.root(geo);
                 report.verified = mine == root;
+                if report.verified {
+                    report.leaves = t.leaves().to_vec();
+                }
                 write_msg(
                     send,
                     &Msg::Verified {
@@ -818,6 +824,7 @@ async fn pull_stream(
         });
     }
     summary.root = mine;
+    summary.leaves = local_tree.leaves().to_vec();
     summary.hashes_exchanged = Stats::get(&stats.hashes_exchanged);
     summary.elapsed = t0.elapsed();
     stats.set_phase(Phase::Done);

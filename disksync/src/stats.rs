@@ -95,6 +95,10 @@ pub struct Summary {
     pub root: crate::Hash,
     /// Wall time.
     pub elapsed: std::time::Duration,
+    /// The target's block hashes at the end of a pull (empty for verify): with
+    /// [`crate::session::FastPath::baseline_from_leaves`] they start a new generation without
+    /// hashing the disk again.
+    pub leaves: Vec<crate::Hash>,
 }
 
 impl Summary {

@@ -541,3 +541,66 @@ fn locked_disk_and_size_mismatch_are_refused() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_identical(&src, &new);
 }
+
+/// The library entry points the node uses: serve_connection / pull_connection over its own
+/// endpoints, then a new generation started from the hashes the session returned.
+#[test]
+fn library_sessions_return_leaves_for_the_next_generation() {
+    use disksync::session::{
+        pull_connection, serve_connection, FastPath, PullOptions, SourceDisk, TargetDisk,
+    };
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(&dir.path().join("tls"), &[]);
+    let mut rng = Rng::new(8);
+    let (src, dst) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    random_image(&src, (2 << 20) + 5, &mut rng);
+    std::fs::copy(&src, &dst).unwrap();
+    diverge(&dst, 65536, Divergence::WholeBlocks(6), &mut rng);
+    let expect = differing_blocks(&src, &dst, 65536);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (summary, report) = rt.block_on(async {
+        let src_lock = disksync::lock::DiskLock::shared(&src).unwrap();
+        let dst_lock = disksync::lock::DiskLock::exclusive(&dst).unwrap();
+        let sep =
+            disksync::net::server_endpoint("127.0.0.1:0".parse().unwrap(), &tls, "server").unwrap();
+        let addr = sep.local_addr().unwrap();
+        let source = SourceDisk::new(src_lock.file().try_clone().unwrap(), &src, None);
+        let server = tokio::spawn(async move {
+            let conn = sep.accept().await.unwrap().await.unwrap();
+            let stats = Arc::new(disksync::Stats::new());
+            serve_connection(&conn, &source, &stats).await
+        });
+        let cep = disksync::net::client_endpoint(&tls, "client").unwrap();
+        let conn = disksync::net::connect(&cep, addr, "server").await.unwrap();
+        let target = TargetDisk {
+            file: dst_lock.file().try_clone().unwrap(),
+            path: dst.clone(),
+        };
+        let stats = Arc::new(disksync::Stats::new());
+        let summary = pull_connection(&conn, &target, &PullOptions::new(&dst), &stats)
+            .await
+            .unwrap();
+        (summary, server.await.unwrap().unwrap())
+    });
+    assert_identical(&src, &dst);
+    assert_eq!(summary.blocks_sent, expect.len() as u64);
+    assert!(report.verified);
+    assert_eq!(report.peer.as_deref(), Some("client"));
+    assert_eq!(report.blocks_sent, expect.len() as u64);
+    assert_eq!(summary.leaves, report.leaves);
+    // Both sides start generation 2 from the returned hashes, without hashing again; they
+    // match a fresh hash of the disk.
+    let geo = disksync::Geometry::new((2 << 20) + 5, 65536).unwrap();
+    let b = FastPath::baseline_from_leaves(&dst, 2, geo, summary.leaves.clone()).unwrap();
+    let f = std::fs::File::open(&src).unwrap();
+    let fresh = FastPath::baseline(&f, &src, 2, 65536, &disksync::Stats::new()).unwrap();
+    assert_eq!(b.cache.leaves, fresh.cache.leaves);
+    assert_eq!(b.record.count(), 0);
+    assert_eq!(b.record.generation(), 2);
+}
