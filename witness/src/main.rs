@@ -39,6 +39,10 @@ Exit codes of claim/status: 0 granted/ok, 3 denied, 4 witness unreachable, 5 ref
 witness, 1 other errors, 2 bad command line."
 )]
 struct Cli {
+    /// Log as JSON objects, one per line (default: key=value text). Logs go to stderr;
+    /// RUST_LOG sets the level (default info).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -163,14 +167,17 @@ enum CertsCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    if cli.log_json {
+        fmt.json().flatten_event(true).init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     match cli.cmd {
         Cmd::Serve(a) => report(run_async(serve(a))),
         Cmd::Claim(a) => run_async(claim(a)).unwrap_or_else(client_error),

@@ -95,6 +95,7 @@ fn help_explains() {
         "certs",
         "generation",
         "Exit codes",
+        "--log-json",
     ] {
         assert!(out.contains(w), "--help lacks {w:?}:\n{out}");
     }

@@ -89,6 +89,10 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
         w.metric("ftvm_witness_pair_generation{pair=\"race\"}"),
         rounds
     );
+    assert_eq!(w.http_status("/nope"), "HTTP/1.0 404 Not Found");
+    assert!(w
+        .metrics_text()
+        .contains("# TYPE ftvm_witness_claim_latency_seconds histogram"));
     // One structured log line per decision.
     let log = w.log_text();
     assert_eq!(log.matches("decision=\"granted\"").count() as u64, rounds);

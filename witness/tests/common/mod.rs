@@ -160,6 +160,16 @@ impl WitnessProc {
         out
     }
 
+    /// The status line of a GET of `path` on the metrics listener.
+    pub fn http_status(&self, path: &str) -> String {
+        let mut s = TcpStream::connect(self.metrics.expect("metrics on")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    }
+
     /// One sample of the metrics endpoint, by its full name with labels.
     pub fn metric(&self, name: &str) -> u64 {
         let text = self.metrics_text();
