@@ -18,11 +18,16 @@ extern crate alloc;
 
 pub mod console;
 pub mod control;
+pub mod disk;
 mod entry;
 mod heap;
 mod mem;
+pub mod net;
 mod panic;
 pub mod time;
+pub mod virtio;
 
 pub use entry::Boot;
 pub use ftvm_abi as abi;
+pub use smoltcp;
+pub use virtio_drivers;

@@ -1,17 +1,20 @@
 //! `ftvm-node`: runs an ftvm virtual machine.
 //!
 //! Exit status of `run`: the guest's own exit status when it is 0–63; 64 when the guest exited
-//! with a larger status (printed); 65 for a bad guest image or memory size; 70 when the guest
-//! crashed (a report with the reason, RIP and registers goes to stderr); 71 for a VMM/KVM
-//! failure; 128+N when signal N stopped the node; 2 for a bad command line. `replay` adds 69
-//! for a divergence and 66 for a log that is malformed or belongs to another guest.
+//! with a larger status (printed); 65 for a bad guest image, memory size or configuration;
+//! 70 when the guest crashed (a report with the reason, RIP and registers goes to stderr); 71
+//! for a VMM/KVM failure; 128+N when signal N stopped the node; 2 for a bad command line.
+//! `replay` adds 69 for a divergence and 66 for a log that is malformed or belongs to another
+//! guest.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use vmm::kvm::boot::BootParams;
-use vmm::machine::Outcome;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
 use vmm::epoch::InputError;
+use vmm::solo::{HostResources, RecordOptions, VmSetup};
+use vmm::spec::{parse_cidr, parse_mac, DeviceSpec, DiskOptions, NetSpec};
 use vmm::VmmError;
 
 /// Fault-tolerant virtual machines on KVM: the node.
@@ -26,49 +29,107 @@ struct Cli {
 enum Command {
     /// Run a VM in the foreground until the guest exits.
     ///
-    /// The guest's console goes to stdout. The exit status is the guest's status (0-63; 64 if
-    /// larger), 65 for a bad image or memory size, 70 if the guest crashed, 71 for a VMM
-    /// failure, 128+N if signal N stopped the node.
-    Run {
-        /// Run unreplicated (no backup, no witness).
-        #[arg(long, required = true)]
-        solo: bool,
-        /// A bundled guest by name (see `ftvm-node guests`) or a path to a guest ELF.
-        #[arg(long)]
-        guest: String,
-        /// Guest memory size (bytes, or with a K/M/G suffix; a multiple of 2 MiB).
-        #[arg(long, default_value = "64M")]
-        mem: String,
-        /// An argument string handed to the guest program.
-        #[arg(long, default_value = "")]
-        guest_args: String,
-        /// Record every input the guest sees to this log file (replay it with `replay`).
-        #[arg(long, value_name = "FILE")]
-        record: Option<std::path::PathBuf>,
-        /// With --record: log a blake3 digest of guest memory every N boundaries (0: only at
-        /// the end).
-        #[arg(long, value_name = "N", default_value_t = 1000)]
-        digest_every: u64,
-    },
+    /// The guest's console goes to stdout. Every option can also come from a TOML config file
+    /// (--config) with the same names (guest, mem, guest_args, disk, disk_size, tap, mac, ip,
+    /// gateway, rng); options on the command line win. The exit status is the guest's status
+    /// (0-63; 64 if larger), 65 for a bad image, size or configuration, 70 if the guest
+    /// crashed, 71 for a VMM failure, 128+N if signal N stopped the node.
+    Run(RunArgs),
     /// Replay a recorded log against a guest and check that it runs identically.
     ///
     /// The console goes to stdout as in the recorded run, and a one-line summary to stderr.
-    /// The exit status is the guest's, as for `run`; 69 if the replay diverged (the report
-    /// names the first boundary that differs and what differs); 66 if the log is malformed,
-    /// truncated, or was recorded from a different guest image or memory size.
+    /// Transmitted frames are dropped. The exit status is the guest's, as for `run`; 69 if the
+    /// replay diverged (the report names the first boundary that differs and what differs);
+    /// 66 if the log is malformed, truncated, or was recorded from a different guest image,
+    /// memory size or machine.
     Replay {
         /// The guest the log was recorded from: a bundled name or a path.
         #[arg(long)]
         guest: String,
         /// The log file.
         #[arg(long, value_name = "FILE")]
-        log: std::path::PathBuf,
+        log: PathBuf,
         /// Guest memory size; defaults to the recorded one (a different size is refused).
         #[arg(long)]
         mem: Option<String>,
+        /// A copy of the disk image as it was when the recording started (needed when the
+        /// recorded VM had a disk; it is written to, like the original was).
+        #[arg(long, value_name = "IMG")]
+        disk: Option<PathBuf>,
     },
     /// List the bundled guests.
     Guests,
+}
+
+#[derive(Args, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunArgs {
+    /// Run unreplicated (no backup, no witness). Required for now.
+    #[arg(long)]
+    #[serde(default)]
+    solo: bool,
+    /// Read options from this TOML file.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// A bundled guest by name (see `ftvm-node guests`) or a path to a guest ELF.
+    #[arg(long)]
+    guest: Option<String>,
+    /// Guest memory size (bytes, or with a K/M/G suffix; a multiple of 2 MiB). Default 64M.
+    #[arg(long)]
+    mem: Option<String>,
+    /// An argument string handed to the guest program.
+    #[arg(long)]
+    guest_args: Option<String>,
+    /// The raw disk image for the VM's virtio-blk disk (created if missing).
+    #[arg(long, value_name = "IMG")]
+    disk: Option<PathBuf>,
+    /// Size of the disk image when it is created (default 64M).
+    #[arg(long, value_name = "SIZE")]
+    disk_size: Option<String>,
+    /// The TAP device for the VM's virtio-net NIC (created if missing).
+    #[arg(long)]
+    tap: Option<String>,
+    /// The NIC's MAC address.
+    #[arg(long)]
+    mac: Option<String>,
+    /// The guest's IPv4 address and prefix, e.g. 10.0.0.2/24.
+    #[arg(long, value_name = "ADDR/PREFIX")]
+    ip: Option<String>,
+    /// The guest's default gateway.
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// Give the VM a virtio-rng device.
+    #[arg(long)]
+    #[serde(default)]
+    rng: bool,
+    /// Record every input the guest sees to this log file (replay it with `replay`).
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    record: Option<PathBuf>,
+    /// With --record: log a blake3 digest of guest memory every N boundaries (0: only at the
+    /// end).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    #[serde(skip)]
+    digest_every: u64,
+}
+
+impl RunArgs {
+    /// Fills what the command line left out from the config file.
+    fn merge(mut self, file: RunArgs) -> RunArgs {
+        self.solo |= file.solo;
+        self.guest = self.guest.or(file.guest);
+        self.mem = self.mem.or(file.mem);
+        self.guest_args = self.guest_args.or(file.guest_args);
+        self.disk = self.disk.or(file.disk);
+        self.disk_size = self.disk_size.or(file.disk_size);
+        self.tap = self.tap.or(file.tap);
+        self.mac = self.mac.or(file.mac);
+        self.ip = self.ip.or(file.ip);
+        self.gateway = self.gateway.or(file.gateway);
+        self.rng |= file.rng;
+        self
+    }
 }
 
 fn main() -> ExitCode {
@@ -87,19 +148,14 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Run {
-            solo: _,
-            guest,
-            mem,
-            guest_args,
-            record,
-            digest_every,
-        } => {
-            let rec = record.map(|path| vmm::solo::RecordOptions { path, digest_every });
-            run(&guest, &mem, guest_args, rec)
-        }
-        Command::Replay { guest, log, mem } => replay(&guest, &log, mem.as_deref()),
+        Command::Run(args) => run(args),
+        Command::Replay { guest, log, mem, disk } => replay(&guest, &log, mem.as_deref(), disk),
     }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ftvm-node: {msg}");
+    ExitCode::from(code)
 }
 
 fn summary(what: &str, s: &vmm::solo::RunSummary) {
@@ -114,7 +170,128 @@ fn summary(what: &str, s: &vmm::solo::RunSummary) {
     );
 }
 
-fn replay(guest: &str, log: &std::path::Path, mem: Option<&str>) -> ExitCode {
+/// The validated pieces of a `run`.
+struct Plan {
+    image: vmm::guests::GuestImage,
+    mem_size: u64,
+    args: String,
+    devices: DeviceSpec,
+    disk: Option<DiskOptions>,
+    tap: Option<String>,
+}
+
+fn plan(a: RunArgs) -> Result<Plan, String> {
+    let a = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+            let file: RunArgs = toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+            a.merge(file)
+        }
+        None => a,
+    };
+    if !a.solo {
+        return Err("only --solo runs exist yet (replicated pairs are the next step)".into());
+    }
+    let guest = a.guest.ok_or("--guest is required (a bundled name or an ELF path)")?;
+    let mem_size = vmm::solo::parse_size(a.mem.as_deref().unwrap_or("64M")).map_err(|e| format!("--mem: {e}"))?;
+    vmm::kvm::boot::check_mem_size(mem_size).map_err(|e| format!("--mem: {e}"))?;
+    let image = vmm::guests::resolve(&guest)?;
+    let net = match (&a.tap, &a.mac, &a.ip) {
+        (None, None, None) => {
+            if a.gateway.is_some() {
+                return Err("--gateway needs --tap, --mac and --ip".into());
+            }
+            None
+        }
+        (Some(_), Some(mac), Some(ip)) => {
+            let (ip, prefix) = parse_cidr(ip).map_err(|e| format!("--ip: {e}"))?;
+            let gateway = match &a.gateway {
+                Some(g) => Some(g.parse().map_err(|_| format!("--gateway: invalid IPv4 address {g:?}"))?),
+                None => None,
+            };
+            Some(NetSpec {
+                mac: parse_mac(mac).map_err(|e| format!("--mac: {e}"))?,
+                ip,
+                prefix,
+                gateway,
+            })
+        }
+        _ => return Err("a NIC needs all of --tap, --mac and --ip".into()),
+    };
+    let disk = match a.disk {
+        Some(path) => Some(DiskOptions {
+            path,
+            create_size: vmm::solo::parse_size(a.disk_size.as_deref().unwrap_or("64M"))
+                .map_err(|e| format!("--disk-size: {e}"))?,
+        }),
+        None if a.disk_size.is_some() => return Err("--disk-size needs --disk".into()),
+        None => None,
+    };
+    Ok(Plan {
+        image,
+        mem_size,
+        args: a.guest_args.unwrap_or_default(),
+        devices: DeviceSpec {
+            net,
+            disk_sectors: None,
+            rng: a.rng,
+        },
+        disk,
+        tap: a.tap,
+    })
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    let record = a.record.clone().map(|path| RecordOptions {
+        path,
+        digest_every: a.digest_every,
+    });
+    let mut p = match plan(a) {
+        Ok(p) => p,
+        Err(e) => return fail(65, e),
+    };
+    let stop = match vmm::signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
+    };
+    let mut host = HostResources::default();
+    if let Some(d) = &p.disk {
+        match vmm::solo::open_disk(d) {
+            Ok((f, sectors)) => {
+                p.devices.disk_sectors = Some(sectors);
+                host.disk = Some((f, sectors));
+            }
+            Err(e) => return fail(65, e),
+        }
+    }
+    if let Some(t) = &p.tap {
+        match vmm::solo::open_tap(t) {
+            Ok(tap) => host.tap = Some(tap),
+            Err(e) => return fail(65, e),
+        }
+    }
+    let setup = VmSetup {
+        image: &p.image.bytes,
+        mem_size: p.mem_size,
+        args: p.args.clone(),
+        devices: p.devices.clone(),
+    };
+    match vmm::solo::run_live(&setup, host, stop, record.as_ref(), Box::new(vmm::solo::StdoutConsole)) {
+        Ok(s) => {
+            if record.is_some() {
+                summary("record", &s);
+            }
+            exit_for(s.outcome)
+        }
+        Err(e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. })) => {
+            fail(65, format!("{}: {e}", p.image.label))
+        }
+        Err(e @ (VmmError::Config(_) | VmmError::Disk { .. } | VmmError::Tap { .. })) => fail(65, e),
+        Err(e) => fail(71, e),
+    }
+}
+
+fn replay(guest: &str, log: &std::path::Path, mem: Option<&str>, disk: Option<PathBuf>) -> ExitCode {
     let mem_size = match mem.map(vmm::solo::parse_size) {
         None => None,
         Some(Ok(s)) => Some(s),
@@ -132,70 +309,23 @@ fn replay(guest: &str, log: &std::path::Path, mem: Option<&str>) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
     };
-    match vmm::solo::replay(&image.bytes, &bytes, mem_size, None, stop, Box::new(vmm::solo::StdoutConsole)) {
+    let console = Box::new(vmm::solo::StdoutConsole);
+    match vmm::solo::replay(&image.bytes, &bytes, mem_size, disk.as_deref(), stop, console) {
         Ok(s) => {
             summary("replay: identical", &s);
             exit_for(s.outcome)
         }
-        Err(VmmError::Input(InputError::Divergence { boundary, what })) => fail(
-            69,
-            format!("replay diverged at boundary {boundary}: {what}"),
-        ),
-        Err(VmmError::Input(InputError::Log(e))) => fail(66, format!("{}: {e}", log.display())),
-        Err(e) => fail(71, e),
-    }
-}
-
-fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("ftvm-node: {msg}");
-    ExitCode::from(code)
-}
-
-fn run(guest: &str, mem: &str, args: String, record: Option<vmm::solo::RecordOptions>) -> ExitCode {
-    let mem_size = match vmm::solo::parse_size(mem) {
-        Ok(s) => s,
-        Err(e) => return fail(65, format!("--mem: {e}")),
-    };
-    if let Err(e) = vmm::kvm::boot::check_mem_size(mem_size) {
-        return fail(65, format!("--mem: {e}"));
-    }
-    let image = match vmm::guests::resolve(guest) {
-        Ok(i) => i,
-        Err(e) => return fail(65, e),
-    };
-    let stop = match vmm::signals::install() {
-        Ok(s) => s,
-        Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
-    };
-    let params = BootParams {
-        args,
-        ..Default::default()
-    };
-    let result = match &record {
-        None => vmm::solo::run_solo(&image.bytes, mem_size, &params, stop),
-        Some(opts) => vmm::solo::run_recorded(
-            &image.bytes,
-            mem_size,
-            &params,
-            stop,
-            opts,
-            Box::new(vmm::solo::StdoutConsole),
-        )
-        .map(|s| {
-            summary("record", &s);
-            s.outcome
-        }),
-    };
-    match result {
-        Ok(outcome) => exit_for(outcome),
-        Err(e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. })) => {
-            fail(65, format!("{}: {e}", image.label))
+        Err(VmmError::Input(InputError::Divergence { boundary, what })) => {
+            fail(69, format!("replay diverged at boundary {boundary}: {what}"))
         }
+        Err(VmmError::Input(InputError::Log(e))) => fail(66, format!("{}: {e}", log.display())),
+        Err(e @ (VmmError::Disk { .. } | VmmError::Config(_))) => fail(66, e),
         Err(e) => fail(71, e),
     }
 }
 
-fn exit_for(outcome: Outcome) -> ExitCode {
+fn exit_for(outcome: vmm::machine::Outcome) -> ExitCode {
+    use vmm::machine::Outcome;
     match outcome {
         Outcome::Exited { status } if status < 64 => ExitCode::from(status as u8),
         Outcome::Exited { status } => fail(64, format!("guest exited with status {status}")),
