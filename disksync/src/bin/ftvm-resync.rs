@@ -438,14 +438,13 @@ fn print_summary(s: &Summary) {
 
 /// Progress display: an indicatif bar on a terminal, plain periodic lines otherwise.
 struct Progress {
-    stop: Arc<AtomicBool>,
+    stop: std::sync::mpsc::Sender<()>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Progress {
     fn start(stats: Arc<Stats>, what: &'static str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let tty = std::io::stderr().is_terminal();
         let handle = std::thread::spawn(move || {
             let t0 = Instant::now();
@@ -461,8 +460,10 @@ impl Progress {
                 b
             });
             let mut last_line = Instant::now();
-            while !stop2.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
+            // Wakes every 100 ms, and at once when stopped.
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_millis(100))
+            {
                 let g = Stats::get;
                 let (hashed, to_hash) = (g(&stats.bytes_hashed), g(&stats.bytes_to_hash));
                 let (sent, to_send) = (g(&stats.blocks_sent), g(&stats.blocks_to_send));
@@ -505,7 +506,7 @@ impl Progress {
     }
 
     fn stop(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(());
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
