@@ -2,3 +2,4 @@
 //! ([`netns`]), and (later) locating the built binaries.
 
 pub mod netns;
+pub mod node;
