@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The bundled guests: binaries of the guest workspace.
-const GUESTS: &[&str] = &["selftest", "crash", "hostile", "spin", "exitbench", "clockwork", "kv"];
+const GUESTS: &[&str] = &["selftest", "crash", "hostile", "spin", "exitbench", "clockwork", "kv", "badvirtio"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));

@@ -68,7 +68,7 @@ pub fn available(queue: &Queue, mem: &GuestMemory) -> usize {
         return 0;
     }
     match queue.avail_idx(mem.mmap(), std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) => usize::from((idx - std::num::Wrapping(queue.next_avail())).0),
+        Ok(idx) => usize::from((idx - std::num::Wrapping(queue.next_avail())).0).min(usize::from(queue.size())),
         Err(_) => 0,
     }
 }
