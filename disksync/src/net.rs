@@ -51,13 +51,22 @@ pub fn server_endpoint(listen: SocketAddr, tls_dir: &Path, node: &str) -> Result
     Endpoint::server(cfg, listen).map_err(|e| Error::io("bind", listen.to_string(), e))
 }
 
-/// A client endpoint for the resync service, identity `node` from `tls_dir`.
+/// A client endpoint (IPv4) for the resync service, identity `node` from `tls_dir`.
 pub fn client_endpoint(tls_dir: &Path, node: &str) -> Result<Endpoint> {
+    client_endpoint_for("0.0.0.0:0".parse().unwrap(), tls_dir, node)
+}
+
+/// A client endpoint able to reach `remote` (bound to the unspecified address of its family).
+pub fn client_endpoint_for(remote: SocketAddr, tls_dir: &Path, node: &str) -> Result<Endpoint> {
     let id = identity(tls_dir, node)?;
     let mut cfg = ftvm_tls::client_config(&id, ALPN, &Default::default()).map_err(tls_err)?;
     cfg.transport_config(Arc::new(transport()?));
-    let bind: SocketAddr = "0.0.0.0:0".parse().unwrap();
-    let mut ep = Endpoint::client(bind).map_err(|e| Error::io("bind", "0.0.0.0:0", e))?;
+    let bind: SocketAddr = if remote.is_ipv6() {
+        "[::]:0".parse().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    };
+    let mut ep = Endpoint::client(bind).map_err(|e| Error::io("bind", bind.to_string(), e))?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
@@ -154,7 +163,7 @@ pub async fn pull(
     opts: &PullOptions,
     stats: Arc<Stats>,
 ) -> Result<Summary> {
-    let ep = client_endpoint(tls_dir, node)?;
+    let ep = client_endpoint_for(addr, tls_dir, node)?;
     let conn = connect(&ep, addr, server_name).await?;
     let r = pull_connection(&conn, target, opts, &stats).await;
     if r.is_err() {
