@@ -604,3 +604,78 @@ fn library_sessions_return_leaves_for_the_next_generation() {
     assert_eq!(b.record.count(), 0);
     assert_eq!(b.record.generation(), 2);
 }
+
+/// Flow control: a receiver that stops reading never makes the source buffer the disk. A raw
+/// client asks for every block of a 192 MiB disk, reads one, then stops reading for a second;
+/// the serving process's anonymous memory stays far below the disk size meanwhile (its reads
+/// wait for QUIC flow-control credit). Then everything is read and checked.
+#[test]
+fn slow_receiver_does_not_make_the_source_buffer_the_disk() {
+    use disksync::proto::{expect_msg, write_msg, Msg};
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs(&dir.path().join("tls"), &[]);
+    let mut rng = Rng::new(31);
+    let src = dir.path().join("a.img");
+    let size: u64 = 192 << 20;
+    random_image(&src, size, &mut rng);
+    let data = std::fs::read(&src).unwrap();
+    let server = Server::start(&src, &tls, &[]);
+    let pid = server.child.id();
+    let rss_anon_kib = || -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let l = s.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+        l.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let max_kib = rt.block_on(async {
+        let ep = disksync::net::client_endpoint(&tls, "client").unwrap();
+        let conn = disksync::net::connect(&ep, server.addr, "server")
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let hello = Msg::Hello {
+            version: disksync::proto::VERSION,
+            block_size: 65536,
+            fast: None,
+        };
+        write_msg(&mut send, &hello).await.unwrap();
+        assert!(matches!(
+            expect_msg(&mut recv, "Info").await.unwrap(),
+            Msg::Info { disk_size, .. } if disk_size == size
+        ));
+        let n = size / 65536;
+        let runs = vec![(0u64, n as u32)];
+        write_msg(&mut send, &Msg::GetBlocks { runs })
+            .await
+            .unwrap();
+        let mut check = |m: Msg, want: u64| match m {
+            Msg::Block { index, data: d } => {
+                assert_eq!(index, want);
+                let off = (index * 65536) as usize;
+                assert_eq!(d, &data[off..off + 65536]);
+            }
+            m => panic!("expected a block, got {}", m.name()),
+        };
+        check(expect_msg(&mut recv, "Block").await.unwrap(), 0);
+        // Stop reading: observe the source for a second.
+        let mut max = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            max = max.max(rss_anon_kib());
+        }
+        for i in 1..n {
+            check(expect_msg(&mut recv, "Block").await.unwrap(), i);
+        }
+        let _ = send.finish();
+        conn.close(0u32.into(), b"");
+        max
+    });
+    eprintln!("source RssAnon while the receiver stalled: at most {max_kib} KiB");
+    assert!(
+        max_kib < 80 * 1024,
+        "the source buffered {max_kib} KiB for a 192 MiB disk"
+    );
+}
