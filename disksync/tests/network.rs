@@ -651,7 +651,7 @@ fn slow_receiver_does_not_make_the_source_buffer_the_disk() {
         write_msg(&mut send, &Msg::GetBlocks { runs })
             .await
             .unwrap();
-        let mut check = |m: Msg, want: u64| match m {
+        let check = |m: Msg, want: u64| match m {
             Msg::Block { index, data: d } => {
                 assert_eq!(index, want);
                 let off = (index * 65536) as usize;
