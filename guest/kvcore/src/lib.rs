@@ -46,12 +46,14 @@
 #![no_std]
 #![warn(missing_docs)]
 extern crate alloc;
-#[cfg(test)]
+#[cfg(any(test, feature = "host"))]
 extern crate std;
 
 pub mod aof;
 pub mod commands;
 pub mod conn;
+#[cfg(feature = "host")]
+pub mod host;
 mod crc;
 pub mod resp;
 pub mod store;

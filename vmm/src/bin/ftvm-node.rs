@@ -281,6 +281,9 @@ fn run(a: RunArgs) -> ExitCode {
             if record.is_some() {
                 summary("record", &s);
             }
+            if let vmm::machine::Outcome::Stopped { .. } = s.outcome {
+                eprintln!("ftvm-node: the VM passed {} boundaries", s.boundaries);
+            }
             exit_for(s.outcome)
         }
         Err(e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. })) => {
