@@ -19,6 +19,9 @@ pub enum Error {
     /// Another process holds the disk (an advisory lock conflicts).
     #[error("disk {0} is in use by another process (advisory lock held); stop it or let ftvm-node coordinate the resync")]
     Locked(PathBuf),
+    /// Another process has the disk open for writing (without taking the lock).
+    #[error("disk {path} is in use: open for writing by process(es) {pids:?}")]
+    OpenForWriting { path: PathBuf, pids: Vec<u32> },
     /// Source and target differ in size and resizing was not allowed.
     #[error("size mismatch: source is {source_size} bytes, target is {target_size} bytes (pass --resize to change the target)")]
     SizeMismatch { source_size: u64, target_size: u64 },

@@ -4,8 +4,12 @@
 //! `pull`) holds it exclusively; a `serve` (read-only) holds it shared. A process that finds
 //! the lock taken is refused at once instead of waiting. The lock lives as long as the
 //! [`DiskLock`] (it is released when its file is closed, also when the process dies).
+//!
+//! Tools that do not take the lock are caught too where possible: after locking, `/proc` is
+//! searched for other processes that have the image open for writing ([`open_for_writing`]).
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -29,7 +33,7 @@ impl DiskLock {
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
         match file.try_lock() {
-            Ok(()) => Ok(Self {
+            Ok(()) => Self::no_other_writer(Self {
                 file,
                 path: path.to_owned(),
                 exclusive: true,
@@ -45,13 +49,25 @@ impl DiskLock {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         match file.try_lock_shared() {
-            Ok(()) => Ok(Self {
+            Ok(()) => Self::no_other_writer(Self {
                 file,
                 path: path.to_owned(),
                 exclusive: false,
             }),
             Err(TryLockError::WouldBlock) => Err(Error::Locked(path.to_owned())),
             Err(TryLockError::Error(e)) => Err(Error::io("lock", path, e)),
+        }
+    }
+
+    fn no_other_writer(self) -> Result<Self> {
+        let pids = open_for_writing(&self.path);
+        if pids.is_empty() {
+            Ok(self)
+        } else {
+            Err(Error::OpenForWriting {
+                path: self.path.clone(),
+                pids,
+            })
         }
     }
 
@@ -69,6 +85,52 @@ impl DiskLock {
     pub fn is_exclusive(&self) -> bool {
         self.exclusive
     }
+}
+
+/// Other processes that have the file at `path` open for writing, found through
+/// `/proc/PID/fd` and `/proc/PID/fdinfo` (processes whose entries cannot be read are skipped;
+/// this process is never listed).
+pub fn open_for_writing(path: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(meta) = std::fs::metadata(path) else {
+        return out;
+    };
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // metadata() follows the fd link to the open file itself.
+            match std::fs::metadata(fd.path()) {
+                Ok(m) if m.dev() == dev && m.ino() == ino => {}
+                _ => continue,
+            }
+            let info = std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name()))
+                .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                .unwrap_or(0);
+            if flags & 0o3 != 0 {
+                // O_WRONLY or O_RDWR
+                out.push(pid);
+                break;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -92,5 +154,41 @@ mod tests {
         drop(r1);
         drop(_r2);
         assert!(DiskLock::exclusive(&p).unwrap().is_exclusive());
+    }
+
+    #[test]
+    fn writers_without_the_lock_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        std::fs::write(&p, b"x").unwrap();
+        assert!(open_for_writing(&p).is_empty());
+        // Another process writing the file without taking the lock.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3>>'{}'; echo ready; read _", p.display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        assert_eq!(open_for_writing(&p), vec![child.id()]);
+        assert!(matches!(
+            DiskLock::shared(&p),
+            Err(Error::OpenForWriting { .. })
+        ));
+        assert!(matches!(
+            DiskLock::exclusive(&p),
+            Err(Error::OpenForWriting { .. })
+        ));
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert!(open_for_writing(&p).is_empty());
+        assert!(DiskLock::exclusive(&p).is_ok());
     }
 }
