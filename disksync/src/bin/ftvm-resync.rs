@@ -304,14 +304,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     _ => return Err(e),
                 },
             };
-            let geo = Geometry::new(0, remote.block_size)?;
+            let size = lock.file().metadata()?.len();
+            let geo = Geometry::new(size, remote.block_size)?;
             for &(s, n) in &summary.differing_runs {
                 println!(
                     "differ: blocks {}..{} (bytes {}..{})",
                     s,
                     s + n,
                     s * geo.block_size as u64,
-                    (s + n) * geo.block_size as u64
+                    ((s + n) * geo.block_size as u64).min(size)
                 );
             }
             print_summary(&summary);
