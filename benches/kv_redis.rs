@@ -14,11 +14,26 @@ use anyhow::{bail, Context, Result};
 use ftvm_tests::netns::{Host, Lab};
 use ftvm_tests::node::{in_netns, RunningNode};
 
-fn redis_benchmark(client: &Host, ip: std::net::Ipv4Addr, test: &str, n: u32, pipeline: u32) -> Result<f64> {
+fn redis_benchmark(
+    client: &Host,
+    ip: std::net::Ipv4Addr,
+    test: &str,
+    n: u32,
+    pipeline: u32,
+) -> Result<f64> {
     let o = client
         .ns
         .command("redis-benchmark")
-        .args(["-h", &ip.to_string(), "-c", "50", "-n", &n.to_string(), "-P", &pipeline.to_string()])
+        .args([
+            "-h",
+            &ip.to_string(),
+            "-c",
+            "50",
+            "-n",
+            &n.to_string(),
+            "-P",
+            &pipeline.to_string(),
+        ])
         .args(["-t", test, "--csv"])
         .output()
         .context("redis-benchmark")?;
@@ -29,7 +44,10 @@ fn redis_benchmark(client: &Host, ip: std::net::Ipv4Addr, test: &str, n: u32, pi
             return Ok(f[1].parse()?);
         }
     }
-    bail!("no result for {test} in {out:?} {}", String::from_utf8_lossy(&o.stderr))
+    bail!(
+        "no result for {test} in {out:?} {}",
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Makes sure the `ftvm-node` next to this benchmark is current (`cargo bench` builds only
@@ -37,7 +55,16 @@ fn redis_benchmark(client: &Host, ip: std::net::Ipv4Addr, test: &str, n: u32, pi
 fn build_node() -> Result<()> {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let st = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "vmm", "--bin", "ftvm-node", "--manifest-path", manifest])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vmm",
+            "--bin",
+            "ftvm-node",
+            "--manifest-path",
+            manifest,
+        ])
         .status()?;
     if !st.success() {
         bail!("building ftvm-node failed");
@@ -52,11 +79,21 @@ fn main() -> Result<()> {
     let node = lab.add_node("node")?;
     let client = lab.add_host("client")?;
     let dir = tempfile::tempdir()?;
-    let cases = [("set", 1, 20_000), ("get", 1, 20_000), ("set", 16, 200_000), ("get", 16, 200_000)];
+    let cases = [
+        ("set", 1, 20_000),
+        ("get", 1, 20_000),
+        ("set", 16, 200_000),
+        ("get", 16, 200_000),
+    ];
 
     // Baseline: kvcore natively, on the node's own address.
     let disk_path = dir.path().join("native.img");
-    let disk = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&disk_path)?;
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&disk_path)?;
     disk.set_len(64 << 20)?;
     let stop = Arc::new(AtomicBool::new(false));
     let addr = std::net::SocketAddr::from((node.ip, 6379));
@@ -69,10 +106,15 @@ fn main() -> Result<()> {
         native.push(redis_benchmark(&client, node.ip, t, n, p)?);
     }
     stop.store(true, Ordering::Relaxed);
-    server.join().map_err(|_| anyhow::anyhow!("native server panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("native server panicked"))??;
 
     println!("kv under redis-benchmark, 50 clients; baseline: the same engine natively in the node's namespace");
-    println!("{:<10} {:>12} {:>12} {:>8} {:>14}", "test", "VM req/s", "native req/s", "ratio", "exits/request");
+    println!(
+        "{:<10} {:>12} {:>12} {:>8} {:>14}",
+        "test", "VM req/s", "native req/s", "ratio", "exits/request"
+    );
     for ((t, p, n), base) in cases.into_iter().zip(native) {
         let disk = dir.path().join(format!("vm-{t}-{p}.img"));
         let mut vm = RunningNode::kv(&node, &disk, &[])?;

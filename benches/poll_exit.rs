@@ -48,7 +48,10 @@ fn measure(kind: &str, n: u64) -> anyhow::Result<u64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let n: u64 = std::env::var("EXITS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let n: u64 = std::env::var("EXITS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     println!("exit cost under KVM, {n} exits per kind (guest-side clock)");
     let base = measure("magic", n)?;
     let base_rate = n as f64 / (base as f64 / 1e9);

@@ -58,10 +58,24 @@ fn main() -> anyhow::Result<()> {
             digest_every: 1000,
         };
         let rec_out = Capture::default();
-        let rec = vmm::solo::run_recorded(image, mem, &params, stop.clone(), &opts, Box::new(rec_out.clone()))?;
+        let rec = vmm::solo::run_recorded(
+            image,
+            mem,
+            &params,
+            stop.clone(),
+            &opts,
+            Box::new(rec_out.clone()),
+        )?;
         let bytes = std::fs::read(&log)?;
         let rep_out = Capture::default();
-        let rep = vmm::solo::replay(image, &bytes, None, None, stop.clone(), Box::new(rep_out.clone()))?;
+        let rep = vmm::solo::replay(
+            image,
+            &bytes,
+            None,
+            None,
+            stop.clone(),
+            Box::new(rep_out.clone()),
+        )?;
         anyhow::ensure!(
             *rec_out.0.lock().unwrap() == *rep_out.0.lock().unwrap(),
             "{guest}: replay console differs"
@@ -81,7 +95,10 @@ fn main() -> anyhow::Result<()> {
         );
         println!(
             "{:<22} replay speed {:.2}x recording; {} events, {} digests",
-            "", rs / ps, rec.log.events, rec.log.digests
+            "",
+            rs / ps,
+            rec.log.events,
+            rec.log.digests
         );
     }
     Ok(())

@@ -4,7 +4,12 @@ fn main() {
     let script = std::path::Path::new(&dir).join("../link.ld");
     println!("cargo:rerun-if-changed={}", script.display());
     println!("cargo:rustc-link-arg-bins=-T{}", script.display());
-    for arg in ["-nostartfiles", "-nostdlib", "-static", "-Wl,--build-id=none"] {
+    for arg in [
+        "-nostartfiles",
+        "-nostdlib",
+        "-static",
+        "-Wl,--build-id=none",
+    ] {
         println!("cargo:rustc-link-arg-bins={arg}");
     }
 }

@@ -9,7 +9,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The bundled guests: binaries of the guest workspace.
-const GUESTS: &[&str] = &["selftest", "crash", "hostile", "spin", "exitbench", "clockwork", "kv", "badvirtio"];
+const GUESTS: &[&str] = &[
+    "selftest",
+    "crash",
+    "hostile",
+    "spin",
+    "exitbench",
+    "clockwork",
+    "kv",
+    "badvirtio",
+];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -49,14 +58,22 @@ fn main() {
         cmd.env_remove(var);
     }
     let status = cmd.status().expect("run cargo for the guest workspace");
-    assert!(status.success(), "building the guest workspace (guest/) failed");
+    assert!(
+        status.success(),
+        "building the guest workspace (guest/) failed"
+    );
     let bin_dir = guest_target.join("x86_64-unknown-linux-gnu/release");
-    let mut gen = String::from("/// Bundled guest images: (name, ELF bytes).\npub static BUNDLED: &[(&str, &[u8])] = &[\n");
+    let mut gen = String::from(
+        "/// Bundled guest images: (name, ELF bytes).\npub static BUNDLED: &[(&str, &[u8])] = &[\n",
+    );
     for g in GUESTS {
         let src = bin_dir.join(g);
         let dst = out.join(format!("{g}.elf"));
         std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
-        gen.push_str(&format!("    ({g:?}, include_bytes!({:?})),\n", dst.display().to_string()));
+        gen.push_str(&format!(
+            "    ({g:?}, include_bytes!({:?})),\n",
+            dst.display().to_string()
+        ));
     }
     gen.push_str("];\n");
     std::fs::write(out.join("guests.rs"), gen).expect("write guests.rs");

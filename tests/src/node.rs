@@ -23,12 +23,19 @@ pub fn node_binary() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("ftvm-node not found next to {} (cargo build --workspace first, or set FTVM_NODE)", exe.display())
+    bail!(
+        "ftvm-node not found next to {} (cargo build --workspace first, or set FTVM_NODE)",
+        exe.display()
+    )
 }
 
 /// Fails loudly when KVM is unusable: these tests need it, and CI has it.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         panic!("\n*** this test needs /dev/kvm (read/write) and cannot run here: {e} ***\n");
     }
 }
@@ -143,7 +150,11 @@ impl RunningNode {
         for l in self.lines.try_iter() {
             self.console.push(l);
         }
-        let err = self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let err = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
         Ok((status, err))
     }
 
@@ -169,7 +180,8 @@ impl Drop for RunningNode {
 pub fn redis_cli(ns: &Netns, addr: Ipv4Addr, args: &[&str]) -> Result<Output> {
     let mut cmd: Command = ns.command("redis-cli");
     cmd.arg("-h").arg(addr.to_string()).args(args);
-    cmd.output().context("running redis-cli (is redis-tools installed? scripts/setup)")
+    cmd.output()
+        .context("running redis-cli (is redis-tools installed? scripts/setup)")
 }
 
 /// `redis-cli` output as trimmed text, failing on a non-zero exit.
@@ -182,7 +194,10 @@ pub fn redis_text(ns: &Netns, addr: Ipv4Addr, args: &[&str]) -> Result<String> {
 }
 
 /// Runs `f` on a thread inside the network namespace `ns` (for raw sockets from the test).
-pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     let path = format!("/run/netns/{}", ns.name());
     let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
     let h = std::thread::spawn(move || {
@@ -193,5 +208,6 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
         assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         f()
     });
-    h.join().map_err(|_| anyhow::anyhow!("the thread in {path} panicked"))
+    h.join()
+        .map_err(|_| anyhow::anyhow!("the thread in {path} panicked"))
 }

@@ -39,25 +39,45 @@ fn redis_cli_set_get_round_trips() {
     let _n = start(&node, &dir.path().join("disk.img"), &[]);
     let ip = gip(&node);
     assert_eq!(redis_text(&client.ns, ip, &["PING"]).unwrap(), "PONG");
-    assert_eq!(redis_text(&client.ns, ip, &["SET", "greeting", "hello world"]).unwrap(), "OK");
-    assert_eq!(redis_text(&client.ns, ip, &["GET", "greeting"]).unwrap(), "hello world");
+    assert_eq!(
+        redis_text(&client.ns, ip, &["SET", "greeting", "hello world"]).unwrap(),
+        "OK"
+    );
+    assert_eq!(
+        redis_text(&client.ns, ip, &["GET", "greeting"]).unwrap(),
+        "hello world"
+    );
     assert_eq!(redis_text(&client.ns, ip, &["INCR", "n"]).unwrap(), "1");
     assert_eq!(redis_text(&client.ns, ip, &["INCR", "n"]).unwrap(), "2");
-    assert_eq!(redis_text(&client.ns, ip, &["EXISTS", "greeting", "nope"]).unwrap(), "1");
+    assert_eq!(
+        redis_text(&client.ns, ip, &["EXISTS", "greeting", "nope"]).unwrap(),
+        "1"
+    );
     assert_eq!(redis_text(&client.ns, ip, &["DBSIZE"]).unwrap(), "2");
-    assert!(redis_text(&client.ns, ip, &["GET", "missing"]).unwrap().is_empty());
+    assert!(redis_text(&client.ns, ip, &["GET", "missing"])
+        .unwrap()
+        .is_empty());
     let err = redis_text(&client.ns, ip, &["NOSUCHCOMMAND", "x"]).unwrap();
     assert!(err.contains("ERR unknown command"), "{err}");
 }
 
 fn benchmark(client: &Host, ip: Ipv4Addr, extra: &[&str]) -> String {
     let mut cmd = client.ns.command("redis-benchmark");
-    cmd.args(["-h", &ip.to_string(), "-q", "-n", "2000"]).args(extra);
-    let o = cmd.output().expect("redis-benchmark (scripts/setup installs redis-tools)");
+    cmd.args(["-h", &ip.to_string(), "-q", "-n", "2000"])
+        .args(extra);
+    let o = cmd
+        .output()
+        .expect("redis-benchmark (scripts/setup installs redis-tools)");
     let out = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "redis-benchmark {extra:?} failed: {err}\n{out}");
-    assert!(!out.to_lowercase().contains("error") && !err.to_lowercase().contains("error"), "{out}{err}");
+    assert!(
+        o.status.success(),
+        "redis-benchmark {extra:?} failed: {err}\n{out}"
+    );
+    assert!(
+        !out.to_lowercase().contains("error") && !err.to_lowercase().contains("error"),
+        "{out}{err}"
+    );
     out
 }
 
@@ -68,14 +88,35 @@ fn redis_benchmark_default_suite_has_no_errors() {
     let _n = start(&node, &dir.path().join("disk.img"), &[]);
     for extra in [&[][..], &["-P", "16"][..]] {
         let out = benchmark(&client, gip(&node), extra);
-        let done: Vec<&str> = out.lines().filter(|l| l.contains("requests per second")).collect();
+        let done: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("requests per second"))
+            .collect();
         for t in [
-            "PING_INLINE", "PING_MBULK", "SET", "GET", "INCR", "LPUSH", "RPUSH", "LPOP", "RPOP",
-            "SADD", "HSET", "SPOP", "ZADD", "ZPOPMIN", "LRANGE_100", "LRANGE_300", "LRANGE_500",
-            "LRANGE_600", "MSET",
+            "PING_INLINE",
+            "PING_MBULK",
+            "SET",
+            "GET",
+            "INCR",
+            "LPUSH",
+            "RPUSH",
+            "LPOP",
+            "RPOP",
+            "SADD",
+            "HSET",
+            "SPOP",
+            "ZADD",
+            "ZPOPMIN",
+            "LRANGE_100",
+            "LRANGE_300",
+            "LRANGE_500",
+            "LRANGE_600",
+            "MSET",
         ] {
             assert!(
-                done.iter().any(|l| l.trim_start().starts_with(&format!("{t}:")) || l.trim_start().starts_with(&format!("{t} "))),
+                done.iter()
+                    .any(|l| l.trim_start().starts_with(&format!("{t}:"))
+                        || l.trim_start().starts_with(&format!("{t} "))),
                 "{t} missing from the {extra:?} run:\n{out}"
             );
         }
@@ -108,13 +149,24 @@ fn acknowledged_writes_survive_sigkill() {
     n.kill9();
 
     let n = start(&node, &disk, &[]);
-    let rec = n.console.iter().find(|l| l.contains("replayed")).cloned().unwrap_or_default();
+    let rec = n
+        .console
+        .iter()
+        .find(|l| l.contains("replayed"))
+        .cloned()
+        .unwrap_or_default();
     assert!(rec.contains("clean end of log"), "{:?}", n.console);
     for i in [0, 1, 150, 298, 299] {
-        assert_eq!(redis_text(&client.ns, ip, &["GET", &format!("key:{i}")]).unwrap(), format!("value-{i}"));
+        assert_eq!(
+            redis_text(&client.ns, ip, &["GET", &format!("key:{i}")]).unwrap(),
+            format!("value-{i}")
+        );
     }
     assert_eq!(redis_text(&client.ns, ip, &["DBSIZE"]).unwrap(), "301");
-    assert_eq!(redis_text(&client.ns, ip, &["LRANGE", "list", "0", "-1"]).unwrap(), "a\nb\nc");
+    assert_eq!(
+        redis_text(&client.ns, ip, &["LRANGE", "list", "0", "-1"]).unwrap(),
+        "a\nb\nc"
+    );
 }
 
 #[test]
@@ -125,12 +177,20 @@ fn a_corrupt_tail_is_cut_off_and_reported() {
     let n = start(&node, &disk, &[]);
     let ip = gip(&node);
     for i in 0..20 {
-        assert_eq!(redis_text(&client.ns, ip, &["SET", &format!("k{i}"), &format!("v{i}")]).unwrap(), "OK");
+        assert_eq!(
+            redis_text(&client.ns, ip, &["SET", &format!("k{i}"), &format!("v{i}")]).unwrap(),
+            "OK"
+        );
     }
     n.kill9();
     // Learn where the log ends, then damage the last record.
     let n = start(&node, &disk, &[]);
-    let line = n.console.iter().find(|l| l.contains("log ends at byte")).cloned().expect("recovery line");
+    let line = n
+        .console
+        .iter()
+        .find(|l| l.contains("log ends at byte"))
+        .cloned()
+        .expect("recovery line");
     let end: u64 = line
         .split("log ends at byte ")
         .nth(1)
@@ -142,10 +202,23 @@ fn a_corrupt_tail_is_cut_off_and_reported() {
     img[end as usize - 2] ^= 0x55;
     std::fs::write(&disk, img).unwrap();
     let n = start(&node, &disk, &[]);
-    let line = n.console.iter().find(|l| l.contains("log ends at byte")).cloned().unwrap();
-    assert!(!line.contains("clean end of log"), "the damage must be reported: {line}");
+    let line = n
+        .console
+        .iter()
+        .find(|l| l.contains("log ends at byte"))
+        .cloned()
+        .unwrap();
+    assert!(
+        !line.contains("clean end of log"),
+        "the damage must be reported: {line}"
+    );
     assert_eq!(redis_text(&client.ns, ip, &["GET", "k18"]).unwrap(), "v18");
-    assert!(redis_text(&client.ns, ip, &["GET", "k19"]).unwrap().is_empty(), "the damaged last write is gone");
+    assert!(
+        redis_text(&client.ns, ip, &["GET", "k19"])
+            .unwrap()
+            .is_empty(),
+        "the damaged last write is gone"
+    );
     assert_eq!(redis_text(&client.ns, ip, &["DBSIZE"]).unwrap(), "19");
     drop(n);
 }
@@ -176,7 +249,11 @@ fn raw_exchange(ns: &netns::Netns, addr: SocketAddr, bytes: Vec<u8>) -> (Vec<u8>
 fn garbage_and_oversized_requests_close_only_that_connection() {
     let (_lab, node, client) = lab();
     let dir = tempfile::tempdir().unwrap();
-    let _n = start(&node, &dir.path().join("disk.img"), &["--guest-args", "max-request=8192"]);
+    let _n = start(
+        &node,
+        &dir.path().join("disk.img"),
+        &["--guest-args", "max-request=8192"],
+    );
     let ip = gip(&node);
     let addr = SocketAddr::from((ip, 6379));
     // A client that stays connected throughout.
@@ -185,7 +262,9 @@ fn garbage_and_oversized_requests_close_only_that_connection() {
     })
     .unwrap();
     let mut steady = steady;
-    steady.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    steady
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let ping = |s: &mut TcpStream| {
         s.write_all(b"PING\r\n").unwrap();
         let mut b = [0u8; 7];
@@ -198,7 +277,10 @@ fn garbage_and_oversized_requests_close_only_that_connection() {
     garbage.extend((0..2000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
     let (reply, closed) = raw_exchange(&client.ns, addr, garbage);
     assert!(closed, "a malformed request closes the connection");
-    assert!(String::from_utf8_lossy(&reply).contains("-ERR Protocol error"), "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply).contains("-ERR Protocol error"),
+        "{reply:?}"
+    );
     ping(&mut steady);
 
     let mut big = b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$100000\r\n".to_vec();
@@ -206,9 +288,14 @@ fn garbage_and_oversized_requests_close_only_that_connection() {
     big.extend_from_slice(b"\r\n");
     let (reply, closed) = raw_exchange(&client.ns, addr, big);
     assert!(closed, "an oversized request closes the connection");
-    assert!(String::from_utf8_lossy(&reply).starts_with("-ERR"), "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply).starts_with("-ERR"),
+        "{reply:?}"
+    );
     ping(&mut steady);
-    assert!(redis_text(&client.ns, ip, &["GET", "big"]).unwrap().is_empty());
+    assert!(redis_text(&client.ns, ip, &["GET", "big"])
+        .unwrap()
+        .is_empty());
     let o = redis_cli(&client.ns, ip, &["SET", "small", "fits"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "OK");
 }
@@ -220,15 +307,25 @@ fn kv_records_and_replays_identically() {
     let disk = dir.path().join("disk.img");
     // Boot once to format the disk, then keep a copy of it as the replay's starting point.
     let n = start(&node, &disk, &[]);
-    assert_eq!(redis_text(&client.ns, gip(&node), &["SET", "before", "1"]).unwrap(), "OK");
+    assert_eq!(
+        redis_text(&client.ns, gip(&node), &["SET", "before", "1"]).unwrap(),
+        "OK"
+    );
     n.kill9();
     let copy = dir.path().join("disk-copy.img");
     std::fs::copy(&disk, &copy).unwrap();
     let log = dir.path().join("kv.ftlog");
-    let n = start(&node, &disk, &["--record", log.to_str().unwrap(), "--digest-every", "200"]);
+    let n = start(
+        &node,
+        &disk,
+        &["--record", log.to_str().unwrap(), "--digest-every", "200"],
+    );
     let ip = gip(&node);
     for i in 0..30 {
-        assert_eq!(redis_text(&client.ns, ip, &["SET", &format!("r{i}"), &format!("{i}")]).unwrap(), "OK");
+        assert_eq!(
+            redis_text(&client.ns, ip, &["SET", &format!("r{i}"), &format!("{i}")]).unwrap(),
+            "OK"
+        );
     }
     benchmark(&client, ip, &["-t", "set,get,lpush", "-c", "10"]);
     assert_eq!(redis_text(&client.ns, ip, &["GET", "before"]).unwrap(), "1");
@@ -236,20 +333,47 @@ fn kv_records_and_replays_identically() {
     let recorded = n.console.clone();
     let (status, err) = n.wait(Duration::from_secs(5)).unwrap();
     assert_eq!(status.code(), Some(143), "{err}");
-    let rec_bounds = err.lines().find(|l| l.starts_with("record:")).unwrap_or_else(|| panic!("{err}")).to_string();
+    let rec_bounds = err
+        .lines()
+        .find(|l| l.starts_with("record:"))
+        .unwrap_or_else(|| panic!("{err}"))
+        .to_string();
 
     let o = std::process::Command::new(ftvm_tests::node::node_binary().unwrap())
-        .args(["replay", "--guest", "kv", "--log", log.to_str().unwrap(), "--disk", copy.to_str().unwrap()])
+        .args([
+            "replay",
+            "--guest",
+            "kv",
+            "--log",
+            log.to_str().unwrap(),
+            "--disk",
+            copy.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(143), "the replay ends as the recording did: {err}");
-    let summary = err.lines().find(|l| l.starts_with("replay: identical")).unwrap_or_else(|| panic!("{err}"));
-    let bounds = |s: &str| s.split_whitespace().find(|w| w.starts_with("boundaries=")).unwrap().to_string();
+    assert_eq!(
+        o.status.code(),
+        Some(143),
+        "the replay ends as the recording did: {err}"
+    );
+    let summary = err
+        .lines()
+        .find(|l| l.starts_with("replay: identical"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let bounds = |s: &str| {
+        s.split_whitespace()
+            .find(|w| w.starts_with("boundaries="))
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(bounds(summary), bounds(&rec_bounds));
     let out = String::from_utf8_lossy(&o.stdout);
     let replayed: Vec<&str> = out.lines().collect();
-    assert_eq!(replayed, recorded.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        replayed,
+        recorded.iter().map(String::as_str).collect::<Vec<_>>()
+    );
     // Both disks went through the same writes.
     assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&copy).unwrap());
 }

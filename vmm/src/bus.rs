@@ -13,8 +13,12 @@ pub trait MmioDevice: Send {
     /// Short name for logs.
     fn name(&self) -> &'static str;
     /// Fills `data` (1..=8 bytes) with the value of the register at `offset`.
-    fn read(&mut self, offset: u64, data: &mut [u8], cx: &mut BoundaryCx<'_>)
-        -> Result<(), VmmError>;
+    fn read(
+        &mut self,
+        offset: u64,
+        data: &mut [u8],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError>;
     /// Handles a guest write of `data` (1..=8 bytes) to `offset`.
     fn write(&mut self, offset: u64, data: &[u8], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError>;
     /// Step 1 of every boundary: take the guest's new requests from the device's queues.
@@ -138,7 +142,12 @@ impl MmioBus {
     }
 
     /// Dispatches a guest write at `addr`.
-    pub fn write(&mut self, addr: u64, data: &[u8], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    pub fn write(
+        &mut self,
+        addr: u64,
+        data: &[u8],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         let (offset, dev) = self.find(addr, data.len())?;
         dev.write(offset, data, cx)
     }
@@ -177,7 +186,12 @@ mod tests {
         let mut bus = MmioBus::new();
         bus.insert(0x1000, 0x1000, Box::new(Reg("a", 0))).unwrap();
         bus.insert(0x3000, 0x1000, Box::new(Reg("c", 0))).unwrap();
-        for (base, size) in [(0x1800, 0x100), (0x0800, 0x1000), (0x1fff, 0x2), (0x0, 0x10000)] {
+        for (base, size) in [
+            (0x1800, 0x100),
+            (0x0800, 0x1000),
+            (0x1fff, 0x2),
+            (0x0, 0x10000),
+        ] {
             let e = bus.insert(base, size, Box::new(Reg("b", 0))).unwrap_err();
             assert!(matches!(e, BusError::Overlap { name: "b", .. }), "{e}");
         }

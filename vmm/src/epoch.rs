@@ -63,7 +63,11 @@ pub trait Inputs: Send {
         false
     }
     /// Called once at the start of every boundary, before any question about it.
-    fn boundary(&mut self, _b: Boundary, _fingerprint: Option<Fingerprint>) -> Result<(), InputError> {
+    fn boundary(
+        &mut self,
+        _b: Boundary,
+        _fingerprint: Option<Fingerprint>,
+    ) -> Result<(), InputError> {
         Ok(())
     }
     /// The clock at boundary `b`.
@@ -73,7 +77,12 @@ pub trait Inputs: Send {
     /// The guest WAITs at `b` until `deadline_ns` (monotonic) or an event; returns the clock
     /// when the wait ends. `rx_room` is how many received frames the guest could take now
     /// (a frame arriving is an event only if there is room for it).
-    fn wait(&mut self, b: Boundary, deadline_ns: u64, rx_room: usize) -> Result<ClockValue, InputError>;
+    fn wait(
+        &mut self,
+        b: Boundary,
+        deadline_ns: u64,
+        rx_room: usize,
+    ) -> Result<ClockValue, InputError>;
     /// Frames received from the network, at most `room` of them, to deliver at `b`.
     fn net_rx(&mut self, _b: Boundary, _room: usize) -> Result<Vec<Vec<u8>>, InputError> {
         Ok(Vec::new())
@@ -157,10 +166,18 @@ pub mod testing {
             Ok(self.now)
         }
         fn entropy(&mut self, _b: Boundary) -> Result<u64, InputError> {
-            self.next_entropy = self.next_entropy.wrapping_mul(6364136223846793005).wrapping_add(1);
+            self.next_entropy = self
+                .next_entropy
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1);
             Ok(self.next_entropy)
         }
-        fn wait(&mut self, _b: Boundary, deadline: u64, _room: usize) -> Result<ClockValue, InputError> {
+        fn wait(
+            &mut self,
+            _b: Boundary,
+            deadline: u64,
+            _room: usize,
+        ) -> Result<ClockValue, InputError> {
             self.waits.push(deadline);
             self.now.mono_ns = self.now.mono_ns.max(deadline);
             Ok(self.now)
@@ -199,7 +216,10 @@ pub mod testing {
             TestBoundary {
                 mem: GuestMemory::new(4 << 20).unwrap(),
                 inputs: ScriptedInputs {
-                    now: ClockValue { mono_ns: 0, wall_ns: 1_700_000_000_000_000_000 },
+                    now: ClockValue {
+                        mono_ns: 0,
+                        wall_ns: 1_700_000_000_000_000_000,
+                    },
                     step: 1000,
                     next_entropy: 1,
                     waits: Vec::new(),

@@ -28,7 +28,8 @@ pub struct GuestImage {
 pub fn resolve(spec: &str) -> Result<GuestImage, String> {
     let path = Path::new(spec);
     if spec.contains('/') || path.is_file() {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read guest image {spec}: {e}"))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read guest image {spec}: {e}"))?;
         return Ok(GuestImage {
             label: spec.to_string(),
             bytes: bytes.into(),

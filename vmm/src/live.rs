@@ -83,7 +83,12 @@ impl Inputs for LiveInputs {
         Ok(v)
     }
 
-    fn wait(&mut self, _b: Boundary, deadline_ns: u64, rx_room: usize) -> Result<ClockValue, InputError> {
+    fn wait(
+        &mut self,
+        _b: Boundary,
+        deadline_ns: u64,
+        rx_room: usize,
+    ) -> Result<ClockValue, InputError> {
         loop {
             self.check_stop()?;
             let now = self.now();
@@ -107,7 +112,11 @@ impl Inputs for LiveInputs {
                     revents: 0,
                 },
             ];
-            let n = if rx_room > 0 && self.tap.is_some() { 2 } else { 1 };
+            let n = if rx_room > 0 && self.tap.is_some() {
+                2
+            } else {
+                1
+            };
             // SAFETY: `n` valid pollfds, a valid timespec, no signal mask change.
             let r = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
             if n == 2 && pfds[1].revents != 0 {
@@ -128,7 +137,8 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let r = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        let r =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {

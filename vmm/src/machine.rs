@@ -8,7 +8,9 @@ use std::fmt;
 use kvm_bindings::kvm_regs;
 
 use crate::bus::MmioBus;
-use crate::epoch::{Boundary, BoundaryCx, ConsoleSink, Fingerprint, InputError, Inputs, MachineRequest};
+use crate::epoch::{
+    Boundary, BoundaryCx, ConsoleSink, Fingerprint, InputError, Inputs, MachineRequest,
+};
 use crate::error::VmmError;
 use crate::kvm::vcpu::{fingerprint, VmExit};
 use crate::kvm::KvmVm;
@@ -56,14 +58,41 @@ pub struct CrashReport {
 impl fmt::Display for CrashReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = &self.regs;
-        writeln!(f, "guest crashed: {} (after boundary {})", self.reason, self.boundary)?;
-        writeln!(f, "  rip={:#018x} rsp={:#018x} rflags={:#x}", r.rip, r.rsp, r.rflags)?;
-        writeln!(f, "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", r.rax, r.rbx, r.rcx, r.rdx)?;
-        writeln!(f, "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}", r.rsi, r.rdi, r.rbp, r.r8)?;
-        writeln!(f, "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}", r.r9, r.r10, r.r11, r.r12)?;
-        write!(f, "  r13={:#018x} r14={:#018x} r15={:#018x}", r.r13, r.r14, r.r15)?;
+        writeln!(
+            f,
+            "guest crashed: {} (after boundary {})",
+            self.reason, self.boundary
+        )?;
+        writeln!(
+            f,
+            "  rip={:#018x} rsp={:#018x} rflags={:#x}",
+            r.rip, r.rsp, r.rflags
+        )?;
+        writeln!(
+            f,
+            "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}",
+            r.rax, r.rbx, r.rcx, r.rdx
+        )?;
+        writeln!(
+            f,
+            "  rsi={:#018x} rdi={:#018x} rbp={:#018x} r8 ={:#018x}",
+            r.rsi, r.rdi, r.rbp, r.r8
+        )?;
+        writeln!(
+            f,
+            "  r9 ={:#018x} r10={:#018x} r11={:#018x} r12={:#018x}",
+            r.r9, r.r10, r.r11, r.r12
+        )?;
+        write!(
+            f,
+            "  r13={:#018x} r14={:#018x} r15={:#018x}",
+            r.r13, r.r14, r.r15
+        )?;
         if let Some([cr0, cr2, cr3, cr4, efer]) = self.control {
-            write!(f, "\n  cr0={cr0:#x} cr2={cr2:#x} cr3={cr3:#x} cr4={cr4:#x} efer={efer:#x}")?;
+            write!(
+                f,
+                "\n  cr0={cr0:#x} cr2={cr2:#x} cr3={cr3:#x} cr4={cr4:#x} efer={efer:#x}"
+            )?;
         }
         Ok(())
     }
@@ -203,7 +232,9 @@ impl Machine {
     /// Turns one exit into the next state.
     fn on_exit(&mut self, exit: VmExit) -> Result<RunState, VmmError> {
         let crash = |m: &Self, reason: String| -> Result<RunState, VmmError> {
-            Ok(RunState::Finishing(Outcome::Crashed(Box::new(m.crash_report(reason)?))))
+            Ok(RunState::Finishing(Outcome::Crashed(Box::new(
+                m.crash_report(reason)?,
+            ))))
         };
         match exit {
             VmExit::MmioRead { addr, len } => {
@@ -217,18 +248,30 @@ impl Machine {
                 self.after_boundary(r)
             }
             VmExit::Interrupted => Ok(RunState::Running),
-            VmExit::Shutdown => crash(self, "triple fault (an exception with no handler: KVM_EXIT_SHUTDOWN)".into()),
-            VmExit::InternalError { suberror } => crash(self, format!("KVM internal error (suberror {suberror})")),
-            VmExit::FailEntry { reason } => crash(self, format!("VM entry failed (reason {reason:#x})")),
+            VmExit::Shutdown => crash(
+                self,
+                "triple fault (an exception with no handler: KVM_EXIT_SHUTDOWN)".into(),
+            ),
+            VmExit::InternalError { suberror } => {
+                crash(self, format!("KVM internal error (suberror {suberror})"))
+            }
+            VmExit::FailEntry { reason } => {
+                crash(self, format!("VM entry failed (reason {reason:#x})"))
+            }
             VmExit::Forbidden(what) => crash(self, format!("guest contract violation: {what}")),
             VmExit::Other(what) => crash(self, format!("unexpected exit: {what}")),
         }
     }
 
-    fn after_boundary(&mut self, r: Result<Option<MachineRequest>, VmmError>) -> Result<RunState, VmmError> {
+    fn after_boundary(
+        &mut self,
+        r: Result<Option<MachineRequest>, VmmError>,
+    ) -> Result<RunState, VmmError> {
         match r {
             Ok(None) => Ok(RunState::Running),
-            Ok(Some(MachineRequest::Exit(status))) => Ok(RunState::Finishing(Outcome::Exited { status })),
+            Ok(Some(MachineRequest::Exit(status))) => {
+                Ok(RunState::Finishing(Outcome::Exited { status }))
+            }
             Err(VmmError::Input(InputError::Stopped(signal))) => {
                 Ok(RunState::Finishing(Outcome::Stopped { signal }))
             }
@@ -242,7 +285,11 @@ impl Machine {
     /// An epoch boundary: the one place where the VMM changes guest-visible state. In order:
     /// (1) devices take new guest requests, (2) events for this boundary are applied,
     /// (3) the MMIO access is completed; the caller then resumes the vCPU.
-    fn boundary(&mut self, addr: u64, access: Access<'_>) -> Result<Option<MachineRequest>, VmmError> {
+    fn boundary(
+        &mut self,
+        addr: u64,
+        access: Access<'_>,
+    ) -> Result<Option<MachineRequest>, VmmError> {
         self.boundary += 1;
         let b = self.boundary;
         let fp = if self.inputs.wants_fingerprint() {

@@ -67,7 +67,9 @@ pub fn install() -> std::io::Result<Arc<StopSignal>> {
     }
     // SAFETY: `fd` is a fresh descriptor we own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let stop = INSTALLED.get_or_init(|| Arc::new(StopSignal { fd: owned })).clone();
+    let stop = INSTALLED
+        .get_or_init(|| Arc::new(StopSignal { fd: owned }))
+        .clone();
     WAKE_FD.store(stop.fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: a zeroed sigaction with a valid handler and an empty mask is a valid

@@ -56,17 +56,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K, M or G suffix"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K, M or G suffix")
+    })?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use K, M or G)")),
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use K, M or G)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("invalid size {s:?}: too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// Everything that defines a VM.
@@ -134,16 +139,26 @@ pub fn open_disk(opts: &DiskOptions) -> Result<(File, u64), VmmError> {
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(err("in use by another process (ftvm-node or ftvm-resync)".into()))
+            return Err(err(
+                "in use by another process (ftvm-node or ftvm-resync)".into()
+            ))
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(err(format!("cannot lock: {e}"))),
     }
     if created {
         if opts.create_size == 0 || opts.create_size % SECTOR != 0 {
-            return Err(err(format!("size {} is not a positive multiple of 512", opts.create_size)));
+            return Err(err(format!(
+                "size {} is not a positive multiple of 512",
+                opts.create_size
+            )));
         }
-        file.set_len(opts.create_size).map_err(|e| err(e.to_string()))?;
-        tracing::info!("created disk image {} of {} bytes", opts.path.display(), opts.create_size);
+        file.set_len(opts.create_size)
+            .map_err(|e| err(e.to_string()))?;
+        tracing::info!(
+            "created disk image {} of {} bytes",
+            opts.path.display(),
+            opts.create_size
+        );
     }
     let len = file.metadata().map_err(|e| err(e.to_string()))?.len();
     if len < SECTOR {
@@ -194,7 +209,11 @@ pub fn assemble(
             slot += VIRTIO_STRIDE;
         }
         (None, None) => {}
-        _ => return Err(VmmError::Config("a disk needs both a size and an image".into())),
+        _ => {
+            return Err(VmmError::Config(
+                "a disk needs both a size and an image".into(),
+            ))
+        }
     }
     if setup.devices.rng {
         bus.insert(slot, VIRTIO_STRIDE, Box::new(VirtioMmio::new(Rng)))?;
@@ -212,7 +231,15 @@ pub fn build_machine(
     stop: Arc<StopSignal>,
 ) -> Result<Machine, VmmError> {
     let setup = VmSetup::plain(image, mem_size, &params.args);
-    assemble(&setup, None, Box::new(DropFrames), inputs, console, stop, params.dirty_log)
+    assemble(
+        &setup,
+        None,
+        Box::new(DropFrames),
+        inputs,
+        console,
+        stop,
+        params.dirty_log,
+    )
 }
 
 /// Options for recording a run.
@@ -273,7 +300,10 @@ pub fn run_live(
         ),
         Some(opts) => {
             let file = File::create(&opts.path).map_err(|e| {
-                VmmError::Input(InputError::Log(format!("cannot create {}: {e}", opts.path.display())))
+                VmmError::Input(InputError::Log(format!(
+                    "cannot create {}: {e}",
+                    opts.path.display()
+                )))
             })?;
             let recorder = Recorder::new(
                 live,
@@ -289,7 +319,9 @@ pub fn run_live(
     };
     let outcome = m.run()?;
     tracing::info!(boundaries = m.boundaries(), "VM ended: {outcome:?}");
-    let log = stats.map(|s| *s.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
+    let log = stats
+        .map(|s| *s.lock().unwrap_or_else(|p| p.into_inner()))
+        .unwrap_or_default();
     Ok(RunSummary {
         outcome,
         boundaries: m.boundaries(),
@@ -300,9 +332,21 @@ pub fn run_live(
 }
 
 /// Runs `image` alone with live inputs and the console on stdout (no devices).
-pub fn run_solo(image: &[u8], mem_size: u64, params: &BootParams, stop: Arc<StopSignal>) -> Result<Outcome, VmmError> {
+pub fn run_solo(
+    image: &[u8],
+    mem_size: u64,
+    params: &BootParams,
+    stop: Arc<StopSignal>,
+) -> Result<Outcome, VmmError> {
     let setup = VmSetup::plain(image, mem_size, &params.args);
-    Ok(run_live(&setup, HostResources::default(), stop, None, Box::new(StdoutConsole))?.outcome)
+    Ok(run_live(
+        &setup,
+        HostResources::default(),
+        stop,
+        None,
+        Box::new(StdoutConsole),
+    )?
+    .outcome)
 }
 
 /// Runs `image` alone with live inputs, recording every input (no devices).
@@ -348,7 +392,8 @@ pub fn replay(
     console: Box<dyn ConsoleSink>,
 ) -> Result<RunSummary, VmmError> {
     let refuse = |e: String| VmmError::Input(InputError::Log(format!("refused: {e}")));
-    let replayer = Replayer::from_bytes(log).map_err(|e| VmmError::Input(InputError::Log(e.to_string())))?;
+    let replayer =
+        Replayer::from_bytes(log).map_err(|e| VmmError::Input(InputError::Log(e.to_string())))?;
     let h = replayer.header().clone();
     let mem_size = mem_size.unwrap_or(h.mem_size);
     check_header(&h, image, mem_size).map_err(refuse)?;
@@ -375,7 +420,15 @@ pub fn replay(
     };
     let log_stats = replayer.stats();
     let t = std::time::Instant::now();
-    let mut m = assemble(&setup, disk_file, Box::new(DropFrames), Box::new(replayer), console, stop, true)?;
+    let mut m = assemble(
+        &setup,
+        disk_file,
+        Box::new(DropFrames),
+        Box::new(replayer),
+        console,
+        stop,
+        true,
+    )?;
     let outcome = m.run()?;
     Ok(RunSummary {
         outcome,

@@ -50,7 +50,9 @@ pub struct DeviceSpec {
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
-        return Err(format!("invalid MAC address {s:?}: expected six hex bytes like 52:54:00:12:34:56"));
+        return Err(format!(
+            "invalid MAC address {s:?}: expected six hex bytes like 52:54:00:12:34:56"
+        ));
     }
     let mut mac = [0u8; 6];
     for (m, p) in mac.iter_mut().zip(parts) {
@@ -67,7 +69,9 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
     let (a, p) = s
         .split_once('/')
         .ok_or_else(|| format!("invalid address {s:?}: expected ADDR/PREFIX, e.g. 10.0.0.2/24"))?;
-    let ip: Ipv4Addr = a.parse().map_err(|_| format!("invalid IPv4 address {a:?}"))?;
+    let ip: Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("invalid IPv4 address {a:?}"))?;
     let prefix: u8 = p
         .parse()
         .ok()
@@ -86,7 +90,12 @@ impl DeviceSpec {
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if let Some(n) = &self.net {
-            let m = n.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            let m = n
+                .mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
             let gw = n.gateway.map(|g| g.to_string()).unwrap_or_default();
             parts.push(format!("net={m},{}/{},{gw}", n.ip, n.prefix));
         }
@@ -114,7 +123,10 @@ impl DeviceSpec {
                     let gateway = if f[2].is_empty() {
                         None
                     } else {
-                        Some(f[2].parse().map_err(|_| format!("bad gateway {:?}", f[2]))?)
+                        Some(
+                            f[2].parse()
+                                .map_err(|_| format!("bad gateway {:?}", f[2]))?,
+                        )
                     };
                     d.net = Some(NetSpec {
                         mac: parse_mac(f[0])?,
@@ -123,7 +135,9 @@ impl DeviceSpec {
                         gateway,
                     });
                 }
-                "disk" => d.disk_sectors = Some(v.parse().map_err(|_| format!("bad disk size {v:?}"))?),
+                "disk" => {
+                    d.disk_sectors = Some(v.parse().map_err(|_| format!("bad disk size {v:?}"))?)
+                }
                 "rng" => d.rng = true,
                 _ => return Err(format!("unknown device {k:?} in the machine description")),
             }

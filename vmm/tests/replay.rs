@@ -17,8 +17,16 @@ fn out(o: &std::process::Output) -> (String, String) {
 
 fn record(guest: &str, args: &str, log: &Path) -> (String, String) {
     let o = run(&[
-        "run", "--solo", "--guest", guest, "--guest-args", args, "--record",
-        log.to_str().unwrap(), "--digest-every", "500",
+        "run",
+        "--solo",
+        "--guest",
+        guest,
+        "--guest-args",
+        args,
+        "--record",
+        log.to_str().unwrap(),
+        "--digest-every",
+        "500",
     ]);
     let (so, se) = out(&o);
     assert!(o.status.success(), "record {guest}: {:?}\n{se}", o.status);
@@ -62,7 +70,10 @@ fn clockwork_replays_identically_every_time() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("clockwork.ftlog");
     let (recorded, rec_err) = record("clockwork", "1500", &log);
-    assert!(recorded.contains("clockwork: done rounds=1500"), "{recorded}");
+    assert!(
+        recorded.contains("clockwork: done rounds=1500"),
+        "{recorded}"
+    );
     let boundaries = field(&rec_err, "boundaries");
     assert!(boundaries > 3000, "{rec_err}");
     for _ in 0..3 {
@@ -76,7 +87,10 @@ fn clockwork_replays_identically_every_time() {
     // Two recordings differ (the inputs are live), each replays to its own result.
     let log2 = dir.path().join("clockwork2.ftlog");
     let (recorded2, _) = record("clockwork", "1500", &log2);
-    assert_ne!(recorded, recorded2, "two live runs should not see identical inputs");
+    assert_ne!(
+        recorded, recorded2,
+        "two live runs should not see identical inputs"
+    );
     let (so, _) = out(&replay("clockwork", &log2));
     assert_eq!(so, recorded2);
 }
@@ -112,7 +126,10 @@ fn selftest_and_exitbench_replay_identically() {
 fn tamper(recs: &mut [Record], n: usize, f: impl Fn(&mut Event) -> bool) -> u64 {
     let mut seen = 0;
     for r in recs.iter_mut() {
-        if let Record::Boundary { boundary, events, .. } = r {
+        if let Record::Boundary {
+            boundary, events, ..
+        } = r
+        {
             for e in events.iter_mut() {
                 if f(&mut e.clone()) {
                     if seen == n {
@@ -136,24 +153,62 @@ fn tampering_is_found_at_exactly_that_boundary() {
 
     type Tamper = Box<dyn Fn(&mut Vec<Record>) -> u64>;
     let cases: Vec<(&str, Tamper)> = vec![
-        ("clock", Box::new(|r| tamper(r, 300, |e| match e {
-            Event::Clock(c) => { c.mono_ns += 1; true }
-            _ => false,
-        }))),
-        ("entropy byte", Box::new(|r| tamper(r, 200, |e| match e {
-            Event::Entropy(v) => { *v ^= 0x100; true }
-            _ => false,
-        }))),
-        ("wait end", Box::new(|r| tamper(r, 100, |e| match e {
-            Event::WaitEnded(c) => { c.wall_ns -= 5; true }
-            _ => false,
-        }))),
-        ("fingerprint", Box::new(|r| {
-            let rec = r.iter_mut().filter(|x| matches!(x, Record::Boundary { .. })).nth(500).unwrap();
-            let Record::Boundary { boundary, fingerprint, .. } = rec else { unreachable!() };
-            fingerprint.regs_hash ^= 1;
-            *boundary
-        })),
+        (
+            "clock",
+            Box::new(|r| {
+                tamper(r, 300, |e| match e {
+                    Event::Clock(c) => {
+                        c.mono_ns += 1;
+                        true
+                    }
+                    _ => false,
+                })
+            }),
+        ),
+        (
+            "entropy byte",
+            Box::new(|r| {
+                tamper(r, 200, |e| match e {
+                    Event::Entropy(v) => {
+                        *v ^= 0x100;
+                        true
+                    }
+                    _ => false,
+                })
+            }),
+        ),
+        (
+            "wait end",
+            Box::new(|r| {
+                tamper(r, 100, |e| match e {
+                    Event::WaitEnded(c) => {
+                        c.wall_ns -= 5;
+                        true
+                    }
+                    _ => false,
+                })
+            }),
+        ),
+        (
+            "fingerprint",
+            Box::new(|r| {
+                let rec = r
+                    .iter_mut()
+                    .filter(|x| matches!(x, Record::Boundary { .. }))
+                    .nth(500)
+                    .unwrap();
+                let Record::Boundary {
+                    boundary,
+                    fingerprint,
+                    ..
+                } = rec
+                else {
+                    unreachable!()
+                };
+                fingerprint.regs_hash ^= 1;
+                *boundary
+            }),
+        ),
     ];
     for (what, f) in cases {
         let mut recs = orig.clone();
@@ -163,7 +218,10 @@ fn tampering_is_found_at_exactly_that_boundary() {
         let o = replay("clockwork", &bad);
         let (_, se) = out(&o);
         assert_eq!(o.status.code(), Some(69), "{what}: {se}");
-        assert!(se.contains(&format!("replay diverged at boundary {b}:")), "{what} at {b}: {se}");
+        assert!(
+            se.contains(&format!("replay diverged at boundary {b}:")),
+            "{what} at {b}: {se}"
+        );
     }
 }
 
@@ -177,7 +235,13 @@ fn a_faithfully_logged_but_different_input_makes_the_guest_itself_diverge() {
     // handed the guest that value: the guest's own state must then differ later on.
     let mut changed_at = 0;
     for r in recs.iter_mut() {
-        if let Record::Boundary { boundary, events, inputs_hash, .. } = r {
+        if let Record::Boundary {
+            boundary,
+            events,
+            inputs_hash,
+            ..
+        } = r
+        {
             if *boundary > 1000 {
                 if let Some(Event::Entropy(v)) = events.first_mut() {
                     *v = v.wrapping_add(12345);
@@ -200,9 +264,14 @@ fn a_faithfully_logged_but_different_input_makes_the_guest_itself_diverge() {
         .and_then(|s| s.split(':').next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{se}"));
-    assert!(at > changed_at, "diverged at {at}, changed at {changed_at}: {se}");
     assert!(
-        se.contains("guest state differs") || se.contains("memory differs") || se.contains("the guest"),
+        at > changed_at,
+        "diverged at {at}, changed at {changed_at}: {se}"
+    );
+    assert!(
+        se.contains("guest state differs")
+            || se.contains("memory differs")
+            || se.contains("the guest"),
         "{se}"
     );
 }
@@ -241,7 +310,15 @@ fn malformed_and_mismatched_logs_are_refused_before_the_guest_starts() {
     assert!(se.contains("different guest image"), "{se}");
     assert!(so.is_empty());
 
-    let o = run(&["replay", "--guest", "clockwork", "--log", log.to_str().unwrap(), "--mem", "128M"]);
+    let o = run(&[
+        "replay",
+        "--guest",
+        "clockwork",
+        "--log",
+        log.to_str().unwrap(),
+        "--mem",
+        "128M",
+    ]);
     let (so, se) = out(&o);
     assert_eq!(o.status.code(), Some(66), "{se}");
     assert!(se.contains("bytes of guest memory"), "{se}");
@@ -271,7 +348,10 @@ fn the_incremental_memory_digest_equals_a_full_one() {
     )
     .unwrap();
     let outcome = m.run().unwrap();
-    assert!(matches!(outcome, vmm::machine::Outcome::Exited { status: 0 }), "{outcome:?}");
+    assert!(
+        matches!(outcome, vmm::machine::Outcome::Exited { status: 0 }),
+        "{outcome:?}"
+    );
     let incremental = m.memory_digest().unwrap().unwrap();
     let full = vmm::replay::digest::MemoryDigest::full(&m.vm().memory).unwrap();
     assert_eq!(incremental, full);

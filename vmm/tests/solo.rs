@@ -17,7 +17,13 @@ fn stderr(o: &std::process::Output) -> String {
 #[test]
 fn selftest_passes() {
     let o = run(&["run", "--solo", "--guest", "selftest"]);
-    assert!(o.status.success(), "status {:?}\n{}{}", o.status, stdout(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "status {:?}\n{}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
     let out = stdout(&o);
     assert!(out.contains("selftest: allocation ok"), "{out}");
     assert!(out.contains("selftest: floating point ok"), "{out}");
@@ -29,7 +35,12 @@ fn selftest_passes() {
 fn selftest_runs_in_the_smallest_and_a_large_memory() {
     for mem in ["4M", "1G"] {
         let o = run(&["run", "--solo", "--guest", "selftest", "--mem", mem]);
-        assert!(o.status.success(), "--mem {mem}: {:?}\n{}", o.status, stderr(&o));
+        assert!(
+            o.status.success(),
+            "--mem {mem}: {:?}\n{}",
+            o.status,
+            stderr(&o)
+        );
     }
 }
 
@@ -51,7 +62,11 @@ fn bad_images_are_refused_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let selftest = vmm::guests::bundled("selftest").unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("garbage", b"this is not an ELF file at all, just text".repeat(4), "bad magic"),
+        (
+            "garbage",
+            b"this is not an ELF file at all, just text".repeat(4),
+            "bad magic",
+        ),
         ("empty", Vec::new(), "too short"),
         ("truncated", selftest[..200].to_vec(), "outside the file"),
         ("script", b"#!/bin/sh\necho hi\n".to_vec(), "too short"),
@@ -62,15 +77,26 @@ fn bad_images_are_refused_with_one_line() {
         let o = run(&["run", "--solo", "--guest", p.to_str().unwrap()]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(65), "{name}: {err}");
-        assert!(err.contains("invalid guest image") && err.contains(why), "{name}: {err}");
+        assert!(
+            err.contains("invalid guest image") && err.contains(why),
+            "{name}: {err}"
+        );
         assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
     }
     let o = run(&["run", "--solo", "--guest", "/nonexistent/guest.elf"]);
     assert_eq!(o.status.code(), Some(65));
-    assert!(stderr(&o).contains("cannot read guest image"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot read guest image"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["run", "--solo", "--guest", "no-such-guest"]);
     assert_eq!(o.status.code(), Some(65));
-    assert!(stderr(&o).contains("no bundled guest named"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no bundled guest named"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -88,11 +114,25 @@ fn an_image_too_large_for_memory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("huge.elf");
     std::fs::write(&p, elf).unwrap();
-    let o = run(&["run", "--solo", "--guest", p.to_str().unwrap(), "--mem", "64M"]);
+    let o = run(&[
+        "run",
+        "--solo",
+        "--guest",
+        p.to_str().unwrap(),
+        "--mem",
+        "64M",
+    ]);
     assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
     assert!(stderr(&o).contains("does not fit"), "{}", stderr(&o));
     // With enough memory the same image boots.
-    let o = run(&["run", "--solo", "--guest", p.to_str().unwrap(), "--mem", "1G"]);
+    let o = run(&[
+        "run",
+        "--solo",
+        "--guest",
+        p.to_str().unwrap(),
+        "--mem",
+        "1G",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -116,7 +156,10 @@ fn bad_memory_sizes_are_refused() {
 #[test]
 fn a_hostile_guest_cannot_crash_or_wedge_the_vmm() {
     let node = Running::start(&["run", "--solo", "--guest", "hostile"]);
-    node.expect_line("hostile: survived; waiting forever", Duration::from_secs(60));
+    node.expect_line(
+        "hostile: survived; waiting forever",
+        Duration::from_secs(60),
+    );
     let t = Instant::now();
     node.signal(libc::SIGTERM);
     let (status, err) = node.wait_within(Duration::from_secs(1));
@@ -138,10 +181,24 @@ fn a_guest_that_never_exits_stops_on_sigint() {
 
 #[test]
 fn guest_exit_statuses_pass_through() {
-    let o = run(&["run", "--solo", "--guest", "exitbench", "--guest-args", "bogus 10"]);
+    let o = run(&[
+        "run",
+        "--solo",
+        "--guest",
+        "exitbench",
+        "--guest-args",
+        "bogus 10",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stdout(&o).contains("unknown kind"));
-    let o = run(&["run", "--solo", "--guest", "exitbench", "--guest-args", "poll 1000"]);
+    let o = run(&[
+        "run",
+        "--solo",
+        "--guest",
+        "exitbench",
+        "--guest-args",
+        "poll 1000",
+    ]);
     assert!(o.status.success());
     assert!(stdout(&o).contains("exits=1000"), "{}", stdout(&o));
 }

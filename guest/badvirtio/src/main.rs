@@ -81,7 +81,10 @@ fn setup(base: u64, q: u32, page_addr: u64) -> Option<Ring> {
         return None;
     }
     wr(base, 0x38, u32::from(QSIZE));
-    let ring = Ring { page: page_addr, avail_idx: 0 };
+    let ring = Ring {
+        page: page_addr,
+        avail_idx: 0,
+    };
     for (off, addr) in [(0x80, ring.page), (0x90, ring.avail()), (0xa0, ring.used())] {
         wr(base, off, addr as u32);
         wr(base, off + 4, (addr >> 32) as u32);
@@ -206,7 +209,12 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
         }
         // 9. An avail index far ahead of the ring: the device must not run away.
         // SAFETY: inside the ring's own page.
-        unsafe { core::ptr::write_volatile((ring.avail() + 2) as *mut u16, ring.avail_idx.wrapping_add(1000)) };
+        unsafe {
+            core::ptr::write_volatile(
+                (ring.avail() + 2) as *mut u16,
+                ring.avail_idx.wrapping_add(1000),
+            )
+        };
         control::poll();
         survived += cases + 1;
         println!("badvirtio: device {dev}: {cases} malformed chains handled");

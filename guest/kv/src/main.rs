@@ -127,11 +127,16 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
     let mut iface = Interface::new(config, &mut dev, instant());
     let [a, b, c, d] = netcfg.ipv4;
     iface.update_ip_addrs(|addrs| {
-        let _ = addrs.push(IpCidr::new(Ipv4Address::new(a, b, c, d).into(), netcfg.prefix_len as u8));
+        let _ = addrs.push(IpCidr::new(
+            Ipv4Address::new(a, b, c, d).into(),
+            netcfg.prefix_len as u8,
+        ));
     });
     if netcfg.gateway != [0; 4] {
         let [a, b, c, d] = netcfg.gateway;
-        let _ = iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
     }
     let mut sockets = SocketSet::new(Vec::new());
     let mut clients: Vec<Client> = (0..nsockets)
@@ -205,7 +210,11 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
                 }
             }
             let peer_done = matches!(s.state(), tcp::State::CloseWait);
-            if (cl.conn.finished() || peer_done) && cl.out.is_empty() && s.is_open() && s.state() != tcp::State::Listen {
+            if (cl.conn.finished() || peer_done)
+                && cl.out.is_empty()
+                && s.is_open()
+                && s.state() != tcp::State::Listen
+            {
                 s.close();
             }
             if !s.is_open() {

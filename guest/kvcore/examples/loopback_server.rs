@@ -14,8 +14,12 @@ fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let addr = args.get(1).map_or("127.0.0.1:16379", String::as_str);
     assert!(addr.starts_with("127.0.0.1:"), "loopback only");
-    let path = args.get(2).map_or("/tmp/kvcore-loopback.img", String::as_str);
-    let size: u64 = args.get(3).map_or(64 << 20, |s| s.parse().expect("size in bytes"));
+    let path = args
+        .get(2)
+        .map_or("/tmp/kvcore-loopback.img", String::as_str);
+    let size: u64 = args
+        .get(3)
+        .map_or(64 << 20, |s| s.parse().expect("size in bytes"));
     let disk = OpenOptions::new()
         .read(true)
         .write(true)
@@ -27,5 +31,11 @@ fn main() -> std::io::Result<()> {
     }
     let (store, log, line) = kvcore::host::recover(&disk, size)?;
     eprintln!("{line} ({} keys); listening on {addr}", store.len());
-    kvcore::host::serve(TcpListener::bind(addr)?, &disk, store, log, &AtomicBool::new(false))
+    kvcore::host::serve(
+        TcpListener::bind(addr)?,
+        &disk,
+        store,
+        log,
+        &AtomicBool::new(false),
+    )
 }

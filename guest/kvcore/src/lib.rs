@@ -52,9 +52,9 @@ extern crate std;
 pub mod aof;
 pub mod commands;
 pub mod conn;
+mod crc;
 #[cfg(feature = "host")]
 pub mod host;
-mod crc;
 pub mod resp;
 pub mod store;
 

@@ -36,9 +36,13 @@ impl GuestNet {
         let raw = VirtIONetRaw::new(transport)?;
         let mut n = GuestNet {
             raw,
-            rx: (0..RX_BUFS).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            rx: (0..RX_BUFS)
+                .map(|_| vec![0u8; BUF_LEN].into_boxed_slice())
+                .collect(),
             rx_slot: vec![None; QUEUE_SIZE],
-            tx: (0..TX_BUFS).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            tx: (0..TX_BUFS)
+                .map(|_| vec![0u8; BUF_LEN].into_boxed_slice())
+                .collect(),
             tx_len: vec![0; TX_BUFS],
             tx_slot: vec![None; QUEUE_SIZE],
             tx_free: (0..TX_BUFS).collect(),
@@ -68,7 +72,10 @@ impl GuestNet {
                 break;
             };
             // SAFETY: the same buffer (and length) that was passed to transmit_begin.
-            let _ = unsafe { self.raw.transmit_complete(token, &self.tx[i][..self.tx_len[i]]) };
+            let _ = unsafe {
+                self.raw
+                    .transmit_complete(token, &self.tx[i][..self.tx_len[i]])
+            };
             self.tx_free.push(i);
         }
     }
@@ -94,7 +101,10 @@ pub struct GuestTx<'a>(&'a mut GuestNet);
 impl TxToken for GuestTx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let n = self.0;
-        let i = n.tx_free.pop().expect("transmit() checked for a free buffer");
+        let i = n
+            .tx_free
+            .pop()
+            .expect("transmit() checked for a free buffer");
         let hdr = n.raw.fill_buffer_header(&mut n.tx[i]).unwrap_or(12);
         let total = (hdr + len).min(BUF_LEN);
         let r = f(&mut n.tx[i][hdr..total]);

@@ -47,13 +47,20 @@ fn main(_boot: &ftvm_guest::Boot) -> i32 {
     let t0 = time::clock_ns();
     let t1 = time::clock_ns();
     assert!(t1 >= t0, "clock went backwards: {t0} -> {t1}");
-    assert_eq!(time::now_ns(), t1, "the shared page holds the last clock read");
+    assert_eq!(
+        time::now_ns(),
+        t1,
+        "the shared page holds the last clock read"
+    );
 
     // A wait with a deadline returns no earlier than the deadline when nothing else happens.
     let deadline = t1 + 5_000_000;
     time::sleep_until(deadline);
     let t2 = time::clock_ns();
-    assert!(t2 >= deadline, "woke at {t2}, before the deadline {deadline}");
+    assert!(
+        t2 >= deadline,
+        "woke at {t2}, before the deadline {deadline}"
+    );
     println!("selftest: clock ok (waited {} us)", (t2 - t1) / 1000);
 
     println!("selftest: ok");

@@ -149,7 +149,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => run(args),
-        Command::Replay { guest, log, mem, disk } => replay(&guest, &log, mem.as_deref(), disk),
+        Command::Replay {
+            guest,
+            log,
+            mem,
+            disk,
+        } => replay(&guest, &log, mem.as_deref(), disk),
     }
 }
 
@@ -183,8 +188,10 @@ struct Plan {
 fn plan(a: RunArgs) -> Result<Plan, String> {
     let a = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
-            let file: RunArgs = toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("config {}: {e}", path.display()))?;
+            let file: RunArgs =
+                toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
             a.merge(file)
         }
         None => a,
@@ -192,8 +199,11 @@ fn plan(a: RunArgs) -> Result<Plan, String> {
     if !a.solo {
         return Err("only --solo runs exist yet (replicated pairs are the next step)".into());
     }
-    let guest = a.guest.ok_or("--guest is required (a bundled name or an ELF path)")?;
-    let mem_size = vmm::solo::parse_size(a.mem.as_deref().unwrap_or("64M")).map_err(|e| format!("--mem: {e}"))?;
+    let guest = a
+        .guest
+        .ok_or("--guest is required (a bundled name or an ELF path)")?;
+    let mem_size = vmm::solo::parse_size(a.mem.as_deref().unwrap_or("64M"))
+        .map_err(|e| format!("--mem: {e}"))?;
     vmm::kvm::boot::check_mem_size(mem_size).map_err(|e| format!("--mem: {e}"))?;
     let image = vmm::guests::resolve(&guest)?;
     let net = match (&a.tap, &a.mac, &a.ip) {
@@ -206,7 +216,10 @@ fn plan(a: RunArgs) -> Result<Plan, String> {
         (Some(_), Some(mac), Some(ip)) => {
             let (ip, prefix) = parse_cidr(ip).map_err(|e| format!("--ip: {e}"))?;
             let gateway = match &a.gateway {
-                Some(g) => Some(g.parse().map_err(|_| format!("--gateway: invalid IPv4 address {g:?}"))?),
+                Some(g) => Some(
+                    g.parse()
+                        .map_err(|_| format!("--gateway: invalid IPv4 address {g:?}"))?,
+                ),
                 None => None,
             };
             Some(NetSpec {
@@ -276,7 +289,13 @@ fn run(a: RunArgs) -> ExitCode {
         args: p.args.clone(),
         devices: p.devices.clone(),
     };
-    match vmm::solo::run_live(&setup, host, stop, record.as_ref(), Box::new(vmm::solo::StdoutConsole)) {
+    match vmm::solo::run_live(
+        &setup,
+        host,
+        stop,
+        record.as_ref(),
+        Box::new(vmm::solo::StdoutConsole),
+    ) {
         Ok(s) => {
             if record.is_some() {
                 summary("record", &s);
@@ -286,15 +305,22 @@ fn run(a: RunArgs) -> ExitCode {
             }
             exit_for(s.outcome)
         }
-        Err(e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. })) => {
-            fail(65, format!("{}: {e}", p.image.label))
+        Err(
+            e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. }),
+        ) => fail(65, format!("{}: {e}", p.image.label)),
+        Err(e @ (VmmError::Config(_) | VmmError::Disk { .. } | VmmError::Tap { .. })) => {
+            fail(65, e)
         }
-        Err(e @ (VmmError::Config(_) | VmmError::Disk { .. } | VmmError::Tap { .. })) => fail(65, e),
         Err(e) => fail(71, e),
     }
 }
 
-fn replay(guest: &str, log: &std::path::Path, mem: Option<&str>, disk: Option<PathBuf>) -> ExitCode {
+fn replay(
+    guest: &str,
+    log: &std::path::Path,
+    mem: Option<&str>,
+    disk: Option<PathBuf>,
+) -> ExitCode {
     let mem_size = match mem.map(vmm::solo::parse_size) {
         None => None,
         Some(Ok(s)) => Some(s),
@@ -313,14 +339,22 @@ fn replay(guest: &str, log: &std::path::Path, mem: Option<&str>, disk: Option<Pa
         Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
     };
     let console = Box::new(vmm::solo::StdoutConsole);
-    match vmm::solo::replay(&image.bytes, &bytes, mem_size, disk.as_deref(), stop, console) {
+    match vmm::solo::replay(
+        &image.bytes,
+        &bytes,
+        mem_size,
+        disk.as_deref(),
+        stop,
+        console,
+    ) {
         Ok(s) => {
             summary("replay: identical", &s);
             exit_for(s.outcome)
         }
-        Err(VmmError::Input(InputError::Divergence { boundary, what })) => {
-            fail(69, format!("replay diverged at boundary {boundary}: {what}"))
-        }
+        Err(VmmError::Input(InputError::Divergence { boundary, what })) => fail(
+            69,
+            format!("replay diverged at boundary {boundary}: {what}"),
+        ),
         Err(VmmError::Input(InputError::Log(e))) => fail(66, format!("{}: {e}", log.display())),
         Err(e @ (VmmError::Disk { .. } | VmmError::Config(_))) => fail(66, e),
         Err(e) => fail(71, e),

@@ -58,9 +58,17 @@ impl MmioDevice for ControlDevice {
         "control"
     }
 
-    fn read(&mut self, offset: u64, data: &mut [u8], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn read(
+        &mut self,
+        offset: u64,
+        data: &mut [u8],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         if data.len() != 8 && !matches!(offset, reg::MAGIC | reg::VERSION) {
-            self.misuse(format_args!("read {} bytes at {offset:#x} (registers are 8 bytes)", data.len()));
+            self.misuse(format_args!(
+                "read {} bytes at {offset:#x} (registers are 8 bytes)",
+                data.len()
+            ));
         }
         let v = match offset {
             reg::MAGIC => reg::MAGIC_VALUE,
@@ -91,13 +99,17 @@ impl MmioDevice for ControlDevice {
         match offset {
             reg::CONSOLE => {
                 let len = if v > shared::CONSOLE_BUF_LEN {
-                    self.misuse(format_args!("printed {v} bytes (buffer holds {})", shared::CONSOLE_BUF_LEN));
+                    self.misuse(format_args!(
+                        "printed {v} bytes (buffer holds {})",
+                        shared::CONSOLE_BUF_LEN
+                    ));
                     shared::CONSOLE_BUF_LEN
                 } else {
                     v
                 };
                 let mut buf = vec![0u8; len as usize];
-                cx.mem.read(layout::SHARED_PAGE_ADDR + shared::CONSOLE_BUF, &mut buf)?;
+                cx.mem
+                    .read(layout::SHARED_PAGE_ADDR + shared::CONSOLE_BUF, &mut buf)?;
                 cx.console.write(&buf);
             }
             reg::WAIT => {
@@ -111,7 +123,9 @@ impl MmioDevice for ControlDevice {
                 cx.doorbell = true;
             }
             reg::EXIT => *cx.request = Some(MachineRequest::Exit(v)),
-            _ => self.misuse(format_args!("wrote {v:#x} to read-only or unknown register {offset:#x}")),
+            _ => self.misuse(format_args!(
+                "wrote {v:#x} to read-only or unknown register {offset:#x}"
+            )),
         }
         Ok(())
     }
@@ -165,7 +179,10 @@ mod tests {
     fn console_prints_the_staged_bytes() {
         let (mut d, mut t) = (ControlDevice::new(), TestBoundary::new());
         t.mem
-            .write(layout::SHARED_PAGE_ADDR + shared::CONSOLE_BUF, b"hello\nworld")
+            .write(
+                layout::SHARED_PAGE_ADDR + shared::CONSOLE_BUF,
+                b"hello\nworld",
+            )
             .unwrap();
         wr(&mut d, &mut t, reg::CONSOLE, 6);
         assert_eq!(t.console.0, b"hello\n");

@@ -21,7 +21,10 @@ impl RateLimit {
             Some(s) if now.duration_since(s) < Duration::from_secs(1) => {}
             _ => {
                 if self.suppressed > 0 {
-                    tracing::warn!(suppressed = self.suppressed, "{what}: more guest misuse suppressed");
+                    tracing::warn!(
+                        suppressed = self.suppressed,
+                        "{what}: more guest misuse suppressed"
+                    );
                 }
                 self.window_start = Some(now);
                 self.in_window = 0;

@@ -52,7 +52,10 @@ impl Tap {
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")));
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("TUNSETIFF {name}: {e}"),
+            ));
         }
         Ok(Tap {
             file,

@@ -87,7 +87,10 @@ pub fn write_boot_structures(
 
     mem.write_u64(PML4_ADDR, PDPT_ADDR | PTE_P | PTE_RW | PTE_US)?;
     for i in 0..4u64 {
-        mem.write_u64(PDPT_ADDR + i * 8, (PD_ADDR + i * PAGE_SIZE) | PTE_P | PTE_RW | PTE_US)?;
+        mem.write_u64(
+            PDPT_ADDR + i * 8,
+            (PD_ADDR + i * PAGE_SIZE) | PTE_P | PTE_RW | PTE_US,
+        )?;
     }
     let mut pd = vec![0u8; 4 * PAGE_SIZE as usize];
     for i in 0..2048u64 {

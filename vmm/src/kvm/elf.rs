@@ -79,10 +79,14 @@ pub fn parse(image: &[u8], mem_size: u64) -> Result<LoadedImage, VmmError> {
     let phentsize = u16_at(image, 54) as usize;
     let phnum = u16_at(image, 56) as usize;
     if phentsize != PHDR_SIZE {
-        return Err(bad(format!("program header size {phentsize}, expected {PHDR_SIZE}")));
+        return Err(bad(format!(
+            "program header size {phentsize}, expected {PHDR_SIZE}"
+        )));
     }
     if phnum == 0 || phnum > MAX_PHDRS {
-        return Err(bad(format!("{phnum} program headers (1..={MAX_PHDRS} allowed)")));
+        return Err(bad(format!(
+            "{phnum} program headers (1..={MAX_PHDRS} allowed)"
+        )));
     }
     let table_end = phoff
         .checked_add((phnum * PHDR_SIZE) as u64)
@@ -147,7 +151,9 @@ pub fn parse(image: &[u8], mem_size: u64) -> Result<LoadedImage, VmmError> {
         .iter()
         .any(|s| entry >= s.addr && entry < s.addr + s.mem_size)
     {
-        return Err(bad(format!("entry point {entry:#x} is outside every segment")));
+        return Err(bad(format!(
+            "entry point {entry:#x} is outside every segment"
+        )));
     }
     let end = segments
         .iter()
@@ -205,18 +211,25 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_truncation() {
-        assert!(matches!(parse(b"hello", 16 << 20), Err(VmmError::BadImage(m)) if m.contains("too short")));
+        assert!(
+            matches!(parse(b"hello", 16 << 20), Err(VmmError::BadImage(m)) if m.contains("too short"))
+        );
         let mut e = elf(0x20_0000, 0x10);
         e[0] = b'X';
         assert!(matches!(parse(&e, 16 << 20), Err(VmmError::BadImage(m)) if m.contains("magic")));
         let e = elf(0x20_0000, 0x10);
-        assert!(matches!(parse(&e[..100], 16 << 20), Err(VmmError::BadImage(m)) if m.contains("program header table")));
+        assert!(
+            matches!(parse(&e[..100], 16 << 20), Err(VmmError::BadImage(m)) if m.contains("program header table"))
+        );
     }
 
     #[test]
     fn rejects_images_that_do_not_fit() {
         let e = elf(0x20_0000, 64 << 20);
-        assert!(matches!(parse(&e, 16 << 20), Err(VmmError::ImageTooLarge(_))));
+        assert!(matches!(
+            parse(&e, 16 << 20),
+            Err(VmmError::ImageTooLarge(_))
+        ));
         let e = elf(0x1000, 0x10);
         assert!(matches!(parse(&e, 16 << 20), Err(VmmError::BadImage(m)) if m.contains("below")));
         let e = elf(u64::MAX - 4, 0x10);

@@ -30,8 +30,9 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Maps `size` bytes of zeroed anonymous memory.
     pub fn new(size: u64) -> Result<Self, VmmError> {
-        let mmap = Mmap::from_ranges(&[(GuestAddress(0), size as usize)])
-            .map_err(|e| VmmError::Memory(format!("cannot map {size} bytes of guest memory: {e}")))?;
+        let mmap = Mmap::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| {
+            VmmError::Memory(format!("cannot map {size} bytes of guest memory: {e}"))
+        })?;
         Ok(GuestMemory {
             mmap,
             size,
@@ -47,7 +48,11 @@ impl GuestMemory {
             .map_err(|e| VmmError::Memory(format!("host address of guest memory: {e}")))?;
         let region = kvm_userspace_memory_region {
             slot: RAM_SLOT,
-            flags: if dirty_log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: self.size,
             userspace_addr: host as u64,
@@ -75,11 +80,17 @@ impl GuestMemory {
     /// Reads `buf.len()` bytes at `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmmError> {
         if !self.contains(addr, buf.len() as u64) {
-            return Err(VmmError::GuestAddress { addr, len: buf.len() as u64 });
+            return Err(VmmError::GuestAddress {
+                addr,
+                len: buf.len() as u64,
+            });
         }
         self.mmap
             .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress { addr, len: buf.len() as u64 })
+            .map_err(|_| VmmError::GuestAddress {
+                addr,
+                len: buf.len() as u64,
+            })
     }
 
     /// Reads a little-endian u64 at `addr`.
@@ -93,11 +104,17 @@ impl GuestMemory {
     /// may call this: see the epoch invariant in DESIGN §3.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmmError> {
         if !self.contains(addr, data.len() as u64) {
-            return Err(VmmError::GuestAddress { addr, len: data.len() as u64 });
+            return Err(VmmError::GuestAddress {
+                addr,
+                len: data.len() as u64,
+            });
         }
         self.mmap
             .write_slice(data, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress { addr, len: data.len() as u64 })
+            .map_err(|_| VmmError::GuestAddress {
+                addr,
+                len: data.len() as u64,
+            })
     }
 
     /// The underlying mapping, for code that works on vm-memory's traits (virtio queues).
@@ -142,6 +159,7 @@ impl GuestMemory {
 
     /// True when the slot was registered with dirty-page logging.
     pub fn dirty_logging(&self) -> bool {
-        self.dirty_logging.load(std::sync::atomic::Ordering::Relaxed)
+        self.dirty_logging
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

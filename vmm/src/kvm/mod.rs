@@ -35,7 +35,9 @@ impl KvmVm {
         boot::check_mem_size(mem_size)?;
         let loaded = elf::parse(image, mem_size)?;
         let kvm = Kvm::new().map_err(|e| VmmError::Kvm("open /dev/kvm", e))?;
-        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
         let memory = GuestMemory::new(mem_size)?;
         memory.register(&vm, params.dirty_log)?;
         elf::load(&loaded, image, &memory)?;

@@ -102,7 +102,8 @@ impl Vcpu {
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        fd.set_fpu(&fpu).map_err(|e| VmmError::Kvm("KVM_SET_FPU", e))?;
+        fd.set_fpu(&fpu)
+            .map_err(|e| VmmError::Kvm("KVM_SET_FPU", e))?;
         let regs = kvm_regs {
             rip: entry,
             rsp: 0, // set by `set_stack`
@@ -158,14 +159,10 @@ impl Vcpu {
             }
             Ok(VcpuExit::FailEntry(reason, _)) => VmExit::FailEntry { reason },
             Ok(VcpuExit::IoIn(port, _)) => VmExit::Forbidden(format!("port input from {port:#x}")),
-            Ok(VcpuExit::IoOut(port, _)) => {
-                VmExit::Forbidden(format!("port output to {port:#x}"))
-            }
+            Ok(VcpuExit::IoOut(port, _)) => VmExit::Forbidden(format!("port output to {port:#x}")),
             Ok(VcpuExit::Hlt) => VmExit::Forbidden("hlt".into()),
             Ok(other) => VmExit::Other(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                VmExit::Interrupted
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => VmExit::Interrupted,
             Err(e) => return Err(VmmError::Kvm("KVM_RUN", e)),
         };
         if exit == VmExit::Interrupted {
@@ -188,7 +185,9 @@ impl Vcpu {
 
     /// The general-purpose registers.
     pub fn regs(&self) -> Result<kvm_regs, VmmError> {
-        self.fd.get_regs().map_err(|e| VmmError::Kvm("KVM_GET_REGS", e))
+        self.fd
+            .get_regs()
+            .map_err(|e| VmmError::Kvm("KVM_GET_REGS", e))
     }
 
     /// The special registers.
@@ -203,8 +202,23 @@ impl Vcpu {
 pub fn fingerprint(regs: &kvm_regs) -> (u64, u64) {
     let mut h = blake3::Hasher::new();
     for v in [
-        regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp, regs.r8,
-        regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15, regs.rip,
+        regs.rax,
+        regs.rbx,
+        regs.rcx,
+        regs.rdx,
+        regs.rsi,
+        regs.rdi,
+        regs.rsp,
+        regs.rbp,
+        regs.r8,
+        regs.r9,
+        regs.r10,
+        regs.r11,
+        regs.r12,
+        regs.r13,
+        regs.r14,
+        regs.r15,
+        regs.rip,
         regs.rflags,
     ] {
         h.update(&v.to_le_bytes());

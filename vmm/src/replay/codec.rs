@@ -297,7 +297,10 @@ impl Encoder {
         // Monotonic: unsigned delta; wall: the change in (wall - mono), zigzagged.
         put_varint(p, c.mono_ns.wrapping_sub(self.last_clock.mono_ns));
         let off = c.wall_ns.wrapping_sub(c.mono_ns) as i64;
-        let last_off = self.last_clock.wall_ns.wrapping_sub(self.last_clock.mono_ns) as i64;
+        let last_off = self
+            .last_clock
+            .wall_ns
+            .wrapping_sub(self.last_clock.mono_ns) as i64;
         put_varint(p, zigzag(off.wrapping_sub(last_off)));
         self.last_clock = *c;
     }
@@ -317,7 +320,11 @@ impl Encoder {
                 self.encode_clock(c, p);
             }
             Event::NetRx(b) | Event::Random(b) => {
-                p.push(if matches!(e, Event::NetRx(_)) { EV_NET_RX } else { EV_RANDOM });
+                p.push(if matches!(e, Event::NetRx(_)) {
+                    EV_NET_RX
+                } else {
+                    EV_RANDOM
+                });
                 put_varint(p, b.len() as u64);
                 p.extend_from_slice(b);
             }
@@ -355,7 +362,9 @@ impl<'a> Reader<'a> {
         Ok(self.bytes(1, what)?[0])
     }
     fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.bytes(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.bytes(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
     fn hash(&mut self, what: &'static str) -> Result<[u8; 32], DecodeError> {
         Ok(self.bytes(32, what)?.try_into().expect("32 bytes"))
@@ -615,7 +624,10 @@ impl<'a> Decoder<'a> {
 
     fn decode_clock(&mut self, r: &mut Reader<'_>) -> Result<ClockValue, DecodeError> {
         let mono = self.last_clock.mono_ns.wrapping_add(r.varint("clock")?);
-        let last_off = self.last_clock.wall_ns.wrapping_sub(self.last_clock.mono_ns) as i64;
+        let last_off = self
+            .last_clock
+            .wall_ns
+            .wrapping_sub(self.last_clock.mono_ns) as i64;
         let off = last_off.wrapping_add(unzigzag(r.varint("wall clock")?));
         let c = ClockValue {
             mono_ns: mono,
@@ -724,7 +736,10 @@ mod tests {
                     Event::WaitEnded(c(999_999, 1_699_999_999_000_000_000)),
                     Event::NetRx(vec![1, 2, 3]),
                     Event::Random(vec![9; 40]),
-                    Event::DiskDone { status: 0, hash: 77 },
+                    Event::DiskDone {
+                        status: 0,
+                        hash: 77,
+                    },
                 ],
             },
             Record::Digest {
@@ -795,7 +810,10 @@ mod tests {
         b[2 + 8] = 9;
         assert_eq!(decode_all(&b), Err(DecodeError::Version(9)));
         // Not a log.
-        assert_eq!(decode_all(b"definitely not a log"), Err(DecodeError::BadMagic));
+        assert_eq!(
+            decode_all(b"definitely not a log"),
+            Err(DecodeError::BadMagic)
+        );
         // Unknown record kind after the header.
         let hdr_len = {
             let mut d = Decoder::new(&good);
@@ -804,12 +822,18 @@ mod tests {
         };
         let mut b = good[..hdr_len].to_vec();
         b.extend_from_slice(&[0x77, 0]);
-        assert!(matches!(decode_all(&b), Err(DecodeError::UnknownKind { kind: 0x77, .. })));
+        assert!(matches!(
+            decode_all(&b),
+            Err(DecodeError::UnknownKind { kind: 0x77, .. })
+        ));
         // Oversized length.
         let mut b = good[..hdr_len].to_vec();
         b.push(KIND_BOUNDARY);
         put_varint(&mut b, MAX_PAYLOAD + 1);
-        assert!(matches!(decode_all(&b), Err(DecodeError::Oversized { what: "record", .. })));
+        assert!(matches!(
+            decode_all(&b),
+            Err(DecodeError::Oversized { what: "record", .. })
+        ));
         // Boundary going backwards.
         let mut recs = sample();
         recs.insert(
@@ -823,14 +847,21 @@ mod tests {
         );
         assert!(matches!(
             decode_all(&encode_all(&recs)),
-            Err(DecodeError::Backwards { boundary: 2, previous: 3, .. })
+            Err(DecodeError::Backwards {
+                boundary: 2,
+                previous: 3,
+                ..
+            })
         ));
         // Unknown event.
         let mut b = good[..hdr_len].to_vec();
         b.extend_from_slice(&[KIND_BOUNDARY, 27, 1]);
         b.extend_from_slice(&[0; 24]);
         b.extend_from_slice(&[1, 0x55]);
-        assert!(matches!(decode_all(&b), Err(DecodeError::UnknownEvent { tag: 0x55, .. })));
+        assert!(matches!(
+            decode_all(&b),
+            Err(DecodeError::UnknownEvent { tag: 0x55, .. })
+        ));
     }
 
     #[test]

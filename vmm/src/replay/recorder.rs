@@ -108,7 +108,11 @@ impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
         true
     }
 
-    fn boundary(&mut self, b: Boundary, fingerprint: Option<Fingerprint>) -> Result<(), InputError> {
+    fn boundary(
+        &mut self,
+        b: Boundary,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<(), InputError> {
         self.flush_pending()?;
         self.pending = Some(Pending {
             boundary: b,
@@ -131,7 +135,12 @@ impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
         Ok(v)
     }
 
-    fn wait(&mut self, b: Boundary, deadline_ns: u64, rx_room: usize) -> Result<ClockValue, InputError> {
+    fn wait(
+        &mut self,
+        b: Boundary,
+        deadline_ns: u64,
+        rx_room: usize,
+    ) -> Result<ClockValue, InputError> {
         let c = self.live.wait(b, deadline_ns, rx_room)?;
         self.push(Event::WaitEnded(c));
         Ok(c)

@@ -105,7 +105,12 @@ impl Replayer {
                 kind: EndKind::Stopped(sig),
                 ..
             }) if *boundary == b => InputError::Stopped(*sig),
-            _ => Self::diverge(b, format!("the guest asked for {asked}, but the log records no input at this boundary")),
+            _ => Self::diverge(
+                b,
+                format!(
+                    "the guest asked for {asked}, but the log records no input at this boundary"
+                ),
+            ),
         }
     }
 
@@ -113,7 +118,10 @@ impl Replayer {
         match self.current.as_mut() {
             Some((cb, events)) if *cb == b => match events.pop_front() {
                 Some(e) => Ok(e),
-                None => Err(Self::diverge(b, format!("the guest asked for {asked}, more inputs than the log records here"))),
+                None => Err(Self::diverge(
+                    b,
+                    format!("the guest asked for {asked}, more inputs than the log records here"),
+                )),
             },
             _ => Err(self.no_input(b, asked)),
         }
@@ -122,11 +130,14 @@ impl Replayer {
     fn check_current_consumed(&mut self) -> Result<(), InputError> {
         if let Some((b, events)) = self.current.take() {
             if !events.is_empty() {
-                return Err(Self::diverge(b, format!(
+                return Err(Self::diverge(
+                    b,
+                    format!(
                     "the log records {} more input(s) here ({:?}) that the guest did not ask for",
                     events.len(),
                     events.front()
-                )));
+                ),
+                ));
             }
         }
         Ok(())
@@ -138,7 +149,11 @@ impl Inputs for Replayer {
         true
     }
 
-    fn boundary(&mut self, b: Boundary, fingerprint: Option<Fingerprint>) -> Result<(), InputError> {
+    fn boundary(
+        &mut self,
+        b: Boundary,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<(), InputError> {
         self.check_current_consumed()?;
         self.skip_watermarks();
         match self.records.front() {
@@ -168,15 +183,19 @@ impl Inputs for Replayer {
                 self.current = Some((b, events.into()));
                 Ok(())
             }
-            Some(Record::Boundary { boundary, .. }) if *boundary < b => {
-                Err(Self::diverge(*boundary, "the guest passed a boundary with logged inputs without asking for them"))
-            }
+            Some(Record::Boundary { boundary, .. }) if *boundary < b => Err(Self::diverge(
+                *boundary,
+                "the guest passed a boundary with logged inputs without asking for them",
+            )),
             Some(Record::End(e)) if e.boundary < b => match e.kind {
                 EndKind::Stopped(sig) => Err(InputError::Stopped(sig)),
-                _ => Err(Self::diverge(b, format!(
-                    "the guest went on past the recorded end (boundary {})",
-                    e.boundary
-                ))),
+                _ => Err(Self::diverge(
+                    b,
+                    format!(
+                        "the guest went on past the recorded end (boundary {})",
+                        e.boundary
+                    ),
+                )),
             },
             _ => Ok(()),
         }
@@ -185,21 +204,35 @@ impl Inputs for Replayer {
     fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError> {
         match self.next_event(b, "the clock")? {
             Event::Clock(c) => Ok(c),
-            other => Err(Self::diverge(b, format!("the guest read the clock; the log has {other:?}"))),
+            other => Err(Self::diverge(
+                b,
+                format!("the guest read the clock; the log has {other:?}"),
+            )),
         }
     }
 
     fn entropy(&mut self, b: Boundary) -> Result<u64, InputError> {
         match self.next_event(b, "entropy")? {
             Event::Entropy(v) => Ok(v),
-            other => Err(Self::diverge(b, format!("the guest read entropy; the log has {other:?}"))),
+            other => Err(Self::diverge(
+                b,
+                format!("the guest read entropy; the log has {other:?}"),
+            )),
         }
     }
 
-    fn wait(&mut self, b: Boundary, _deadline_ns: u64, _rx_room: usize) -> Result<ClockValue, InputError> {
+    fn wait(
+        &mut self,
+        b: Boundary,
+        _deadline_ns: u64,
+        _rx_room: usize,
+    ) -> Result<ClockValue, InputError> {
         match self.next_event(b, "a WAIT")? {
             Event::WaitEnded(c) => Ok(c),
-            other => Err(Self::diverge(b, format!("the guest WAITed; the log has {other:?}"))),
+            other => Err(Self::diverge(
+                b,
+                format!("the guest WAITed; the log has {other:?}"),
+            )),
         }
     }
 
@@ -215,10 +248,13 @@ impl Inputs for Replayer {
             }
         }
         if frames.len() > room {
-            return Err(Self::diverge(b, format!(
-                "the log delivers {} frames here, the guest has room for {room}",
-                frames.len()
-            )));
+            return Err(Self::diverge(
+                b,
+                format!(
+                    "the log delivers {} frames here, the guest has room for {room}",
+                    frames.len()
+                ),
+            ));
         }
         Ok(frames)
     }
@@ -226,7 +262,10 @@ impl Inputs for Replayer {
     fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
         match self.next_event(b, "random bytes")? {
             Event::Random(v) if v.len() == len => Ok(v),
-            other => Err(Self::diverge(b, format!("the guest asked for {len} random bytes; the log has {other:?}"))),
+            other => Err(Self::diverge(
+                b,
+                format!("the guest asked for {len} random bytes; the log has {other:?}"),
+            )),
         }
     }
 
@@ -251,18 +290,30 @@ impl Inputs for Replayer {
             .iter()
             .position(|r| !matches!(r, Record::Watermark(_)));
         match pos.map(|i| (i, &self.records[i])) {
-            Some((i, Record::Digest { boundary, digest: recorded })) if *boundary == b => {
+            Some((
+                i,
+                Record::Digest {
+                    boundary,
+                    digest: recorded,
+                },
+            )) if *boundary == b => {
                 if *recorded != digest {
-                    return Err(Self::diverge(b, format!(
-                        "guest memory differs: recorded digest {}…, replay {}…",
-                        hex(recorded),
-                        hex(&digest)
-                    )));
+                    return Err(Self::diverge(
+                        b,
+                        format!(
+                            "guest memory differs: recorded digest {}…, replay {}…",
+                            hex(recorded),
+                            hex(&digest)
+                        ),
+                    ));
                 }
                 self.records.remove(i);
                 Ok(())
             }
-            _ => Err(Self::diverge(b, "the log has no memory digest for this boundary")),
+            _ => Err(Self::diverge(
+                b,
+                "the log has no memory digest for this boundary",
+            )),
         }
     }
 
@@ -272,10 +323,13 @@ impl Inputs for Replayer {
         let recorded = match self.records.pop_front() {
             Some(Record::End(e)) => e,
             Some(Record::Boundary { boundary, .. }) | Some(Record::Digest { boundary, .. }) => {
-                return Err(Self::diverge(boundary, format!(
-                    "the replay ended ({:?} at boundary {}) before the recorded run did",
-                    end.kind, end.boundary
-                )))
+                return Err(Self::diverge(
+                    boundary,
+                    format!(
+                        "the replay ended ({:?} at boundary {}) before the recorded run did",
+                        end.kind, end.boundary
+                    ),
+                ))
             }
             _ => return Err(InputError::Log("the log has no end record".into())),
         };
@@ -297,11 +351,14 @@ impl Inputs for Replayer {
             )));
         }
         if recorded.memory_digest != end.memory_digest {
-            return Err(Self::diverge(b, format!(
-                "final memory differs: recorded {}…, replay {}…",
-                hex(&recorded.memory_digest),
-                hex(&end.memory_digest)
-            )));
+            return Err(Self::diverge(
+                b,
+                format!(
+                    "final memory differs: recorded {}…, replay {}…",
+                    hex(&recorded.memory_digest),
+                    hex(&end.memory_digest)
+                ),
+            ));
         }
         if recorded.console_digest != end.console_digest {
             return Err(Self::diverge(b, "the console output differs"));

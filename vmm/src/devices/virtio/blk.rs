@@ -106,7 +106,8 @@ impl Block {
                     tracing::error!("virtio-blk: read of sector {sector}: {e}");
                     return (S_IOERR, 0, 0);
                 }
-                let hash = u64::from_le_bytes(blake3::hash(&buf).as_bytes()[..8].try_into().expect("8"));
+                let hash =
+                    u64::from_le_bytes(blake3::hash(&buf).as_bytes()[..8].try_into().expect("8"));
                 match super::write_segments(mem, data, &buf) {
                     Ok(n) => (S_OK, n, hash),
                     Err(_) => self.bad("read buffer outside guest memory"),
@@ -169,7 +170,11 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn take_requests(&mut self, queues: &mut [Queue], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn take_requests(
+        &mut self,
+        queues: &mut [Queue],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         let q = &mut queues[0];
         while let Some(req) = pop_request(q, cx.mem) {
             let (status, written, hash) = self.execute(&req.segments, cx);

@@ -77,7 +77,12 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
         self.device.name()
     }
 
-    fn read(&mut self, offset: u64, data: &mut [u8], _cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn read(
+        &mut self,
+        offset: u64,
+        data: &mut [u8],
+        _cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         if offset >= 0x100 {
             self.device.read_config(offset - 0x100, data);
             return Ok(());
@@ -120,7 +125,10 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
             0x014 => self.device_features_sel = v,
             0x020 if setup => match self.driver_features_sel {
                 0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
                 _ => {}
             },
             0x024 => self.driver_features_sel = v,
@@ -158,7 +166,9 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
                     self.reset();
                 } else {
                     let mut v = v;
-                    if v & STATUS_FEATURES_OK != 0 && self.driver_features & !self.device.features() != 0 {
+                    if v & STATUS_FEATURES_OK != 0
+                        && self.driver_features & !self.device.features() != 0
+                    {
                         self.misuse(format_args!("accepted features it was not offered"));
                         v &= !STATUS_FEATURES_OK;
                     }
@@ -166,7 +176,11 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
                 }
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setup => {
-                let (low, high) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (low, high) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
                 if let Some(q) = self.queue() {
                     match offset & !4 {
                         0x080 => q.set_desc_table_address(low, high),
@@ -175,7 +189,9 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
                     }
                 }
             }
-            _ => self.misuse(format_args!("wrote {v:#x} to {offset:#x} (read-only, unknown, or after DRIVER_OK)")),
+            _ => self.misuse(format_args!(
+                "wrote {v:#x} to {offset:#x} (read-only, unknown, or after DRIVER_OK)"
+            )),
         }
         Ok(())
     }

@@ -68,7 +68,8 @@ pub fn available(queue: &Queue, mem: &GuestMemory) -> usize {
         return 0;
     }
     match queue.avail_idx(mem.mmap(), std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) => usize::from((idx - std::num::Wrapping(queue.next_avail())).0).min(usize::from(queue.size())),
+        Ok(idx) => usize::from((idx - std::num::Wrapping(queue.next_avail())).0)
+            .min(usize::from(queue.size())),
         Err(_) => 0,
     }
 }
@@ -86,9 +87,17 @@ pub trait VirtioDevice: Send {
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Step 1: takes new requests from the queues (the device is active).
-    fn take_requests(&mut self, queues: &mut [Queue], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError>;
+    fn take_requests(
+        &mut self,
+        queues: &mut [Queue],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError>;
     /// Step 2 at WAIT/POLL: applies pending events.
-    fn apply_events(&mut self, _queues: &mut [Queue], _cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn apply_events(
+        &mut self,
+        _queues: &mut [Queue],
+        _cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         Ok(())
     }
     /// Frames the guest could receive now.
@@ -113,7 +122,11 @@ pub fn write_segments(mem: &GuestMemory, segs: &[Segment], data: &[u8]) -> Resul
 
 /// Reads the readable segments, in order, up to `limit` bytes (longer chains are an error).
 pub fn read_segments(mem: &GuestMemory, segs: &[Segment], limit: usize) -> Result<Vec<u8>, String> {
-    let total: usize = segs.iter().filter(|s| !s.write).map(|s| s.len as usize).sum();
+    let total: usize = segs
+        .iter()
+        .filter(|s| !s.write)
+        .map(|s| s.len as usize)
+        .sum();
     if total > limit {
         return Err(format!("{total} bytes of request data (limit {limit})"));
     }

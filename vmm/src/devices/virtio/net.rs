@@ -7,7 +7,9 @@
 
 use virtio_queue::{Queue, QueueOwnedT};
 
-use super::{available, complete, pop_request, read_segments, write_segments, VirtioDevice, F_VERSION_1};
+use super::{
+    available, complete, pop_request, read_segments, write_segments, VirtioDevice, F_VERSION_1,
+};
 use crate::devices::ratelimit::RateLimit;
 use crate::epoch::{Boundary, BoundaryCx};
 use crate::error::VmmError;
@@ -77,7 +79,11 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn take_requests(&mut self, queues: &mut [Queue], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn take_requests(
+        &mut self,
+        queues: &mut [Queue],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         let q = &mut queues[TX];
         while let Some(req) = pop_request(q, cx.mem) {
             match read_segments(cx.mem, &req.segments, MAX_TX_FRAME + HDR_LEN) {
@@ -105,7 +111,11 @@ impl VirtioDevice for Net {
         available(&queues[RX], mem)
     }
 
-    fn apply_events(&mut self, queues: &mut [Queue], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn apply_events(
+        &mut self,
+        queues: &mut [Queue],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         let room = available(&queues[RX], cx.mem);
         if room == 0 {
             return Ok(());
@@ -116,14 +126,22 @@ impl VirtioDevice for Net {
             let Some(req) = pop_request(q, cx.mem) else {
                 break;
             };
-            let cap: usize = req.segments.iter().filter(|s| s.write).map(|s| s.len as usize).sum();
+            let cap: usize = req
+                .segments
+                .iter()
+                .filter(|s| s.write)
+                .map(|s| s.len as usize)
+                .sum();
             let mut buf = vec![0u8; HDR_LEN + frame.len()];
             buf[10] = 1; // num_buffers
             buf[HDR_LEN..].copy_from_slice(&frame);
             if cap < buf.len() {
                 self.counters[2] += 1;
                 if self.warnings.allow("virtio-net") {
-                    tracing::warn!("virtio-net: dropped a {}-byte frame: receive buffer holds {cap}", frame.len());
+                    tracing::warn!(
+                        "virtio-net: dropped a {}-byte frame: receive buffer holds {cap}",
+                        frame.len()
+                    );
                 }
                 q.go_to_previous_position();
                 continue;

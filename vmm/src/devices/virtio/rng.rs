@@ -31,7 +31,11 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn take_requests(&mut self, queues: &mut [Queue], cx: &mut BoundaryCx<'_>) -> Result<(), VmmError> {
+    fn take_requests(
+        &mut self,
+        queues: &mut [Queue],
+        cx: &mut BoundaryCx<'_>,
+    ) -> Result<(), VmmError> {
         let q = &mut queues[0];
         while let Some(req) = pop_request(q, cx.mem) {
             let want: usize = req
