@@ -210,6 +210,12 @@ pub mod testing {
         pub boundary: Boundary,
     }
 
+    impl Default for TestBoundary {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
     impl TestBoundary {
         /// A fresh context.
         pub fn new() -> Self {

@@ -299,7 +299,7 @@ impl Machine {
         };
         self.inputs.boundary(b, fp)?;
         let every = self.inputs.digest_every();
-        if every > 0 && b % every == 0 {
+        if every > 0 && b.is_multiple_of(every) {
             if let Some(d) = self.memory_digest()? {
                 self.inputs.memory_digest(b, d)?;
             }

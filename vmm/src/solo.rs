@@ -146,7 +146,7 @@ pub fn open_disk(opts: &DiskOptions) -> Result<(File, u64), VmmError> {
         Err(std::fs::TryLockError::Error(e)) => return Err(err(format!("cannot lock: {e}"))),
     }
     if created {
-        if opts.create_size == 0 || opts.create_size % SECTOR != 0 {
+        if opts.create_size == 0 || !opts.create_size.is_multiple_of(SECTOR) {
             return Err(err(format!(
                 "size {} is not a positive multiple of 512",
                 opts.create_size

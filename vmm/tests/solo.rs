@@ -106,9 +106,9 @@ fn an_image_too_large_for_memory_is_refused() {
     let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
     let phnum = u16::from_le_bytes(elf[56..58].try_into().unwrap()) as usize;
     let last_load = (0..phnum)
+        .rev()
         .map(|i| phoff + i * 56)
-        .filter(|&h| u32::from_le_bytes(elf[h..h + 4].try_into().unwrap()) == 1)
-        .last()
+        .find(|&h| u32::from_le_bytes(elf[h..h + 4].try_into().unwrap()) == 1)
         .unwrap();
     elf[last_load + 40..last_load + 48].copy_from_slice(&(512u64 << 20).to_le_bytes());
     let dir = tempfile::tempdir().unwrap();

@@ -22,15 +22,15 @@ fn main(_boot: &ftvm_guest::Boot) -> i32 {
         // SAFETY: MMIO accesses to the control device's window, which the VMM handles.
         unsafe {
             let _ = core::ptr::read_volatile((base + off) as *const u8);
-            if off % 8 == 0 {
+            if off.is_multiple_of(8) {
                 let _ = core::ptr::read_volatile((base + off) as *const u64);
             }
             if !skip {
                 core::ptr::write_volatile((base + off) as *mut u8, x as u8);
-                if off % 4 == 0 {
+                if off.is_multiple_of(4) {
                     core::ptr::write_volatile((base + off) as *mut u32, x as u32);
                 }
-                if off % 8 == 0 {
+                if off.is_multiple_of(8) {
                     core::ptr::write_volatile((base + off) as *mut u64, x);
                 }
             }

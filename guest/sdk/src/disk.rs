@@ -36,7 +36,7 @@ impl Disk {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), DiskError> {
-        let aligned = offset % SECTOR_SIZE as u64 == 0 && len % SECTOR_SIZE == 0;
+        let aligned = offset.is_multiple_of(SECTOR_SIZE as u64) && len.is_multiple_of(SECTOR_SIZE);
         if !aligned || offset + len as u64 > self.capacity() {
             return Err(DiskError::Range);
         }

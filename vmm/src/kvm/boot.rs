@@ -46,7 +46,7 @@ pub fn check_mem_size(size: u64) -> Result<(), VmmError> {
         format!("below the minimum of {} MiB", MIN_MEM_SIZE >> 20)
     } else if size > MAX_MEM_SIZE {
         format!("above the maximum of {} MiB", MAX_MEM_SIZE >> 20)
-    } else if size % (2 << 20) != 0 {
+    } else if !size.is_multiple_of(2 << 20) {
         "not a multiple of 2 MiB".to_string()
     } else {
         return Ok(());

@@ -91,7 +91,7 @@ impl Block {
         let sector = u64::from_le_bytes(h[8..16].try_into().expect("8"));
         let total: usize = data.iter().map(|s| s.len as usize).sum();
         let in_range = |total: usize| {
-            total as u64 % SECTOR == 0
+            (total as u64).is_multiple_of(SECTOR)
                 && sector
                     .checked_add(total as u64 / SECTOR)
                     .is_some_and(|end| end <= self.sectors)
