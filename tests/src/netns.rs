@@ -293,19 +293,25 @@ fn probe_result(out: Output) -> Result<bool> {
 /// Path of the `ftvm-nsprobe` binary of this crate: `$FTVM_NSPROBE` if set, otherwise next to
 /// (or one directory above) the running test executable, where cargo puts it.
 pub fn probe_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FTVM_NSPROBE") {
+    sibling_binary("ftvm-nsprobe", "FTVM_NSPROBE")
+}
+
+/// Path of a binary cargo built beside the running test executable (in its directory or one
+/// above), or `$env_var` if set.
+pub fn sibling_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe().context("locating the test executable")?;
     for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("ftvm-nsprobe");
+        let p = dir.join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
     bail!(
-        "ftvm-nsprobe not found next to {} (build it: cargo build -p ftvm-tests, or set \
-         FTVM_NSPROBE)",
+        "{name} not found next to {} (build the workspace first: cargo build --workspace, or \
+         set {env_var})",
         exe.display()
     )
 }

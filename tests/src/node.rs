@@ -13,20 +13,7 @@ use crate::netns::{Host, Netns};
 
 /// Path of the built `ftvm-node`: `$FTVM_NODE`, or next to the running test executable.
 pub fn node_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FTVM_NODE") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("ftvm-node");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "ftvm-node not found next to {} (cargo build --workspace first, or set FTVM_NODE)",
-        exe.display()
-    )
+    crate::netns::sibling_binary("ftvm-node", "FTVM_NODE")
 }
 
 /// Fails loudly when KVM is unusable: these tests need it, and CI has it.

@@ -16,11 +16,9 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use ftvm_guest::disk::Disk;
-use ftvm_guest::net::GuestNet;
-use ftvm_guest::smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use ftvm_guest::net::Stack;
+use ftvm_guest::smoltcp::iface::SocketHandle;
 use ftvm_guest::smoltcp::socket::tcp;
-use ftvm_guest::smoltcp::time::Instant;
-use ftvm_guest::smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 use ftvm_guest::{control, println, time, virtio};
 use kvcore::{aof, Connection, Limits, LogWriter, Store};
 
@@ -44,10 +42,6 @@ fn option(args: &str, key: &str) -> Option<u64> {
 
 fn now_ms() -> u64 {
     time::wall_now_ns() / 1_000_000
-}
-
-fn instant() -> Instant {
-    Instant::from_micros((time::now_ns() / 1000) as i64)
 }
 
 fn main(boot: &ftvm_guest::Boot) -> i32 {
@@ -114,31 +108,14 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
     println!("kv: {} keys", store.len());
 
     // The network.
-    let mut dev = match GuestNet::new(net) {
-        Ok(d) => d,
+    let mut net = match Stack::new(net, &netcfg, control::entropy()) {
+        Ok(n) => n,
         Err(e) => {
             println!("kv: virtio-net: {e:?}");
             return 1;
         }
     };
-    let mac = EthernetAddress(netcfg.mac[..6].try_into().expect("6 bytes"));
-    let mut config = Config::new(HardwareAddress::Ethernet(mac));
-    config.random_seed = control::entropy();
-    let mut iface = Interface::new(config, &mut dev, instant());
     let [a, b, c, d] = netcfg.ipv4;
-    iface.update_ip_addrs(|addrs| {
-        let _ = addrs.push(IpCidr::new(
-            Ipv4Address::new(a, b, c, d).into(),
-            netcfg.prefix_len as u8,
-        ));
-    });
-    if netcfg.gateway != [0; 4] {
-        let [a, b, c, d] = netcfg.gateway;
-        let _ = iface
-            .routes_mut()
-            .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
-    }
-    let mut sockets = SocketSet::new(Vec::new());
     let mut clients: Vec<Client> = (0..nsockets)
         .map(|_| {
             let mut s = tcp::Socket::new(
@@ -148,7 +125,7 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
             s.set_nagle_enabled(false);
             let _ = s.listen(PORT);
             Client {
-                handle: sockets.add(s),
+                handle: net.sockets.add(s),
                 conn: Connection::new(limits),
                 out: Vec::new(),
             }
@@ -162,11 +139,11 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
     let mut rx = vec![0u8; 16 * 1024];
     loop {
         let mut busy = false;
-        iface.poll(instant(), &mut dev, &mut sockets);
+        net.poll();
         let now = now_ms();
         let mut connected = 0;
         for cl in clients.iter_mut() {
-            let s = sockets.get_mut::<tcp::Socket>(cl.handle);
+            let s = net.sockets.get_mut::<tcp::Socket>(cl.handle);
             while s.can_recv() {
                 match s.recv_slice(&mut rx) {
                     Ok(0) | Err(_) => break,
@@ -198,7 +175,7 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
             busy = true;
         }
         for cl in clients.iter_mut() {
-            let s = sockets.get_mut::<tcp::Socket>(cl.handle);
+            let s = net.sockets.get_mut::<tcp::Socket>(cl.handle);
             cl.conn.take_output(&log, &mut cl.out);
             while !cl.out.is_empty() && s.can_send() {
                 match s.send_slice(&cl.out) {
@@ -225,14 +202,7 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
                 cl.out.clear();
             }
         }
-        iface.poll(instant(), &mut dev, &mut sockets);
-        if busy || dev.has_rx() {
-            control::poll();
-        } else {
-            let delay = iface
-                .poll_delay(instant(), &sockets)
-                .map_or(MAX_IDLE_NS, |d| (d.total_micros() * 1000).min(MAX_IDLE_NS));
-            time::wait_until(time::now_ns().saturating_add(delay.max(1)));
-        }
+        net.poll();
+        net.idle(busy, MAX_IDLE_NS);
     }
 }

@@ -52,15 +52,11 @@ impl Disk {
     /// Reads `buf.len()` bytes at `offset` (both sector-aligned).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check(offset, buf.len())?;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(CHUNK);
-            let chunk = &mut buf[done..done + n];
-            let block = (offset as usize + done) / SECTOR_SIZE;
-            let mut req = BlkReq::default();
-            let mut resp = BlkResp::default();
-            // SAFETY: `req`, `chunk` and `resp` stay untouched until the request completes
-            // below, and are passed again unchanged to complete it.
+        for (block, range) in chunks(offset, buf.len()) {
+            let chunk = &mut buf[range];
+            let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
+            // SAFETY: `req`, `chunk` and `resp` stay untouched until the request completes,
+            // and are passed again unchanged to complete it.
             unsafe {
                 let token = self
                     .blk
@@ -71,10 +67,7 @@ impl Disk {
                     .complete_read_blocks(token, &req, chunk, &mut resp)
                     .map_err(DiskError::Driver)?;
             }
-            if resp.status() != RespStatus::OK {
-                return Err(DiskError::Status(resp.status()));
-            }
-            done += n;
+            ok(&resp)?;
         }
         Ok(())
     }
@@ -83,13 +76,9 @@ impl Disk {
     /// device is write-through).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
         self.check(offset, data.len())?;
-        let mut done = 0;
-        while done < data.len() {
-            let n = (data.len() - done).min(CHUNK);
-            let chunk = &data[done..done + n];
-            let block = (offset as usize + done) / SECTOR_SIZE;
-            let mut req = BlkReq::default();
-            let mut resp = BlkResp::default();
+        for (block, range) in chunks(offset, data.len()) {
+            let chunk = &data[range];
+            let (mut req, mut resp) = (BlkReq::default(), BlkResp::default());
             // SAFETY: as in `read`.
             unsafe {
                 let token = self
@@ -101,11 +90,24 @@ impl Disk {
                     .complete_write_blocks(token, &req, chunk, &mut resp)
                     .map_err(DiskError::Driver)?;
             }
-            if resp.status() != RespStatus::OK {
-                return Err(DiskError::Status(resp.status()));
-            }
-            done += n;
+            ok(&resp)?;
         }
         Ok(())
+    }
+}
+
+/// Splits `[offset, offset+len)` into requests of at most [`CHUNK`] bytes: (first block,
+/// byte range within the caller's buffer).
+fn chunks(offset: u64, len: usize) -> impl Iterator<Item = (usize, core::ops::Range<usize>)> {
+    (0..len).step_by(CHUNK).map(move |done| {
+        let end = (done + CHUNK).min(len);
+        ((offset as usize + done) / SECTOR_SIZE, done..end)
+    })
+}
+
+fn ok(resp: &BlkResp) -> Result<(), DiskError> {
+    match resp.status() {
+        RespStatus::OK => Ok(()),
+        s => Err(DiskError::Status(s)),
     }
 }

@@ -159,3 +159,77 @@ impl Device for GuestNet {
         c
     }
 }
+
+/// A guest's network stack and its event loop: smoltcp over [`GuestNet`], configured from the
+/// boot info. A service's loop calls [`poll`](Stack::poll), does its work on
+/// [`sockets`](Stack::sockets), calls `poll` again to send, then [`idle`](Stack::idle): a POLL
+/// exit while there is work, otherwise a WAIT until smoltcp's next timer (or a frame).
+pub struct Stack {
+    /// The device.
+    pub dev: GuestNet,
+    /// The smoltcp interface.
+    pub iface: smoltcp::iface::Interface,
+    /// The sockets.
+    pub sockets: smoltcp::iface::SocketSet<'static>,
+}
+
+/// smoltcp's notion of now, from the VMM's clock as of the last exit.
+pub fn now() -> Instant {
+    Instant::from_micros((crate::time::now_ns() / 1000) as i64)
+}
+
+impl Stack {
+    /// Brings up the NIC with the address, prefix and gateway in `cfg`; `seed` seeds smoltcp
+    /// (take it from the VMM's entropy).
+    pub fn new(
+        transport: Mmio,
+        cfg: &ftvm_abi::NetConfig,
+        seed: u64,
+    ) -> Result<Self, virtio_drivers::Error> {
+        use smoltcp::iface::{Config, Interface, SocketSet};
+        use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+        let mut dev = GuestNet::new(transport)?;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&cfg.mac[..6]);
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+        config.random_seed = seed;
+        let mut iface = Interface::new(config, &mut dev, now());
+        let [a, b, c, d] = cfg.ipv4;
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(
+                Ipv4Address::new(a, b, c, d).into(),
+                cfg.prefix_len as u8,
+            ));
+        });
+        if cfg.gateway != [0; 4] {
+            let [a, b, c, d] = cfg.gateway;
+            let _ = iface
+                .routes_mut()
+                .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+        }
+        Ok(Stack {
+            dev,
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+        })
+    }
+
+    /// Moves frames between the device and the sockets.
+    pub fn poll(&mut self) {
+        self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+    }
+
+    /// Ends a loop iteration: POLL if `busy` or a frame is waiting, else WAIT until smoltcp's
+    /// next timer, at most `max_idle_ns` (a frame arriving ends the WAIT early).
+    pub fn idle(&mut self, busy: bool, max_idle_ns: u64) {
+        if busy || self.dev.has_rx() {
+            crate::control::poll();
+        } else {
+            let delay = self
+                .iface
+                .poll_delay(now(), &self.sockets)
+                .map_or(max_idle_ns, |d| (d.total_micros() * 1000).min(max_idle_ns));
+            crate::time::wait_until(crate::time::now_ns().saturating_add(delay.max(1)));
+        }
+    }
+}
