@@ -28,8 +28,12 @@ use crate::signals::StopSignal;
 use crate::spec::{DeviceSpec, DiskOptions};
 use ftvm_abi::control;
 
-/// Console output to the process's stdout, flushed at every write.
-pub struct StdoutConsole;
+/// Console output to the process's stdout (flushed at every write) and, line by line, to the
+/// node's log (target `guest`, level info).
+#[derive(Default)]
+pub struct StdoutConsole {
+    line: Vec<u8>,
+}
 
 impl ConsoleSink for StdoutConsole {
     fn write(&mut self, bytes: &[u8]) {
@@ -37,6 +41,14 @@ impl ConsoleSink for StdoutConsole {
         // A closed stdout must not stop the VM.
         let _ = out.write_all(bytes);
         let _ = out.flush();
+        for &b in bytes {
+            if b == b'\n' || self.line.len() >= 4096 {
+                tracing::info!(target: "guest", "{}", String::from_utf8_lossy(&self.line));
+                self.line.clear();
+            } else {
+                self.line.push(b);
+            }
+        }
     }
 }
 
@@ -344,7 +356,7 @@ pub fn run_solo(
         HostResources::default(),
         stop,
         None,
-        Box::new(StdoutConsole),
+        Box::new(StdoutConsole::default()),
     )?
     .outcome)
 }

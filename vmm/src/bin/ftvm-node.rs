@@ -140,6 +140,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,virtio_queue=off")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Guests => {
@@ -294,7 +295,7 @@ fn run(a: RunArgs) -> ExitCode {
         host,
         stop,
         record.as_ref(),
-        Box::new(vmm::solo::StdoutConsole),
+        Box::new(vmm::solo::StdoutConsole::default()),
     ) {
         Ok(s) => {
             if record.is_some() {
@@ -338,7 +339,7 @@ fn replay(
         Ok(s) => s,
         Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
     };
-    let console = Box::new(vmm::solo::StdoutConsole);
+    let console = Box::new(vmm::solo::StdoutConsole::default());
     match vmm::solo::replay(
         &image.bytes,
         &bytes,
