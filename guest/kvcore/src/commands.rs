@@ -333,3 +333,13 @@ fn clamp_range(start: i64, stop: i64, len: usize) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests;
+
+/// Replies with how many elements a removing command removed; a removal is a write to log.
+fn removed(c: &mut Ctx<'_>, n: usize) -> Effect {
+    write_int(c.out, n as i64);
+    if n > 0 {
+        Effect::Logged
+    } else {
+        Effect::None
+    }
+}

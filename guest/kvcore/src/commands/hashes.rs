@@ -89,12 +89,7 @@ pub(super) fn hdel(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         Some(_) => return err(c, WRONGTYPE),
     };
     c.s.remove_if_empty(&a[1]);
-    write_int(c.out, n as i64);
-    if n > 0 {
-        Effect::Logged
-    } else {
-        Effect::None
-    }
+    removed(c, n)
 }
 
 pub(super) fn hlen(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {

@@ -4,12 +4,7 @@ use super::*;
 
 pub(super) fn del(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
     let n = a[1..].iter().filter(|k| c.s.remove(k)).count();
-    write_int(c.out, n as i64);
-    if n > 0 {
-        Effect::Logged
-    } else {
-        Effect::None
-    }
+    removed(c, n)
 }
 
 pub(super) fn exists(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {

@@ -12,12 +12,7 @@ pub(super) fn sadd(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         return Effect::None;
     };
     let n = a[2..].iter().filter(|m| set.insert((*m).clone())).count();
-    write_int(c.out, n as i64);
-    if n > 0 {
-        Effect::Logged
-    } else {
-        Effect::None
-    }
+    removed(c, n)
 }
 
 pub(super) fn srem(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
@@ -27,12 +22,7 @@ pub(super) fn srem(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         Some(_) => return err(c, WRONGTYPE),
     };
     c.s.remove_if_empty(&a[1]);
-    write_int(c.out, n as i64);
-    if n > 0 {
-        Effect::Logged
-    } else {
-        Effect::None
-    }
+    removed(c, n)
 }
 
 pub(super) fn spop(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {

@@ -169,12 +169,7 @@ pub(super) fn zrem(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
         Some(_) => return err(c, WRONGTYPE),
     };
     c.s.remove_if_empty(&a[1]);
-    write_int(c.out, n as i64);
-    if n > 0 {
-        Effect::Logged
-    } else {
-        Effect::None
-    }
+    removed(c, n)
 }
 
 pub(super) fn zcard(c: &mut Ctx<'_>, a: &[Vec<u8>]) -> Effect {
