@@ -104,6 +104,11 @@ pub trait Inputs: Send {
     fn memory_digest(&mut self, _b: Boundary, _digest: [u8; 32]) -> Result<(), InputError> {
         Ok(())
     }
+    /// Whether the run must stop right after boundary `b` (a replay reaching the point where
+    /// the recorded run was stopped by a signal between two exits): the signal, if so.
+    fn stop_after(&self, _b: Boundary) -> Option<i32> {
+        None
+    }
     /// The run ended in `end`.
     fn finish(&mut self, _end: &crate::replay::codec::End) -> Result<(), InputError> {
         Ok(())

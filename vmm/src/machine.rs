@@ -220,6 +220,8 @@ impl Machine {
                 RunState::Running => {
                     if let Some(signal) = self.stop.signalled() {
                         RunState::Finishing(Outcome::Stopped { signal })
+                    } else if let Some(signal) = self.inputs.stop_after(self.boundary) {
+                        RunState::Finishing(Outcome::Stopped { signal })
                     } else {
                         let exit = self.vm.vcpu.run()?;
                         self.on_exit(exit)?
@@ -290,14 +292,16 @@ impl Machine {
         addr: u64,
         access: Access<'_>,
     ) -> Result<Option<MachineRequest>, VmmError> {
-        self.boundary += 1;
-        let b = self.boundary;
+        let b = self.boundary + 1;
         let fp = if self.inputs.wants_fingerprint() {
             Some(self.fingerprint()?)
         } else {
             None
         };
+        // The input source may end the run here (a replay reaching a recorded stop): the run
+        // then stopped before this boundary, as the recorded one did.
         self.inputs.boundary(b, fp)?;
+        self.boundary = b;
         let every = self.inputs.digest_every();
         if every > 0 && b.is_multiple_of(every) {
             if let Some(d) = self.memory_digest()? {

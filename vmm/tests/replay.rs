@@ -353,3 +353,77 @@ fn the_incremental_memory_digest_equals_a_full_one() {
     assert_eq!(incremental, full);
     assert_eq!(m.end().unwrap().memory_digest, full);
 }
+
+#[test]
+fn a_recording_stopped_between_exits_replays_to_the_same_stop() {
+    // `spin` computes forever after its first line: the signal always lands between exits, and
+    // the replay must stop there too instead of running the guest on (forever).
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("spin.ftlog");
+    let node = common::Running::start(&[
+        "run",
+        "--solo",
+        "--guest",
+        "spin",
+        "--record",
+        log.to_str().unwrap(),
+    ]);
+    node.expect_line("spin: spinning", std::time::Duration::from_secs(30));
+    node.signal(libc::SIGTERM);
+    let (status, err) = node.wait_within(std::time::Duration::from_secs(5));
+    assert_eq!(status.code(), Some(143), "{err}");
+    let rec = err
+        .lines()
+        .find(|l| l.starts_with("record:"))
+        .unwrap()
+        .to_string();
+    let node =
+        common::Running::start(&["replay", "--guest", "spin", "--log", log.to_str().unwrap()]);
+    node.expect_line("spin: spinning", std::time::Duration::from_secs(30));
+    let (status, err) = node.wait_within(std::time::Duration::from_secs(10));
+    assert_eq!(status.code(), Some(143), "{err}");
+    let rep = err
+        .lines()
+        .find(|l| l.starts_with("replay: identical"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(field(rep, "boundaries"), field(&rec, "boundaries"));
+}
+
+#[test]
+fn recordings_stopped_at_random_moments_replay_to_the_same_stop() {
+    // clockwork alternates computation and short WAITs: the signal lands in either.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..4 {
+        let log = dir.path().join(format!("stopped-{i}.ftlog"));
+        let node = common::Running::start(&[
+            "run",
+            "--solo",
+            "--guest",
+            "clockwork",
+            "--guest-args",
+            "10000000",
+            "--record",
+            log.to_str().unwrap(),
+        ]);
+        node.expect_line(
+            &format!("clockwork: round {}", 500 * (i + 1)),
+            std::time::Duration::from_secs(60),
+        );
+        node.signal(libc::SIGTERM);
+        let (status, err) = node.wait_within(std::time::Duration::from_secs(5));
+        assert_eq!(status.code(), Some(143), "{err}");
+        let rec = err
+            .lines()
+            .find(|l| l.starts_with("record:"))
+            .unwrap()
+            .to_string();
+        let o = replay("clockwork", &log);
+        let (_, se) = out(&o);
+        assert_eq!(o.status.code(), Some(143), "{se}");
+        let rep = se
+            .lines()
+            .find(|l| l.starts_with("replay: identical"))
+            .unwrap_or_else(|| panic!("{se}"));
+        assert_eq!(field(rep, "boundaries"), field(&rec, "boundaries"));
+    }
+}

@@ -283,6 +283,20 @@ impl Inputs for Replayer {
         self.header.digest_every
     }
 
+    fn stop_after(&self, b: Boundary) -> Option<i32> {
+        match (self.end.as_ref(), self.records.front()) {
+            (
+                Some(End {
+                    boundary,
+                    kind: EndKind::Stopped(sig),
+                    ..
+                }),
+                Some(Record::End(_)),
+            ) if *boundary == b => Some(*sig),
+            _ => None,
+        }
+    }
+
     fn memory_digest(&mut self, b: Boundary, digest: [u8; 32]) -> Result<(), InputError> {
         // The digest of `b` follows `b`'s boundary record, if there is one.
         let pos = self
