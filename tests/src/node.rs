@@ -40,8 +40,17 @@ pub struct RunningNode {
 impl RunningNode {
     /// Starts `ftvm-node <args>` inside `ns`.
     pub fn start(ns: &Netns, args: &[String]) -> Result<RunningNode> {
+        RunningNode::spawn(ns.command(node_binary()?), args)
+    }
+
+    /// Starts `ftvm-node <args>` in the test's own network namespace (no network devices).
+    pub fn start_here(args: &[&str]) -> Result<RunningNode> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        RunningNode::spawn(Command::new(node_binary()?), &args)
+    }
+
+    fn spawn(mut cmd: Command, args: &[String]) -> Result<RunningNode> {
         require_kvm();
-        let mut cmd = ns.command(node_binary()?);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawning ftvm-node")?;
         let out = child.stdout.take().context("stdout")?;
