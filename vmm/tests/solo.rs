@@ -202,3 +202,50 @@ fn guest_exit_statuses_pass_through() {
     assert!(o.status.success());
     assert!(stdout(&o).contains("exits=1000"), "{}", stdout(&o));
 }
+
+#[test]
+fn config_files_work_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("node.toml");
+    std::fs::write(
+        &good,
+        "solo = true\nguest = \"exitbench\"\nmem = \"32M\"\nguest_args = \"poll 10\"\n",
+    )
+    .unwrap();
+    let o = run(&["run", "--config", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("kind=poll exits=10"), "{}", stdout(&o));
+    // The command line wins over the file.
+    let o = run(&[
+        "run",
+        "--config",
+        good.to_str().unwrap(),
+        "--guest-args",
+        "clock 7",
+    ]);
+    assert!(stdout(&o).contains("kind=clock exits=7"), "{}", stdout(&o));
+
+    for (text, why) in [
+        ("solo = true\nguest = \"selftest\"\nmemory = \"64M\"\n", "unknown field `memory`"),
+        ("solo = true\nguest = [1, 2]\n", "invalid type"),
+        ("this is not toml at all", "config"),
+        ("solo = true\nguest = \"selftest\"\ntap = \"tap0\"\n", "a NIC needs all of --tap, --mac and --ip"),
+        ("solo = true\nguest = \"selftest\"\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.2/24\"\ntap = \"t\"\ngateway = \"nope\"\n", "--gateway"),
+        ("solo = true\nguest = \"selftest\"\ndisk_size = \"1M\"\n", "--disk-size needs --disk"),
+        ("guest = \"selftest\"\n", "only --solo runs"),
+    ] {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, text).unwrap();
+        let o = run(&["run", "--config", p.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(65), "{text:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(why), "{text:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty());
+    }
+    let o = run(&["run", "--solo", "--config", "/nonexistent/node.toml"]);
+    assert_eq!(o.status.code(), Some(65));
+    assert!(
+        stderr(&o).contains("/nonexistent/node.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
