@@ -343,24 +343,6 @@ pub fn run_live(
     })
 }
 
-/// Runs `image` alone with live inputs and the console on stdout (no devices).
-pub fn run_solo(
-    image: &[u8],
-    mem_size: u64,
-    params: &BootParams,
-    stop: Arc<StopSignal>,
-) -> Result<Outcome, VmmError> {
-    let setup = VmSetup::plain(image, mem_size, &params.args);
-    Ok(run_live(
-        &setup,
-        HostResources::default(),
-        stop,
-        None,
-        Box::new(StdoutConsole::default()),
-    )?
-    .outcome)
-}
-
 /// Runs `image` alone with live inputs, recording every input (no devices).
 pub fn run_recorded(
     image: &[u8],
