@@ -3,6 +3,7 @@
 //! be recorded and replayed.
 
 pub mod bus;
+pub mod channel;
 pub mod devices;
 pub mod epoch;
 pub mod error;

@@ -444,7 +444,7 @@ impl<'a> Decoder<'a> {
             return Ok(None);
         }
         let offset = self.pos as u64;
-        if self.pos == 0 && self.data[0] != KIND_HEADER {
+        if self.pos == 0 && !self.seen_header && self.data[0] != KIND_HEADER {
             return Err(DecodeError::BadMagic);
         }
         let mut frame = Reader {
@@ -671,6 +671,90 @@ impl<'a> Decoder<'a> {
     }
 }
 
+/// An incremental decoder for a log that arrives in pieces (the logging channel): bytes are
+/// [`push`](Self::push)ed as they arrive and [`next_record`](Self::next_record) answers
+/// `Ok(None)` ("need more") until a whole record is there. It applies exactly the checks of
+/// [`Decoder`] (it runs one on each complete record), so a stream is valid exactly when the
+/// same bytes would be a valid log file.
+#[derive(Default)]
+pub struct StreamDecoder {
+    buf: Vec<u8>,
+    pos: usize,
+    last_clock: ClockValue,
+    last_boundary: Option<Boundary>,
+    seen_header: bool,
+    ended: bool,
+}
+
+impl StreamDecoder {
+    /// A decoder expecting a header first.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes that arrived.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// The next complete record; `Ok(None)` when more bytes are needed. An error is final:
+    /// the stream cannot be used past it.
+    pub fn next_record(&mut self) -> Result<Option<Record>, DecodeError> {
+        let avail = &self.buf[self.pos..];
+        if avail.is_empty() {
+            return Ok(None);
+        }
+        // Is a whole frame (kind, varint length, payload) there?
+        let mut len = 0u64;
+        let mut i = 1;
+        loop {
+            let Some(&b) = avail.get(i) else {
+                return Ok(None);
+            };
+            if i > 10 {
+                break; // let the decoder report the malformed varint
+            }
+            len |= u64::from(b & 0x7f) << (7 * (i - 1));
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        if len <= MAX_PAYLOAD && (avail.len() as u64) < i as u64 + len {
+            return Ok(None);
+        }
+        let end = if len <= MAX_PAYLOAD {
+            self.pos + i + len as usize
+        } else {
+            self.buf.len()
+        };
+        let mut d = Decoder {
+            data: &self.buf[..end],
+            pos: self.pos,
+            last_clock: self.last_clock,
+            last_boundary: self.last_boundary,
+            seen_header: self.seen_header,
+            ended: self.ended,
+        };
+        let rec = d.next_record()?;
+        self.pos = d.pos;
+        self.last_clock = d.last_clock;
+        self.last_boundary = d.last_boundary;
+        self.seen_header = d.seen_header;
+        self.ended = d.ended;
+        Ok(rec)
+    }
+}
+
 /// Truncated blake3 of a boundary's events: what the VMM applied to the guest there.
 pub fn inputs_hash(events: &[Event]) -> u64 {
     let mut h = blake3::Hasher::new();
@@ -887,6 +971,79 @@ mod tests {
                 }
             }
             let _ = decode_all(&b);
+        }
+    }
+
+    fn stream_decode(bytes: &[u8], chunks: &[usize]) -> Result<Vec<Record>, DecodeError> {
+        let mut d = StreamDecoder::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut k = 0;
+        while at < bytes.len() {
+            let n = chunks[k % chunks.len()].max(1).min(bytes.len() - at);
+            k += 1;
+            d.push(&bytes[at..at + n]);
+            at += n;
+            while let Some(r) = d.next_record()? {
+                out.push(r);
+            }
+        }
+        assert_eq!(d.buffered(), 0, "a complete log leaves nothing buffered");
+        Ok(out)
+    }
+
+    #[test]
+    fn stream_decoder_gives_the_same_records_in_any_chunking() {
+        let recs = sample();
+        let bytes = encode_all(&recs);
+        for chunks in [&[1usize][..], &[2, 7], &[13, 1, 64], &[bytes.len()]] {
+            assert_eq!(stream_decode(&bytes, chunks).unwrap(), recs, "chunks {chunks:?}");
+        }
+    }
+
+    #[test]
+    fn stream_decoder_needs_more_instead_of_truncated() {
+        let bytes = encode_all(&sample());
+        for cut in 0..bytes.len() {
+            let mut d = StreamDecoder::new();
+            d.push(&bytes[..cut]);
+            let mut n = 0;
+            while let Some(_r) = d.next_record().expect("a prefix is never an error") {
+                n += 1;
+            }
+            let whole = decode_all(&bytes[..cut]);
+            // Every record wholly inside the prefix was decoded, nothing more.
+            match whole {
+                Ok(v) => assert_eq!(n, v.len()),
+                Err(_) => assert!(n < sample().len()),
+            }
+        }
+    }
+
+    #[test]
+    fn stream_decoder_reports_what_the_file_decoder_reports() {
+        let good = encode_all(&sample());
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x41;
+            let file = decode_all(&bad);
+            let mut d = StreamDecoder::new();
+            d.push(&bad);
+            let mut stream = Vec::new();
+            let res = loop {
+                match d.next_record() {
+                    Ok(Some(r)) => stream.push(r),
+                    Ok(None) => break Ok(stream),
+                    Err(e) => break Err(e),
+                }
+            };
+            match (file, res) {
+                (Ok(a), Ok(b)) => assert!(b.len() <= a.len() && a[..b.len()] == b[..]),
+                (Err(a), Err(b)) => assert_eq!(a, b, "byte {i}"),
+                // A corruption that makes a length longer: the stream waits for more bytes.
+                (Err(DecodeError::Truncated { .. }), Ok(_)) => {}
+                (a, b) => panic!("byte {i}: file decoder {a:?}, stream decoder {b:?}"),
+            }
         }
     }
 }

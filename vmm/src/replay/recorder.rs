@@ -8,6 +8,28 @@ use super::codec::{inputs_hash, Encoder, End, Event, Header, Record};
 use super::LogStats;
 use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
 
+/// Where a recorder's encoded records go: a file (any [`Write`]) or the logging channel.
+pub trait LogSink: Send {
+    /// Appends encoded records.
+    fn log_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Every record for every boundary up to and including `w` has been passed to
+    /// [`log_bytes`](Self::log_bytes) (DESIGN §5's watermark). Files ignore it.
+    fn log_watermark(&mut self, _w: Boundary) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The run ended: make everything durable or sent.
+    fn log_flush(&mut self) -> std::io::Result<()>;
+}
+
+impl<W: Write + Send> LogSink for W {
+    fn log_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
+    }
+    fn log_flush(&mut self) -> std::io::Result<()> {
+        self.flush()
+    }
+}
+
 struct Pending {
     boundary: Boundary,
     fingerprint: Fingerprint,
@@ -16,7 +38,7 @@ struct Pending {
 }
 
 /// Live inputs that record.
-pub struct Recorder<I: Inputs, W: Write + Send> {
+pub struct Recorder<I: Inputs, W: LogSink> {
     live: I,
     out: W,
     enc: Encoder,
@@ -27,14 +49,14 @@ pub struct Recorder<I: Inputs, W: Write + Send> {
     published: Arc<Mutex<LogStats>>,
 }
 
-impl<I: Inputs, W: Write + Send> Recorder<I, W> {
+impl<I: Inputs, W: LogSink> Recorder<I, W> {
     /// Starts a log on `out` with `header`.
     pub fn new(live: I, mut out: W, header: Header) -> Result<Self, InputError> {
         let mut enc = Encoder::new();
         let mut buf = Vec::new();
         let digest_every = header.digest_every;
         enc.encode(&Record::Header(header), &mut buf);
-        out.write_all(&buf)?;
+        out.log_bytes(&buf)?;
         let stats = LogStats {
             bytes: buf.len() as u64,
             ..Default::default()
@@ -66,7 +88,7 @@ impl<I: Inputs, W: Write + Send> Recorder<I, W> {
     fn write(&mut self, rec: &Record) -> Result<(), InputError> {
         self.buf.clear();
         self.enc.encode(rec, &mut self.buf);
-        self.out.write_all(&self.buf)?;
+        self.out.log_bytes(&self.buf)?;
         self.stats.bytes += self.buf.len() as u64;
         Ok(())
     }
@@ -103,7 +125,7 @@ impl<I: Inputs, W: Write + Send> Recorder<I, W> {
     }
 }
 
-impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
+impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
     fn wants_fingerprint(&self) -> bool {
         true
     }
@@ -114,6 +136,9 @@ impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
         fingerprint: Option<Fingerprint>,
     ) -> Result<(), InputError> {
         self.flush_pending()?;
+        if b > 1 {
+            self.out.log_watermark(b - 1)?;
+        }
         self.pending = Some(Pending {
             boundary: b,
             fingerprint: fingerprint.unwrap_or_default(),
@@ -180,7 +205,7 @@ impl<I: Inputs, W: Write + Send> Inputs for Recorder<I, W> {
     fn finish(&mut self, end: &End) -> Result<(), InputError> {
         self.flush_pending()?;
         self.write(&Record::End(end.clone()))?;
-        self.out.flush()?;
+        self.out.log_flush()?;
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = self.stats;
         Ok(())
     }

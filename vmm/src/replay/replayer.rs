@@ -8,6 +8,16 @@ use super::codec::{inputs_hash, DecodeError, Decoder, End, EndKind, Event, Heade
 use super::LogStats;
 use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
 
+/// Where a streaming replayer gets its records: the logging channel, in stream order.
+pub trait RecordFeed: Send {
+    /// The next record, blocking until one arrives. Fails with
+    /// [`InputError::Stopped`] when the node is stopping and with another error when the
+    /// stream ended; a feed never returns records that did not decode and check.
+    fn next_record(&mut self) -> Result<Record, InputError>;
+    /// Called at every boundary `b` the replay reaches (so `b - 1` is fully replayed).
+    fn replayed(&mut self, _b: Boundary) {}
+}
+
 /// Inputs read from a log.
 pub struct Replayer {
     header: Header,
@@ -15,6 +25,9 @@ pub struct Replayer {
     current: Option<(Boundary, VecDeque<Event>)>,
     end: Option<End>,
     stats: LogStats,
+    /// A stream the records come from (a backup), with the highest watermark seen.
+    feed: Option<Box<dyn RecordFeed>>,
+    watermark: Boundary,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -65,7 +78,62 @@ impl Replayer {
             current: None,
             end,
             stats,
+            feed: None,
+            watermark: Boundary::MAX,
         })
+    }
+
+    /// A replayer fed by a stream (a backup): the log's `header` was already received and
+    /// checked; at boundary `b` it waits until the stream's watermark is at least `b`, so it
+    /// knows every event the primary logged there.
+    pub fn streaming(header: Header, feed: Box<dyn RecordFeed>) -> Self {
+        Replayer {
+            header,
+            records: VecDeque::new(),
+            current: None,
+            end: None,
+            stats: LogStats::default(),
+            feed: Some(feed),
+            watermark: 0,
+        }
+    }
+
+    /// The highest watermark received so far (a file-backed replayer has them all).
+    pub fn watermark(&self) -> Boundary {
+        self.watermark
+    }
+
+    /// Takes records from the feed until the watermark reaches `b` (or the end arrived).
+    fn fill_to(&mut self, b: Boundary) -> Result<(), InputError> {
+        let Some(feed) = self.feed.as_mut() else {
+            return Ok(());
+        };
+        while self.watermark < b {
+            let r = feed.next_record()?;
+            match r {
+                Record::Watermark(w) => self.watermark = self.watermark.max(w),
+                Record::End(e) => {
+                    self.end = Some(e.clone());
+                    self.watermark = Boundary::MAX;
+                    self.records.push_back(Record::End(e));
+                }
+                Record::Header(_) => {
+                    return Err(InputError::Log("a second header on the stream".into()))
+                }
+                other => {
+                    match &other {
+                        Record::Boundary { events, .. } => {
+                            self.stats.boundary_records += 1;
+                            self.stats.events += events.len() as u64;
+                        }
+                        Record::Digest { .. } => self.stats.digests += 1,
+                        _ => {}
+                    }
+                    self.records.push_back(other)
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The log's header.
@@ -155,6 +223,10 @@ impl Inputs for Replayer {
         fingerprint: Option<Fingerprint>,
     ) -> Result<(), InputError> {
         self.check_current_consumed()?;
+        if let Some(feed) = self.feed.as_mut() {
+            feed.replayed(b);
+        }
+        self.fill_to(b)?;
         self.skip_watermarks();
         match self.records.front() {
             Some(Record::Boundary { boundary, .. }) if *boundary == b => {
@@ -333,6 +405,14 @@ impl Inputs for Replayer {
 
     fn finish(&mut self, end: &End) -> Result<(), InputError> {
         self.check_current_consumed()?;
+        if self.end.is_none() {
+            if self.feed.is_some() && matches!(end.kind, EndKind::Stopped(_)) {
+                // This node was stopped (a signal) while following a stream: there is no
+                // recorded end to compare with.
+                return Ok(());
+            }
+            self.fill_to(Boundary::MAX)?;
+        }
         self.skip_watermarks();
         let recorded = match self.records.pop_front() {
             Some(Record::End(e)) => e,

@@ -1,0 +1,81 @@
+//! The logging channel between primary and backup (DESIGN §5 "The stream"): one QUIC
+//! connection with mutual TLS, one bidirectional stream carrying [`msg`] frames — log records
+//! in the recorder's own codec primary→backup, acks and divergence reports backup→primary.
+//!
+//! Pieces:
+//! - [`msg`]: the message types and their framing, the handshake's configuration comparison;
+//! - [`gate`]: the Output Rule and its lease, as a pure state machine;
+//! - [`lag`]: the backup's lag, as a pure state machine;
+//! - [`primary`]: the primary's output task — takes records and frames from the vCPU thread
+//!   (never blocking it), sends batches and heartbeats, applies acks, releases frames;
+//! - [`backup`]: the backup's receive task — decodes and checks records as they arrive, feeds
+//!   the replayer, acknowledges.
+//! - [`connect`]: endpoints, connecting and accepting with the peer's identity checked.
+
+pub mod backup;
+pub mod connect;
+pub mod gate;
+pub mod lag;
+pub mod msg;
+pub mod primary;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Counters and gauges of the channel, shared with `status` and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// Log bytes sent (primary) or received (backup).
+    pub log_bytes: AtomicU64,
+    /// Channel messages sent.
+    pub messages_sent: AtomicU64,
+    /// Acks received (primary) or sent (backup).
+    pub acks: AtomicU64,
+    /// Heartbeat intervals that passed with nothing from the peer.
+    pub heartbeats_missed: AtomicU64,
+    /// Frames held by the Output Rule now.
+    pub frames_held: AtomicU64,
+    /// Frames released to the TAP.
+    pub frames_released: AtomicU64,
+    /// Frames dropped (held bytes over the cap, or a denied claim).
+    pub frames_dropped: AtomicU64,
+    /// The highest watermark acknowledged by the backup.
+    pub acked: AtomicU64,
+    /// The last boundary the backup replayed.
+    pub replayed: AtomicU64,
+    /// The backup's lag, in nanoseconds.
+    pub lag_ns: AtomicU64,
+    /// The highest boundary whose frame was released (never above `acked + 1`).
+    pub released_boundary: AtomicU64,
+    /// Whether a peer is connected.
+    pub peer_connected: AtomicBool,
+    /// Whether the lag bound holds the vCPU now.
+    pub throttled: AtomicBool,
+    /// Boundaries at which the vCPU was held by the lag bound.
+    pub throttle_waits: AtomicU64,
+    /// Memory digests compared (backup).
+    pub digests_checked: AtomicU64,
+}
+
+impl ChannelStats {
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    /// Adds to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Sets a gauge.
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Monotonic nanoseconds since the first call (the channel's injected clock in production).
+pub fn now_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}

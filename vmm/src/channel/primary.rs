@@ -1,0 +1,472 @@
+//! The primary's side of the channel: the vCPU thread's adapters ([`ChannelLog`] for the
+//! recorder's records, [`HeldFrames`] for transmitted frames, [`Throttle`] for the lag bound)
+//! and the output task that owns the Output Rule ([`OutputGate`]).
+//!
+//! The vCPU thread never blocks on the network: it hands records and frames to the output
+//! task through an unbounded queue, in the order it produced them. The task sends a batch as
+//! soon as it has one (so a frame waiting for its watermark is never delayed by batching),
+//! applies acks, and writes released frames to the TAP. TAP writes change no guest state.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::gate::{GateMode, OutputGate};
+use super::lag::LagTracker;
+use super::msg::{self, Msg, MsgReader};
+use super::{now_ns, ChannelStats};
+use crate::devices::tap::Tap;
+use crate::devices::virtio::net::FrameSink;
+use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
+use crate::replay::codec::{Encoder, End, Record};
+use crate::replay::recorder::LogSink;
+use crate::signals::StopSignal;
+
+/// What the vCPU thread hands to the output task.
+#[derive(Debug)]
+pub enum ToChannel {
+    /// Encoded records; everything through `watermark` is now in the stream.
+    Log {
+        /// The records.
+        bytes: Vec<u8>,
+        /// The watermark after them.
+        watermark: Boundary,
+    },
+    /// A frame the guest transmitted at `boundary`.
+    Frame {
+        /// The boundary that took it.
+        boundary: Boundary,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+}
+
+/// The recorder's sink on a primary: records go to the output task at every watermark that
+/// has new records behind it (a watermark with nothing new is implied by the next frame or
+/// batch).
+pub struct ChannelLog {
+    buf: Vec<u8>,
+    tx: mpsc::UnboundedSender<ToChannel>,
+    header_sent: bool,
+}
+
+impl ChannelLog {
+    /// A sink feeding `tx`.
+    pub fn new(tx: mpsc::UnboundedSender<ToChannel>) -> Self {
+        ChannelLog {
+            buf: Vec::new(),
+            tx,
+            header_sent: false,
+        }
+    }
+
+    fn send(&mut self, watermark: Boundary) {
+        let bytes = std::mem::take(&mut self.buf);
+        // The task ends only when the node is going down: nothing to do about a lost batch.
+        let _ = self.tx.send(ToChannel::Log { bytes, watermark });
+    }
+}
+
+impl LogSink for ChannelLog {
+    fn log_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if !self.header_sent {
+            self.header_sent = true;
+            self.send(0);
+        }
+        Ok(())
+    }
+    fn log_watermark(&mut self, w: Boundary) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            Encoder::new().encode(&Record::Watermark(w), &mut self.buf);
+            self.send(w);
+        }
+        Ok(())
+    }
+    fn log_flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send(Boundary::MAX);
+        }
+        Ok(())
+    }
+}
+
+/// The NIC's sink on a primary: every frame goes to the output task to be held.
+pub struct HeldFrames(pub mpsc::UnboundedSender<ToChannel>);
+
+impl FrameSink for HeldFrames {
+    fn send(&mut self, boundary: Boundary, frame: &[u8]) {
+        let _ = self.0.send(ToChannel::Frame {
+            boundary,
+            frame: frame.to_vec(),
+        });
+    }
+}
+
+/// Wraps the primary's inputs: at every boundary, waits while the lag bound holds the vCPU
+/// (the backup more than `max_lag` behind), stopping promptly on a signal.
+pub struct Throttle<I: Inputs> {
+    inner: I,
+    stats: Arc<ChannelStats>,
+    stop: Arc<StopSignal>,
+}
+
+impl<I: Inputs> Throttle<I> {
+    /// Wraps `inner`.
+    pub fn new(inner: I, stats: Arc<ChannelStats>, stop: Arc<StopSignal>) -> Self {
+        Throttle { inner, stats, stop }
+    }
+}
+
+impl<I: Inputs> Inputs for Throttle<I> {
+    fn wants_fingerprint(&self) -> bool {
+        self.inner.wants_fingerprint()
+    }
+    fn boundary(&mut self, b: Boundary, fp: Option<Fingerprint>) -> Result<(), InputError> {
+        if self.stats.throttled.load(Ordering::Relaxed) {
+            ChannelStats::add(&self.stats.throttle_waits, 1);
+            while self.stats.throttled.load(Ordering::Relaxed) {
+                if let Some(sig) = self.stop.signalled() {
+                    return Err(InputError::Stopped(sig));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        self.inner.boundary(b, fp)
+    }
+    fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError> {
+        self.inner.clock(b)
+    }
+    fn entropy(&mut self, b: Boundary) -> Result<u64, InputError> {
+        self.inner.entropy(b)
+    }
+    fn wait(&mut self, b: Boundary, deadline: u64, room: usize) -> Result<ClockValue, InputError> {
+        self.inner.wait(b, deadline, room)
+    }
+    fn net_rx(&mut self, b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
+        self.inner.net_rx(b, room)
+    }
+    fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
+        self.inner.random(b, len)
+    }
+    fn disk_done(&mut self, b: Boundary, status: u8, hash: u64) -> Result<(), InputError> {
+        self.inner.disk_done(b, status, hash)
+    }
+    fn digest_every(&self) -> u64 {
+        self.inner.digest_every()
+    }
+    fn memory_digest(&mut self, b: Boundary, d: [u8; 32]) -> Result<(), InputError> {
+        self.inner.memory_digest(b, d)
+    }
+    fn stop_after(&self, b: Boundary) -> Option<i32> {
+        self.inner.stop_after(b)
+    }
+    fn finish(&mut self, end: &End) -> Result<(), InputError> {
+        self.inner.finish(end)
+    }
+}
+
+/// Knobs of the output task.
+#[derive(Clone, Debug)]
+pub struct OutputConfig {
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// The pair's failure timeout.
+    pub failure_timeout: Duration,
+    /// Safety margin subtracted from the lease.
+    pub margin: Duration,
+    /// The lag bound.
+    pub max_lag: Duration,
+    /// Most bytes of frames held.
+    pub cap_bytes: usize,
+}
+
+/// Why the output task gave up its backup, or stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputEvent {
+    /// The backup is lost (timeout, connection closed or failed).
+    BackupLost(String),
+    /// The backup reported a divergence.
+    Diverged {
+        /// The first differing boundary.
+        boundary: Boundary,
+        /// What differs.
+        what: String,
+    },
+    /// The vCPU thread finished and everything was sent (and released, if acked in time).
+    Finished,
+}
+
+/// Commands from the node to the output task.
+pub enum OutputCmd {
+    /// Change the gate's mode (after a grant: `Alone`).
+    SetMode(GateMode),
+    /// Drop every held frame (denied claim).
+    DropAll,
+}
+
+struct Attached {
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    inbound: mpsc::UnboundedReceiver<Result<Msg, String>>,
+    conn: quinn::Connection,
+    last_receipt: u64,
+    last_sent: u64,
+}
+
+/// The output task: runs until the vCPU side closes its queue (then returns
+/// [`OutputEvent::Finished`] after a last release), reporting backup loss on `events`.
+#[allow(clippy::too_many_arguments)]
+pub async fn output_task(
+    mut rx: mpsc::UnboundedReceiver<ToChannel>,
+    mut cmds: mpsc::UnboundedReceiver<OutputCmd>,
+    events: mpsc::UnboundedSender<OutputEvent>,
+    link: Option<(super::connect::Link, MsgReader)>,
+    tap: Option<Arc<Tap>>,
+    cfg: OutputConfig,
+    mode: GateMode,
+    stats: Arc<ChannelStats>,
+) -> OutputGate {
+    let ft = cfg.failure_timeout.as_nanos() as u64;
+    let mut gate = OutputGate::new(ft, cfg.margin.as_nanos() as u64, cfg.cap_bytes);
+    gate.set_mode(mode);
+    let mut lag = LagTracker::new();
+    let mut seq = 0u64;
+    let mut stream_w: Boundary = 0;
+    let mut attached = link.map(|(l, reader)| attach(l, reader));
+    stats
+        .peer_connected
+        .store(attached.is_some(), Ordering::Relaxed);
+    let mut tick = tokio::time::interval(cfg.heartbeat.max(Duration::from_millis(1)) / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut finished = false;
+    let mut out = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            c = cmds.recv() => match c {
+                Some(OutputCmd::SetMode(m)) => gate.set_mode(m),
+                Some(OutputCmd::DropAll) => {
+                    let n = gate.drop_all();
+                    ChannelStats::add(&stats.frames_dropped, n as u64);
+                }
+                None => {}
+            },
+            m = rx.recv(), if !finished => {
+                let Some(first) = m else {
+                    finished = true;
+                    if attached.is_none() { break; }
+                    continue;
+                };
+                let mut next = Some(first);
+                let mut n = 0;
+                while let Some(m) = next.take() {
+                    match m {
+                        ToChannel::Log { bytes, watermark } => {
+                            ChannelStats::add(&stats.log_bytes, bytes.len() as u64);
+                            if attached.is_some() {
+                                out.extend_from_slice(&bytes);
+                            }
+                            if watermark != Boundary::MAX {
+                                stream_w = stream_w.max(watermark);
+                            }
+                        }
+                        ToChannel::Frame { boundary, frame } => {
+                            let need = boundary.saturating_sub(1);
+                            if attached.is_some() && stream_w < need {
+                                Encoder::new().encode(&Record::Watermark(need), &mut out);
+                                stream_w = need;
+                            }
+                            gate.hold(boundary, frame);
+                        }
+                    }
+                    n += 1;
+                    if n < 4096 && out.len() < (4 << 20) {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if let Some(a) = attached.as_mut() {
+                    if !out.is_empty() {
+                        seq += 1;
+                        let now = now_ns();
+                        let mut frame = Vec::with_capacity(out.len() + 16);
+                        msg::encode(&Msg::Log { seq, bytes: std::mem::take(&mut out) }, &mut frame);
+                        if a.out.send(frame).is_err() {
+                            lose(&mut attached, &events, &stats, "the channel's writer stopped".into());
+                        } else {
+                            gate.sent(seq, now);
+                            lag.sent(stream_w, now);
+                            a.last_sent = now;
+                            ChannelStats::add(&stats.messages_sent, 1);
+                        }
+                    }
+                }
+            }
+            m = recv_inbound(&mut attached) => {
+                match m {
+                    Some(Ok(Msg::Ack { echo, watermark, replayed })) => {
+                        let now = now_ns();
+                        if let Some(a) = attached.as_mut() { a.last_receipt = now; }
+                        gate.ack(echo, watermark);
+                        lag.replayed(replayed);
+                        ChannelStats::add(&stats.acks, 1);
+                        ChannelStats::set(&stats.acked, gate.acked());
+                        ChannelStats::set(&stats.replayed, replayed);
+                    }
+                    Some(Ok(Msg::Divergence { boundary, what })) => {
+                        if let Some(a) = attached.take() {
+                            a.conn.close(quinn::VarInt::from_u32(2), b"diverged");
+                        }
+                        stats.peer_connected.store(false, Ordering::Relaxed);
+                        gate.set_mode(GateMode::Holding);
+                        let _ = events.send(OutputEvent::Diverged { boundary, what });
+                    }
+                    Some(Ok(other)) => {
+                        let why = format!("unexpected message from the backup: {other:?}");
+                        gate.set_mode(GateMode::Holding);
+                        lose(&mut attached, &events, &stats, why);
+                    }
+                    Some(Err(why)) => {
+                        gate.set_mode(GateMode::Holding);
+                        lose(&mut attached, &events, &stats, why);
+                    }
+                    None => {}
+                }
+            }
+            _ = tick.tick() => {
+                let now = now_ns();
+                if let Some(a) = attached.as_mut() {
+                    if now.saturating_sub(a.last_receipt) >= ft {
+                        gate.set_mode(GateMode::Holding);
+                        let why = format!("no ack from the backup for {:?}", cfg.failure_timeout);
+                        lose(&mut attached, &events, &stats, why);
+                    } else if now.saturating_sub(a.last_sent) >= cfg.heartbeat.as_nanos() as u64 {
+                        seq += 1;
+                        let mut frame = Vec::new();
+                        msg::encode(&Msg::Heartbeat { seq }, &mut frame);
+                        if a.out.send(frame).is_ok() {
+                            gate.sent(seq, now);
+                            a.last_sent = now;
+                            ChannelStats::add(&stats.messages_sent, 1);
+                        }
+                        if now.saturating_sub(a.last_receipt) > 2 * cfg.heartbeat.as_nanos() as u64 {
+                            ChannelStats::add(&stats.heartbeats_missed, 1);
+                        }
+                    }
+                }
+                if finished && (attached.is_none() || gate.held() == 0) {
+                    break;
+                }
+            }
+        }
+        let now = now_ns();
+        let l = if attached.is_some() { lag.lag_ns(now) } else { 0 };
+        ChannelStats::set(&stats.lag_ns, l);
+        stats
+            .throttled
+            .store(l > cfg.max_lag.as_nanos() as u64, Ordering::Relaxed);
+        for (b, f) in gate.release(now) {
+            ChannelStats::add(&stats.frames_released, 1);
+            stats.released_boundary.fetch_max(b, Ordering::Relaxed);
+            if let Some(t) = &tap {
+                if let Err(e) = t.write_frame(&f) {
+                    tracing::warn!("TAP {}: dropped a frame: {e}", t.name());
+                }
+            }
+        }
+        ChannelStats::set(&stats.frames_held, gate.held() as u64);
+    }
+    stats.throttled.store(false, Ordering::Relaxed);
+    if let Some(a) = attached.take() {
+        // Let the last batch (with the end record) reach the backup.
+        drop(a.out);
+        a.conn.close(quinn::VarInt::from_u32(0), b"done");
+    }
+    let _ = events.send(OutputEvent::Finished);
+    gate
+}
+
+fn lose(
+    attached: &mut Option<Attached>,
+    events: &mpsc::UnboundedSender<OutputEvent>,
+    stats: &ChannelStats,
+    why: String,
+) {
+    if let Some(a) = attached.take() {
+        a.conn.close(quinn::VarInt::from_u32(3), b"backup lost");
+        stats.peer_connected.store(false, Ordering::Relaxed);
+        tracing::warn!("backup lost: {why}");
+        let _ = events.send(OutputEvent::BackupLost(why));
+    }
+}
+
+async fn recv_inbound(a: &mut Option<Attached>) -> Option<Result<Msg, String>> {
+    match a.as_mut() {
+        Some(a) => match a.inbound.recv().await {
+            Some(m) => Some(m),
+            None => Some(Err("the channel closed".into())),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn attach(link: super::connect::Link, mut reader: MsgReader) -> Attached {
+    let super::connect::Link {
+        conn,
+        mut send,
+        mut recv,
+        ..
+    } = link;
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(mut b) = out_rx.recv().await {
+            while let Ok(more) = out_rx.try_recv() {
+                b.extend_from_slice(&more);
+            }
+            if send.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    });
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            loop {
+                match reader.next() {
+                    Ok(Some(m)) => {
+                        if in_tx.send(Ok(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = in_tx.send(Err(format!("bad message from the backup: {e}")));
+                        return;
+                    }
+                }
+            }
+            match recv.read_chunk(1 << 20, true).await {
+                Ok(Some(c)) => reader.push(&c.bytes),
+                Ok(None) => {
+                    let _ = in_tx.send(Err("the backup closed the channel".into()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = in_tx.send(Err(format!("channel: {e}")));
+                    return;
+                }
+            }
+        }
+    });
+    let now = now_ns();
+    Attached {
+        out: out_tx,
+        inbound: in_rx,
+        conn,
+        last_receipt: now,
+        last_sent: now,
+    }
+}
