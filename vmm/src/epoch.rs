@@ -53,6 +53,12 @@ pub enum InputError {
     /// The log cannot be used.
     #[error("log: {0}")]
     Log(String),
+    /// A backup's primary is lost: the stream has nothing more for this boundary.
+    #[error("the primary is lost: {0}")]
+    PeerLost(String),
+    /// The node halted (a denied claim): the guest must not run on.
+    #[error("halted: {0}")]
+    Halted(String),
 }
 
 /// The source of everything nondeterministic the guest sees. Called only at boundaries, in

@@ -11,6 +11,8 @@ pub mod guests;
 pub mod kvm;
 pub mod live;
 pub mod machine;
+pub mod node;
+pub mod plan;
 pub mod replay;
 pub mod signals;
 pub mod solo;

@@ -15,6 +15,9 @@ pub struct LiveInputs {
     mono_base: u64,
     stop: Arc<StopSignal>,
     tap: Option<Arc<Tap>>,
+    /// Wall time never goes below this plus the time since `start` (a backup gone live
+    /// continues from the primary's last wall clock even if its own clock is behind).
+    wall_floor: u64,
 }
 
 impl LiveInputs {
@@ -25,7 +28,14 @@ impl LiveInputs {
             mono_base,
             stop,
             tap: None,
+            wall_floor: 0,
         }
+    }
+
+    /// Wall time will not go below `wall_ns` (plus the time since this source was made).
+    pub fn with_wall_floor(mut self, wall_ns: u64) -> Self {
+        self.wall_floor = wall_ns;
+        self
     }
 
     /// Also receive frames from `tap`.
@@ -39,9 +49,10 @@ impl LiveInputs {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+        let since = self.start.elapsed().as_nanos() as u64;
         ClockValue {
-            mono_ns: self.mono_base + self.start.elapsed().as_nanos() as u64,
-            wall_ns: wall,
+            mono_ns: self.mono_base + since,
+            wall_ns: wall.max(self.wall_floor.saturating_add(since)),
         }
     }
 

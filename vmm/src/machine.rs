@@ -123,6 +123,7 @@ pub struct Machine {
     stop: std::sync::Arc<signals::StopSignal>,
     digest: Option<MemoryDigest>,
     end: Option<End>,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Machine {
@@ -150,7 +151,13 @@ impl Machine {
             stop,
             digest,
             end: None,
+            progress: None,
         }
+    }
+
+    /// Publishes every boundary the machine passes in `progress` (for `status`).
+    pub fn set_progress(&mut self, progress: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.progress = Some(progress);
     }
 
     /// The final state, once [`run`](Self::run) has returned an outcome.
@@ -302,6 +309,9 @@ impl Machine {
         // then stopped before this boundary, as the recorded one did.
         self.inputs.boundary(b, fp)?;
         self.boundary = b;
+        if let Some(p) = &self.progress {
+            p.store(b, std::sync::atomic::Ordering::Relaxed);
+        }
         let every = self.inputs.digest_every();
         if every > 0 && b.is_multiple_of(every) {
             if let Some(d) = self.memory_digest()? {

@@ -14,7 +14,6 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use vmm::epoch::InputError;
 use vmm::solo::{HostResources, RecordOptions, VmSetup};
-use vmm::spec::{parse_cidr, parse_mac, DeviceSpec, DiskOptions, NetSpec};
 use vmm::VmmError;
 
 /// Fault-tolerant virtual machines on KVM: the node.
@@ -59,15 +58,36 @@ enum Command {
     },
     /// List the bundled guests.
     Guests,
+    /// Show a running pair member's state: role, generation, boundary, peer, lag, log rate,
+    /// held frames, witness reachability and the last failover.
+    ///
+    /// Reads the node's control socket (`control` in node.toml). Exit status 0, or 1 when the
+    /// node cannot be reached.
+    Status {
+        /// The node's config file (for the control socket's path).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the JSON document (keys include role, generation, boundary, peer_connected,
+        /// lag_ms, held_frames).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RunArgs {
-    /// Run unreplicated (no backup, no witness). Required for now.
+    /// Run unreplicated (no backup, no witness). Without --solo, `run --config node.toml` runs
+    /// this node as a member of an FT pair (see docs/operations.md).
     #[arg(long)]
     #[serde(default)]
     solo: bool,
+    /// Pair member only: claim the pair from the witness even if this node is not its last
+    /// holder, once no peer running the VM has answered for failure_timeout + margin. For an
+    /// operator who knows the other node is gone for good (DESIGN §5, rule (c)).
+    #[arg(long)]
+    #[serde(skip)]
+    claim: bool,
     /// Read options from this TOML file.
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
@@ -149,7 +169,9 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Run(args) if !args.solo => run_pair(args),
         Command::Run(args) => run(args),
+        Command::Status { config, json } => status(&config, json),
         Command::Replay {
             guest,
             log,
@@ -176,17 +198,7 @@ fn summary(what: &str, s: &vmm::solo::RunSummary) {
     );
 }
 
-/// The validated pieces of a `run`.
-struct Plan {
-    image: vmm::guests::GuestImage,
-    mem_size: u64,
-    args: String,
-    devices: DeviceSpec,
-    disk: Option<DiskOptions>,
-    tap: Option<String>,
-}
-
-fn plan(a: RunArgs) -> Result<Plan, String> {
+fn plan(a: RunArgs) -> Result<vmm::plan::Plan, String> {
     let a = match &a.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -197,62 +209,115 @@ fn plan(a: RunArgs) -> Result<Plan, String> {
         }
         None => a,
     };
-    if !a.solo {
-        return Err("only --solo runs exist yet (replicated pairs are the next step)".into());
-    }
-    let guest = a
-        .guest
-        .ok_or("--guest is required (a bundled name or an ELF path)")?;
-    let mem_size = vmm::solo::parse_size(a.mem.as_deref().unwrap_or("64M"))
-        .map_err(|e| format!("--mem: {e}"))?;
-    vmm::kvm::boot::check_mem_size(mem_size).map_err(|e| format!("--mem: {e}"))?;
-    let image = vmm::guests::resolve(&guest)?;
-    let net = match (&a.tap, &a.mac, &a.ip) {
-        (None, None, None) => {
-            if a.gateway.is_some() {
-                return Err("--gateway needs --tap, --mac and --ip".into());
-            }
-            None
-        }
-        (Some(_), Some(mac), Some(ip)) => {
-            let (ip, prefix) = parse_cidr(ip).map_err(|e| format!("--ip: {e}"))?;
-            let gateway = match &a.gateway {
-                Some(g) => Some(
-                    g.parse()
-                        .map_err(|_| format!("--gateway: invalid IPv4 address {g:?}"))?,
-                ),
-                None => None,
-            };
-            Some(NetSpec {
-                mac: parse_mac(mac).map_err(|e| format!("--mac: {e}"))?,
-                ip,
-                prefix,
-                gateway,
-            })
-        }
-        _ => return Err("a NIC needs all of --tap, --mac and --ip".into()),
-    };
-    let disk = match a.disk {
-        Some(path) => Some(DiskOptions {
-            path,
-            create_size: vmm::solo::parse_size(a.disk_size.as_deref().unwrap_or("64M"))
-                .map_err(|e| format!("--disk-size: {e}"))?,
-        }),
-        None if a.disk_size.is_some() => return Err("--disk-size needs --disk".into()),
-        None => None,
-    };
-    Ok(Plan {
-        image,
-        mem_size,
-        args: a.guest_args.unwrap_or_default(),
-        devices: DeviceSpec {
-            net,
-            disk_sectors: None,
-            rng: a.rng,
-        },
-        disk,
+    vmm::plan::VmOptions {
+        guest: a.guest,
+        mem: a.mem,
+        guest_args: a.guest_args,
+        disk: a.disk,
+        disk_size: a.disk_size,
         tap: a.tap,
-    })
+        mac: a.mac,
+        ip: a.ip,
+        gateway: a.gateway,
+        rng: a.rng,
+    }
+    .plan()
+}
+
+fn run_pair(a: RunArgs) -> ExitCode {
+    let Some(path) = a.config.clone() else {
+        return fail(
+            65,
+            "give --solo for an unreplicated VM, or --config node.toml for a pair member",
+        );
+    };
+    if a.guest.is_some() || a.mem.is_some() || a.disk.is_some() || a.tap.is_some() || a.record.is_some() {
+        return fail(
+            65,
+            "a pair member takes its VM from the config file only (both members must agree): remove the VM options from the command line",
+        );
+    }
+    let cfg = match vmm::node::config::NodeConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(65, e),
+    };
+    use vmm::node::run::NodeExit;
+    match vmm::node::run::run(
+        cfg,
+        vmm::node::run::RunOptions {
+            operator_claim: a.claim,
+        },
+    ) {
+        NodeExit::Guest(o) => exit_for(o),
+        NodeExit::Denied(why) => fail(66, why),
+        NodeExit::Diverged(why) => fail(67, why),
+        NodeExit::Refused(why) => fail(68, why),
+        NodeExit::Config(why) => fail(65, why),
+        NodeExit::Failed(why) => fail(71, why),
+        NodeExit::Stopped(sig) => {
+            eprintln!("ftvm-node: stopped by signal {sig}");
+            ExitCode::from(128u8.saturating_add(sig as u8))
+        }
+    }
+}
+
+fn status(config: &std::path::Path, json: bool) -> ExitCode {
+    let cfg = match vmm::node::config::NodeConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => return fail(65, e),
+    };
+    match vmm::node::status::query(&cfg.control) {
+        Ok(text) if json => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => {
+                print!("{}", render(&v));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, format!("bad answer from the node: {e}: {text}")),
+        },
+        Err(e) => fail(1, e),
+    }
+}
+
+fn render(v: &serde_json::Value) -> String {
+    let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    let mut s = format!(
+        "{}/{}: {} in generation {}, boundary {}\n",
+        g("pair").as_str().unwrap_or("?"),
+        g("node").as_str().unwrap_or("?"),
+        g("role").as_str().unwrap_or("?"),
+        g("generation"),
+        g("boundary")
+    );
+    for k in [
+        "peer",
+        "peer_role",
+        "peer_connected",
+        "lag_ms",
+        "lag_boundaries",
+        "acked",
+        "replayed",
+        "log_bytes",
+        "log_bytes_per_s",
+        "held_frames",
+        "released_frames",
+        "dropped_frames",
+        "digests_checked",
+        "witness_reachable",
+        "witness_error",
+        "failovers",
+        "last_failover",
+        "halt_reason",
+    ] {
+        let val = g(k);
+        if !val.is_null() {
+            s += &format!("  {k}: {val}\n");
+        }
+    }
+    s
 }
 
 fn run(a: RunArgs) -> ExitCode {

@@ -45,10 +45,13 @@ impl RecordFeed for ChannelFeed {
                 Ok(r) => return r,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(InputError::Log("the logging channel closed".into()))
+                    return Err(InputError::PeerLost("the logging channel closed".into()))
                 }
             }
         }
+    }
+    fn digest_checked(&mut self) {
+        ChannelStats::add(&self.stats.digests_checked, 1);
     }
     fn replayed(&mut self, b: Boundary) {
         self.stats

@@ -16,6 +16,8 @@ pub trait RecordFeed: Send {
     fn next_record(&mut self) -> Result<Record, InputError>;
     /// Called at every boundary `b` the replay reaches (so `b - 1` is fully replayed).
     fn replayed(&mut self, _b: Boundary) {}
+    /// A memory digest from the stream matched this replay's.
+    fn digest_checked(&mut self) {}
 }
 
 /// Inputs read from a log.
@@ -394,6 +396,9 @@ impl Inputs for Replayer {
                     ));
                 }
                 self.records.remove(i);
+                if let Some(f) = self.feed.as_mut() {
+                    f.digest_checked();
+                }
                 Ok(())
             }
             _ => Err(Self::diverge(

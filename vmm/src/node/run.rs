@@ -1,0 +1,1070 @@
+//! Running a pair member: cold start (probe the peer, claim or join), then the VM as primary
+//! (recording to the channel, output held by the Output Rule) or as backup (replaying the
+//! stream), and failover when the peer is lost (DESIGN §5).
+//!
+//! Threads: the vCPU thread runs the [`Machine`](crate::machine::Machine) and never blocks on
+//! the network; a tokio runtime (two workers) runs the channel tasks, the listener, the
+//! witness client, the control socket and the metrics endpoint; on a backup a small thread
+//! drains the TAP until the node goes live.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_tls::Identity;
+use ftvm_witness::{ClaimOutcome, ClientOptions, WitnessClient};
+use tokio::sync::mpsc;
+
+use super::config::NodeConfig;
+use super::follow::{CaughtUp, Decision, Follower};
+use super::generation::GenerationFile;
+use super::rules::{counts_as_running, decide_start, StartDecision, StartView};
+use super::status::{FailoverReport, Shared};
+use crate::channel::backup::{receive_task, BackupEnd, ChannelFeed, ReceiveConfig};
+use crate::channel::connect::{self, Link};
+use crate::channel::gate::GateMode;
+use crate::channel::msg::{self, Hello, Msg, MsgReader, PairConfig, Role};
+use crate::channel::primary::{
+    output_task, ChannelLog, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle,
+    ToChannel,
+};
+use crate::channel::now_ns;
+use crate::devices::tap::Tap;
+use crate::devices::virtio::net::FrameSink;
+use crate::epoch::{Boundary, InputError};
+use crate::live::LiveInputs;
+use crate::machine::Outcome;
+use crate::plan::Plan;
+use crate::replay::recorder::Recorder;
+use crate::replay::replayer::Replayer;
+use crate::signals::StopSignal;
+use crate::solo::{assemble, StdoutConsole, VmSetup};
+use crate::VmmError;
+
+/// How a pair member ended; `ftvm-node` maps it to its exit status (docs/operations.md).
+#[derive(Debug)]
+pub enum NodeExit {
+    /// The VM ended (guest exit, crash, or a signal).
+    Guest(Outcome),
+    /// The witness gave the pair to the other node (exit 66).
+    Denied(String),
+    /// Divergence (exit 67).
+    Diverged(String),
+    /// A pairing refused for a configuration mismatch (exit 68).
+    Refused(String),
+    /// Bad configuration or resources (exit 65).
+    Config(String),
+    /// A VMM or host failure (exit 71).
+    Failed(String),
+    /// A signal stopped the node before its VM ran (128+N).
+    Stopped(i32),
+}
+
+/// Operator choices beyond the config file.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Claim even if this node is not the witness's holder (DESIGN §5 (c)), once no peer
+    /// running the VM has answered for `failure_timeout` + margin.
+    pub operator_claim: bool,
+}
+
+/// Everything the node's tasks share.
+struct Node {
+    cfg: NodeConfig,
+    identity: Identity,
+    image: &'static [u8],
+    plan_args: String,
+    devices: crate::spec::DeviceSpec,
+    mem_size: u64,
+    disk: Mutex<Option<File>>,
+    tap: Option<Arc<Tap>>,
+    gen_file: GenerationFile,
+    pair_config: PairConfig,
+    disk_root: [u8; 32],
+    shared: Arc<Shared>,
+    stop: Arc<StopSignal>,
+    witnesses: Vec<WitnessClient>,
+    margin: Duration,
+    /// Where joiners go while a primary waits for its backup.
+    joiners: Mutex<Option<mpsc::UnboundedSender<Joiner>>>,
+    opts: RunOptions,
+}
+
+struct Joiner {
+    link: Link,
+    reader: MsgReader,
+    hello: Hello,
+}
+
+/// The claim margin: the share of `failure_timeout` the lease gives up, and the extra quiet a
+/// starting holder waits for.
+fn margin_of(ft: Duration) -> Duration {
+    (ft / 5).max(Duration::from_millis(5))
+}
+
+/// Runs a pair member until its VM ends or it halts.
+pub fn run(cfg: NodeConfig, opts: RunOptions) -> NodeExit {
+    match prepare(cfg, opts) {
+        Ok((node, rt)) => {
+            let node = Arc::new(node);
+            rt.block_on(main(node))
+        }
+        Err(e) => e,
+    }
+}
+
+fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::Runtime), NodeExit> {
+    let plan: Plan = cfg.vm.plan().map_err(NodeExit::Config)?;
+    let stop = crate::signals::install()
+        .map_err(|e| NodeExit::Failed(format!("cannot install signal handlers: {e}")))?;
+    let mut devices = plan.devices.clone();
+    let (disk, disk_root, disk_size) = match &plan.disk {
+        Some(d) => {
+            let (f, sectors) = crate::solo::open_disk(d).map_err(|e| NodeExit::Config(e.to_string()))?;
+            devices.disk_sectors = Some(sectors);
+            let root = disk_root(&f, &d.path).map_err(NodeExit::Config)?;
+            (Some(f), root, sectors * 512)
+        }
+        None => (None, [0; 32], 0),
+    };
+    let tap = match &plan.tap {
+        Some(t) => Some(crate::solo::open_tap(t).map_err(|e| NodeExit::Config(e.to_string()))?),
+        None => None,
+    };
+    let identity = Identity::load(&cfg.tls, &cfg.node)
+        .map_err(|e| NodeExit::Config(format!("tls: {e}")))?;
+    let gen_file = GenerationFile::new(&cfg.state);
+    let persisted = gen_file.load().map_err(NodeExit::Config)?;
+    let image: &'static [u8] = Box::leak(plan.image.bytes.to_vec().into_boxed_slice());
+    let pair_config = PairConfig {
+        pair: cfg.pair.clone(),
+        image_hash: *blake3::hash(image).as_bytes(),
+        cpuid_hash: crate::kvm::cpuid::baseline_hash(),
+        mem_size: plan.mem_size,
+        disk_size,
+        failure_timeout_ns: cfg.failure_timeout.as_nanos() as u64,
+        machine: format!("{} args={:?}", devices.describe(), plan.args),
+        log_versions: (crate::replay::codec::VERSION, crate::replay::codec::VERSION),
+        protocol_versions: msg::PROTOCOL_VERSIONS,
+    };
+    let peer_names = cfg
+        .peers
+        .iter()
+        .map(|p| p.name.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let shared = Arc::new(Shared::new(&cfg.pair, &cfg.node, &peer_names, persisted));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ftvm-io")
+        .enable_all()
+        .build()
+        .map_err(|e| NodeExit::Failed(format!("tokio runtime: {e}")))?;
+    let witnesses = {
+        let _g = rt.enter();
+        cfg.witnesses
+            .iter()
+            .map(|w| {
+                WitnessClient::new(
+                    w.addr,
+                    &identity,
+                    ClientOptions {
+                        server_name: w.name.clone(),
+                        attempt_timeout: (cfg.failure_timeout * 2).max(Duration::from_millis(500)),
+                        attempts: 1,
+                        ..ClientOptions::default()
+                    },
+                )
+                .map_err(|e| NodeExit::Config(format!("witness {}: {e}", w.name)))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    tracing::info!(
+        pair = %cfg.pair,
+        node = %cfg.node,
+        generation = persisted,
+        disk_root = %disksync::hash::hex(&disk_root),
+        "starting"
+    );
+    Ok((
+        Node {
+            margin: margin_of(cfg.failure_timeout),
+            cfg,
+            identity,
+            image,
+            plan_args: plan.args,
+            devices,
+            mem_size: plan.mem_size,
+            disk: Mutex::new(disk),
+            tap,
+            gen_file,
+            pair_config,
+            disk_root,
+            shared,
+            stop,
+            witnesses,
+            joiners: Mutex::new(None),
+            opts,
+        },
+        rt,
+    ))
+}
+
+/// The Merkle root of a disk (disksync's, 64 KiB blocks).
+pub fn disk_root(f: &File, path: &std::path::Path) -> Result<[u8; 32], String> {
+    let geo = disksync::hash::file_geometry(f, path, disksync::DEFAULT_BLOCK_SIZE)
+        .map_err(|e| format!("disk {}: {e}", path.display()))?;
+    let leaves = disksync::hash::hash_file(
+        f,
+        path,
+        geo,
+        &disksync::Stats::new(),
+        &AtomicBool::new(false),
+    )
+    .map_err(|e| format!("hashing disk {}: {e}", path.display()))?;
+    Ok(disksync::Tree::from_leaves(leaves).root(geo))
+}
+
+impl Node {
+    fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    fn persist(&self, g: u64) -> Result<(), NodeExit> {
+        self.gen_file.store(g).map_err(NodeExit::Failed)?;
+        self.shared.generation.store(g, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            node: self.cfg.node.clone(),
+            role: self.shared.role(),
+            generation: self.generation(),
+            config: self.pair_config.clone(),
+            disk_root: self.disk_root,
+        }
+    }
+
+    fn setup(&self) -> VmSetup<'static> {
+        VmSetup {
+            image: self.image,
+            mem_size: self.mem_size,
+            args: self.plan_args.clone(),
+            devices: self.devices.clone(),
+        }
+    }
+
+    fn witness_problem(&self, e: Option<String>) {
+        self.shared
+            .witness_reachable
+            .store(e.is_none(), Ordering::Relaxed);
+        *self
+            .shared
+            .witness_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// The witness's `(generation, holder)` from the first witness that answers.
+    async fn witness_status(&self) -> Option<(u64, Option<String>)> {
+        let mut last = None;
+        for w in &self.witnesses {
+            match w.status(&self.cfg.pair).await {
+                Ok(s) => {
+                    self.witness_problem(None);
+                    return Some((s.generation, s.holder));
+                }
+                Err(e) => last = Some(e.to_string()),
+            }
+        }
+        self.witness_problem(last);
+        None
+    }
+
+    /// Claims until a witness answers definitively (or the node is stopping: `None`).
+    /// Unreachable witnesses are reported loudly and retried.
+    async fn claim(&self, seen: u64) -> Option<ClaimOutcome> {
+        let mut last_log = Instant::now() - Duration::from_secs(10);
+        loop {
+            if self.stop.signalled().is_some() {
+                return None;
+            }
+            let mut last = String::new();
+            for w in &self.witnesses {
+                match w.claim(&self.cfg.pair, seen).await {
+                    Ok(o) => {
+                        self.witness_problem(None);
+                        return Some(o);
+                    }
+                    Err(e) if e.is_refusal() => {
+                        self.witness_problem(Some(e.to_string()));
+                        last = e.to_string();
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            self.witness_problem(Some(last.clone()));
+            if last_log.elapsed() >= Duration::from_secs(3) {
+                tracing::error!(
+                    "WITNESS UNREACHABLE: cannot claim generation {} ({last}); nothing goes live and nothing held is released until a witness answers",
+                    seen + 1
+                );
+                last_log = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn main(node: Arc<Node>) -> NodeExit {
+    let ep = match connect::endpoint(node.cfg.listen, &node.identity, node.cfg.failure_timeout) {
+        Ok(e) => e,
+        Err(e) => return NodeExit::Config(format!("listen {}: {e}", node.cfg.listen)),
+    };
+    {
+        let path = node.cfg.control.clone();
+        let sh = node.shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = super::status::serve_control(&path, sh).await {
+                tracing::error!("control socket {}: {e}", path.display());
+            }
+        });
+    }
+    if let Some(addr) = node.cfg.metrics {
+        if let Err(e) = super::status::start_metrics(addr, node.shared.clone()) {
+            return NodeExit::Config(e);
+        }
+    }
+    tokio::spawn(listener(ep.clone(), node.clone()));
+    let r = match cold_start(&ep, &node).await {
+        Ok(Start::Primary) => run_primary(&node, None).await,
+        Ok(Start::Backup(link, reader)) => run_backup(&node, link, reader).await,
+        Err(e) => e,
+    };
+    if let NodeExit::Denied(why) | NodeExit::Diverged(why) | NodeExit::Refused(why) = &r {
+        node.shared.set_role(Role::Halted);
+        *node
+            .shared
+            .halt_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+    }
+    ep.close(quinn::VarInt::from_u32(0), b"node stopping");
+    let _ = std::fs::remove_file(&node.cfg.control);
+    r
+}
+
+/// Accepts connections on the channel port. While the node waits for a backup they go to it;
+/// otherwise the connector is told this node's role ("busy"), which is how a starting peer
+/// learns whether someone runs the VM.
+async fn listener(ep: quinn::Endpoint, node: Arc<Node>) {
+    let members: Vec<String> = node.cfg.peers.iter().map(|p| p.name.clone()).collect();
+    while let Some(inc) = ep.accept().await {
+        let node = node.clone();
+        let members = members.clone();
+        tokio::spawn(async move {
+            let mut link = match connect::accept(inc, &members, Duration::from_secs(3)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("channel: {e}");
+                    return;
+                }
+            };
+            let mut reader = MsgReader::new();
+            let hello = match connect::recv_msg(&mut link.recv, &mut reader, Duration::from_secs(3)).await {
+                Ok(Msg::Hello(h)) => h,
+                Ok(other) => {
+                    tracing::warn!("channel: {} opened with {other:?}, not a hello", link.peer);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("channel: {}: {e}", link.peer);
+                    return;
+                }
+            };
+            if hello.node != link.peer {
+                tracing::warn!(
+                    "channel: {} says it is {:?}: refused",
+                    link.peer,
+                    hello.node
+                );
+                return;
+            }
+            let slot = node
+                .joiners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let hello = match slot {
+                Some(tx) => match tx.send(Joiner {
+                    link,
+                    reader,
+                    hello,
+                }) {
+                    Ok(()) => return,
+                    Err(mpsc::error::SendError(j)) => {
+                        link = j.link;
+                        j.hello
+                    }
+                },
+                None => hello,
+            };
+            let role = node.shared.role();
+            let reason = match role {
+                Role::Primary => "already has a backup".to_string(),
+                Role::Alone => {
+                    "running alone; joining a running primary is not supported yet".to_string()
+                }
+                r => format!("{} (not running the VM as primary)", r.name()),
+            };
+            tracing::debug!("channel: told {} (generation {}): {reason}", hello.node, hello.generation);
+            let _ = connect::send_msg(
+                &mut link.send,
+                &Msg::Busy {
+                    role,
+                    generation: node.generation(),
+                    reason,
+                },
+            )
+            .await;
+            let _ = link.send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.send.stopped()).await;
+        });
+    }
+}
+
+enum Start {
+    Primary,
+    Backup(Link, MsgReader),
+}
+
+/// What probing a peer found.
+enum Probe {
+    Accepted(Link, MsgReader, u64),
+    Busy(Role, u64, String),
+    Unreachable(String),
+}
+
+async fn probe(ep: &quinn::Endpoint, node: &Node, addr: SocketAddr, name: &str) -> Result<Probe, NodeExit> {
+    let mut link = match connect::connect(ep, addr, name, Duration::from_millis(500)).await {
+        Ok(l) => l,
+        Err(e) => return Ok(Probe::Unreachable(e.to_string())),
+    };
+    if let Err(e) = connect::send_msg(&mut link.send, &Msg::Hello(node.hello())).await {
+        return Ok(Probe::Unreachable(e.to_string()));
+    }
+    let mut reader = MsgReader::new();
+    match connect::recv_msg(&mut link.recv, &mut reader, Duration::from_secs(3)).await {
+        Ok(Msg::Accept {
+            log_version,
+            generation,
+            start_boundary,
+        }) => {
+            tracing::info!(
+                "{name} accepted this node as its backup (generation {generation}, log version {log_version}, from boundary {start_boundary})"
+            );
+            Ok(Probe::Accepted(link, reader, generation))
+        }
+        Ok(Msg::Refuse { field, ours, theirs }) => Err(NodeExit::Refused(format!(
+            "{name} refused the pairing: {field} differs ({name} has {ours}, this node has {theirs})"
+        ))),
+        Ok(Msg::Busy {
+            role,
+            generation,
+            reason,
+        }) => Ok(Probe::Busy(role, generation, reason)),
+        Ok(other) => Ok(Probe::Unreachable(format!("unexpected answer {other:?}"))),
+        Err(e) => Ok(Probe::Unreachable(e)),
+    }
+}
+
+/// DESIGN §5 "Cold start and joining": try the peer(s); join one that runs the VM as primary;
+/// otherwise claim only as the rules allow, and else keep trying.
+async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, NodeExit> {
+    let started = Instant::now();
+    let mut running_peer_seen: Option<Instant> = None;
+    let mut last_note = Instant::now() - Duration::from_secs(10);
+    let quiet_needed = node.cfg.failure_timeout + node.margin;
+    loop {
+        if let Some(sig) = node.stop.signalled() {
+            return Err(NodeExit::Stopped(sig));
+        }
+        let persisted = node.generation();
+        for p in &node.cfg.peers {
+            match probe(ep, node, p.addr, &p.name).await? {
+                Probe::Accepted(link, reader, generation) => {
+                    // Adopt the primary's generation before the first ack.
+                    node.persist(generation)?;
+                    return Ok(Start::Backup(link, reader));
+                }
+                Probe::Busy(role, g, reason) => {
+                    *node.shared.peer_role.lock().unwrap_or_else(|p| p.into_inner()) = Some(role);
+                    if counts_as_running(role, g, persisted) {
+                        running_peer_seen = Some(Instant::now());
+                    }
+                    if last_note.elapsed() >= Duration::from_secs(3) {
+                        tracing::info!("{} is {} in generation {g}: {reason}", p.name, role.name());
+                        last_note = Instant::now();
+                    }
+                }
+                Probe::Unreachable(why) => {
+                    tracing::debug!("{} unreachable: {why}", p.name);
+                }
+            }
+        }
+        let silent = running_peer_seen.unwrap_or(started).elapsed();
+        let witness = if persisted > 0 || node.opts.operator_claim {
+            node.witness_status().await
+        } else {
+            None
+        };
+        let d = decide_start(&StartView {
+            me: &node.cfg.node,
+            persisted,
+            witness: witness.as_ref().map(|(g, h)| (*g, h.as_deref())),
+            running_peer_silent_for: silent,
+            quiet_needed,
+            operator_claim: node.opts.operator_claim,
+        });
+        if let StartDecision::Claim { seen } = d {
+            node.shared.set_role(Role::Claiming);
+            match node.claim(seen).await {
+                Some(ClaimOutcome::Granted { generation }) => {
+                    node.persist(generation)?;
+                    tracing::info!("granted generation {generation}: this node runs the VM");
+                    return Ok(Start::Primary);
+                }
+                Some(ClaimOutcome::Denied { generation, holder }) => {
+                    tracing::info!(
+                        "claim denied: generation {generation} is held by {}; trying to join",
+                        holder.as_deref().unwrap_or("nobody")
+                    );
+                    node.shared.set_role(Role::Starting);
+                }
+                None => return Err(NodeExit::Stopped(node.stop.signalled().unwrap_or(15))),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A primary that waits for its backup before boundary 0: accepts the first joiner whose
+/// configuration and disk match.
+async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    tracing::info!("waiting for a backup before starting the guest");
+    let r = loop {
+        let j = tokio::select! {
+            j = rx.recv() => j,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let Some(sig) = node.stop.signalled() { break Err(NodeExit::Stopped(sig)); }
+                continue;
+            }
+        };
+        let Some(Joiner {
+            mut link,
+            reader,
+            hello,
+        }) = j
+        else {
+            break Err(NodeExit::Failed("listener stopped".into()));
+        };
+        let refuse = |field: &str, ours: String, theirs: String| Msg::Refuse {
+            field: field.into(),
+            ours,
+            theirs,
+        };
+        if let Some((field, ours, theirs)) = msg::mismatch(&node.pair_config, &hello.config) {
+            let _ = connect::send_msg(&mut link.send, &refuse(&field, ours.clone(), theirs.clone())).await;
+            let _ = link.send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.send.stopped()).await;
+            break Err(NodeExit::Refused(format!(
+                "refused {} as backup: {field} differs (this node has {ours}, {} has {theirs})",
+                hello.node, hello.node
+            )));
+        }
+        if hello.disk_root != node.disk_root {
+            let (ours, theirs) = (
+                disksync::hash::hex(&node.disk_root),
+                disksync::hash::hex(&hello.disk_root),
+            );
+            tracing::error!(
+                "refused {} as backup: its disk differs (root {theirs}, this node's {ours}); bring it in line with ftvm-resync first",
+                hello.node
+            );
+            let _ = connect::send_msg(&mut link.send, &refuse("disk_root", ours, theirs)).await;
+            let _ = link.send.finish();
+            continue;
+        }
+        if hello.generation > node.generation() {
+            let _ = connect::send_msg(
+                &mut link.send,
+                &Msg::Busy {
+                    role: Role::Primary,
+                    generation: node.generation(),
+                    reason: format!(
+                        "your generation {} is newer than mine ({})",
+                        hello.generation,
+                        node.generation()
+                    ),
+                },
+            )
+            .await;
+            continue;
+        }
+        let version = msg::negotiate(node.pair_config.log_versions, hello.config.log_versions)
+            .expect("mismatch() checked the ranges overlap");
+        if connect::send_msg(
+            &mut link.send,
+            &Msg::Accept {
+                log_version: version,
+                generation: node.generation(),
+                start_boundary: 0,
+            },
+        )
+        .await
+        .is_err()
+        {
+            continue;
+        }
+        tracing::info!("{} is the backup", hello.node);
+        break Ok((link, reader));
+    };
+    *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    r
+}
+
+fn output_config(cfg: &NodeConfig) -> OutputConfig {
+    OutputConfig {
+        heartbeat: cfg.heartbeat,
+        failure_timeout: cfg.failure_timeout,
+        margin: margin_of(cfg.failure_timeout),
+        max_lag: cfg.max_lag,
+        cap_bytes: cfg.held_bytes as usize,
+    }
+}
+
+/// The vCPU thread: builds the machine (on this thread) and runs it; the result comes back on
+/// a oneshot.
+fn spawn_vcpu(
+    build: impl FnOnce() -> Result<crate::machine::Machine, VmmError> + Send + 'static,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::sync::oneshot::Receiver<Result<Outcome, VmmError>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ftvm-vcpu".into())
+        .spawn(move || {
+            let r = build().and_then(|mut m| {
+                m.set_progress(progress);
+                m.run()
+            });
+            let _ = tx.send(r);
+        })
+        .expect("spawning the vCPU thread");
+    rx
+}
+
+fn vm_result(r: Result<Result<Outcome, VmmError>, tokio::sync::oneshot::error::RecvError>) -> NodeExit {
+    match r {
+        Ok(Ok(o)) => NodeExit::Guest(o),
+        Ok(Err(VmmError::Input(InputError::Divergence { boundary, what }))) => {
+            NodeExit::Diverged(format!("diverged at boundary {boundary}: {what}"))
+        }
+        Ok(Err(VmmError::Input(InputError::Halted(why)))) => NodeExit::Denied(why),
+        Ok(Err(e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. } | VmmError::Config(_) | VmmError::Disk { .. } | VmmError::Tap { .. }))) => {
+            NodeExit::Config(e.to_string())
+        }
+        Ok(Err(e)) => NodeExit::Failed(e.to_string()),
+        Err(_) => NodeExit::Failed("the vCPU thread died".into()),
+    }
+}
+
+/// Runs the VM as primary (with the backup's `link` if there is one).
+async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeExit {
+    let link = match link {
+        Some(l) => Some(l),
+        None if node.cfg.wait_for_backup => match wait_for_backup(node).await {
+            Ok(l) => Some(l),
+            Err(e) => return e,
+        },
+        None => None,
+    };
+    let replicated = link.is_some();
+    node.shared
+        .set_role(if replicated { Role::Primary } else { Role::Alone });
+    let (tx, rx) = mpsc::unbounded_channel::<ToChannel>();
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let stats = node.shared.stats.clone();
+    let out = tokio::spawn(output_task(
+        rx,
+        cmd_rx,
+        ev_tx,
+        link,
+        node.tap.clone(),
+        output_config(&node.cfg),
+        if replicated { GateMode::Replicated } else { GateMode::Alone },
+        stats.clone(),
+    ));
+    let setup = node.setup();
+    let disk = node.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (stop, tap, digest_every) = (node.stop.clone(), node.tap.clone(), node.cfg.digest_every);
+    let vm = spawn_vcpu(
+        move || {
+            let mut live = LiveInputs::new(stop.clone(), 0);
+            if let Some(t) = &tap {
+                live = live.with_tap(t.clone());
+            }
+            let rec = Recorder::new(live, ChannelLog::new(tx.clone()), setup.log_header(digest_every))?;
+            let inputs = Throttle::new(rec, stats, stop.clone());
+            let sink: Box<dyn FrameSink> = Box::new(HeldFrames(tx));
+            assemble(&setup, disk, sink, Box::new(inputs), Box::new(StdoutConsole::default()), stop, true)
+        },
+        node.shared.boundary.clone(),
+    );
+    tokio::pin!(vm);
+    let mut halted: Option<NodeExit> = None;
+    loop {
+        tokio::select! {
+            r = &mut vm => {
+                let exit = halted.take().unwrap_or_else(|| vm_result(r));
+                // Let the output task send the end record and release what it may.
+                let _ = tokio::time::timeout(node.cfg.failure_timeout * 2, out).await;
+                return exit;
+            }
+            ev = ev_rx.recv() => match ev {
+                Some(OutputEvent::BackupLost(why)) => {
+                    if let Some(e) = primary_failover(node, &cmd_tx, format!("backup lost: {why}")).await {
+                        halted = Some(e);
+                        node.stop.raise(libc::SIGTERM);
+                    }
+                }
+                Some(OutputEvent::Diverged { boundary, what }) => {
+                    tracing::error!("the backup diverged at boundary {boundary}: {what}");
+                    if let Some(e) = primary_failover(node, &cmd_tx, format!("backup diverged at boundary {boundary}: {what}")).await {
+                        halted = Some(e);
+                        node.stop.raise(libc::SIGTERM);
+                    }
+                }
+                Some(OutputEvent::Finished) | None => {}
+            }
+        }
+    }
+}
+
+/// DESIGN §5 "Primary loses its backup": output is already held; claim; granted → alone and
+/// release; denied → drop everything held and halt (the returned exit).
+async fn primary_failover(
+    node: &Arc<Node>,
+    cmds: &mpsc::UnboundedSender<OutputCmd>,
+    why: String,
+) -> Option<NodeExit> {
+    let t0 = Instant::now();
+    let g = node.generation();
+    let _ = cmds.send(OutputCmd::SetMode(GateMode::Holding));
+    node.shared.set_role(Role::Claiming);
+    tracing::warn!("{why}: claiming generation {}", g + 1);
+    let outcome = node.claim(g).await;
+    let claim_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut report = FailoverReport {
+        at_s: node.shared.uptime_s(),
+        why: why.clone(),
+        from_generation: g,
+        claim_ms,
+        boundary: node.shared.boundary.load(Ordering::Relaxed),
+        ..Default::default()
+    };
+    let exit = match outcome {
+        Some(ClaimOutcome::Granted { generation }) => {
+            if let Err(e) = node.persist(generation) {
+                let _ = cmds.send(OutputCmd::DropAll);
+                return Some(e);
+            }
+            let _ = cmds.send(OutputCmd::SetMode(GateMode::Alone));
+            node.shared.set_role(Role::Alone);
+            report.to_generation = generation;
+            tracing::warn!(
+                "granted generation {generation}: running alone ({why}; claim {claim_ms:.1} ms)"
+            );
+            None
+        }
+        Some(ClaimOutcome::Denied { generation, holder }) => {
+            let _ = cmds.send(OutputCmd::DropAll);
+            Some(NodeExit::Denied(format!(
+                "the witness gave the pair to {} (generation {generation}): halting, held output dropped",
+                holder.as_deref().unwrap_or("another node")
+            )))
+        }
+        None => {
+            let _ = cmds.send(OutputCmd::DropAll);
+            Some(NodeExit::Stopped(node.stop.signalled().unwrap_or(15)))
+        }
+    };
+    node.shared.failovers.fetch_add(1, Ordering::Relaxed);
+    *node
+        .shared
+        .last_failover
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(report);
+    exit
+}
+
+/// Runs the VM as backup of the primary at the other end of `link`.
+async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit {
+    node.shared.set_role(Role::Backup);
+    let stats = node.shared.stats.clone();
+    let (header_tx, header_rx) = tokio::sync::oneshot::channel();
+    let (feed_tx, feed_rx) = std_mpsc::channel();
+    let (report_tx, report_rx) = mpsc::unbounded_channel();
+    let recv = tokio::spawn(receive_task(
+        link,
+        reader,
+        header_tx,
+        feed_tx,
+        report_rx,
+        ReceiveConfig {
+            heartbeat: node.cfg.heartbeat,
+            failure_timeout: node.cfg.failure_timeout,
+        },
+        stats.clone(),
+    ));
+    tokio::pin!(recv);
+    let header = tokio::select! {
+        h = header_rx => match h {
+            Ok(h) => h,
+            Err(_) => {
+                return match recv.await {
+                    Ok(BackupEnd::BadLog { boundary, what }) => NodeExit::Diverged(format!("bad log at boundary {boundary}: {what}")),
+                    other => NodeExit::Failed(format!("the primary went away before the log started: {other:?}")),
+                }
+            }
+        },
+        _ = tokio::time::sleep(Duration::from_secs(10)) => return NodeExit::Failed("no log header from the primary within 10 s".into()),
+    };
+    let setup = node.setup();
+    let ours = setup.log_header(header.digest_every);
+    if header != ours {
+        let what = format!("the primary's log header differs from this node's machine (primary: {header:?}, here: {ours:?})");
+        let _ = report_tx.send(Msg::Divergence { boundary: 0, what: what.clone() });
+        return NodeExit::Diverged(what);
+    }
+    let is_live = Arc::new(AtomicBool::new(false));
+    if let Some(t) = node.tap.clone() {
+        let live = is_live.clone();
+        let stop = node.stop.clone();
+        std::thread::Builder::new()
+            .name("ftvm-tap-drain".into())
+            .spawn(move || drain_tap(&t, &live, &stop))
+            .expect("spawning the TAP drain thread");
+    }
+    let (caught_tx, mut caught_rx) = mpsc::unbounded_channel::<CaughtUp>();
+    let (decide_tx, decide_rx) = std_mpsc::channel::<Decision>();
+    // Frames: dropped while following (the primary sent them), through the output task once
+    // live.
+    let (tx, rx) = mpsc::unbounded_channel::<ToChannel>();
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (ev_tx, _ev_rx) = mpsc::unbounded_channel();
+    let out = tokio::spawn(output_task(
+        rx,
+        cmd_rx,
+        ev_tx,
+        None,
+        node.tap.clone(),
+        output_config(&node.cfg),
+        GateMode::Alone,
+        stats.clone(),
+    ));
+    let disk = node.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (stop, tap) = (node.stop.clone(), node.tap.clone());
+    let live_for_sink = is_live.clone();
+    let vm = spawn_vcpu(
+        move || {
+            let feed = ChannelFeed::new(feed_rx, stop.clone(), stats);
+            let replayer = Replayer::streaming(header, Box::new(feed));
+            let follower = Follower::new(replayer, stop.clone(), tap, caught_tx, decide_rx, is_live);
+            let sink: Box<dyn FrameSink> = Box::new(LiveFrames { live: live_for_sink, tx });
+            assemble(&setup, disk, sink, Box::new(follower), Box::new(StdoutConsole::default()), stop, true)
+        },
+        node.shared.boundary.clone(),
+    );
+    tokio::pin!(vm);
+    let mut lost: Option<(String, u64, Boundary)> = None;
+    let mut decided_at: Option<Instant> = None;
+    let mut recv_done = false;
+    loop {
+        tokio::select! {
+            r = &mut vm => {
+                let exit = vm_result(r);
+                if let NodeExit::Diverged(what) = &exit {
+                    tracing::error!("{what}");
+                    let b = node.shared.boundary.load(Ordering::Relaxed);
+                    let _ = report_tx.send(Msg::Divergence { boundary: b, what: what.clone() });
+                    if !recv_done { let _ = tokio::time::timeout(Duration::from_secs(1), &mut recv).await; }
+                }
+                drop(cmd_tx);
+                let _ = tokio::time::timeout(Duration::from_secs(1), out).await;
+                return exit;
+            }
+            e = &mut recv, if !recv_done => {
+                recv_done = true;
+                match e {
+                    Ok(BackupEnd::PrimaryLost { why, last_receipt, acked }) => {
+                        tracing::warn!("primary lost: {why}; replaying what was acknowledged (through {acked})");
+                        node.shared.set_role(Role::Claiming);
+                        decided_at = Some(Instant::now());
+                        lost = Some((why, last_receipt, acked));
+                    }
+                    Ok(BackupEnd::BadLog { boundary, what }) => {
+                        tracing::error!("bad log from the primary at boundary {boundary}: {what}");
+                    }
+                    Ok(BackupEnd::Complete) | Ok(BackupEnd::Stopped) => {}
+                    Err(e) => return NodeExit::Failed(format!("receive task: {e}")),
+                }
+            }
+            c = caught_rx.recv() => {
+                let Some(c) = c else { continue };
+                let Some((why, last_receipt, acked)) = lost.clone() else {
+                    // The stream ended without a loss report (cannot happen: the feed closes
+                    // only when the receive task ends).
+                    let _ = decide_tx.send(Decision::Halt("the stream ended".into()));
+                    continue;
+                };
+                let exit = backup_failover(node, &decide_tx, &cmd_tx, c, why, last_receipt, acked, decided_at.unwrap_or_else(Instant::now)).await;
+                if let Some(e) = exit {
+                    // The vCPU is told to halt; its thread ends with Halted.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut vm).await;
+                    return e;
+                }
+            }
+        }
+    }
+}
+
+/// DESIGN §5 "Backup loses its primary": the replay has caught up through everything the
+/// stream covered (`c.boundary - 1`); no sooner than `failure_timeout` after the last receipt,
+/// claim; granted → persist, go live at `c.boundary`, gratuitous ARP, alone; denied → halt.
+#[allow(clippy::too_many_arguments)]
+async fn backup_failover(
+    node: &Arc<Node>,
+    decide: &std_mpsc::Sender<Decision>,
+    _cmds: &mpsc::UnboundedSender<OutputCmd>,
+    c: CaughtUp,
+    why: String,
+    last_receipt: u64,
+    acked: Boundary,
+    decided_at: Instant,
+) -> Option<NodeExit> {
+    let g = node.generation();
+    let detection_ms = (now_ns().saturating_sub(last_receipt)) as f64 / 1e6
+        - decided_at.elapsed().as_secs_f64() * 1e3;
+    let catch_up_ms = c.at.duration_since(decided_at).as_secs_f64() * 1e3;
+    // However the connection ended, claim no sooner than failure_timeout after the last
+    // receipt: a stopped primary's lease has then run out.
+    let earliest = last_receipt + node.cfg.failure_timeout.as_nanos() as u64;
+    let now = now_ns();
+    if now < earliest {
+        tokio::time::sleep(Duration::from_nanos(earliest - now)).await;
+    }
+    tracing::warn!(
+        "caught up at boundary {} (acknowledged through {acked}); claiming generation {}",
+        c.boundary,
+        g + 1
+    );
+    let t0 = Instant::now();
+    let outcome = node.claim(g).await;
+    let claim_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut report = FailoverReport {
+        at_s: node.shared.uptime_s(),
+        why: format!("primary lost: {why}"),
+        from_generation: g,
+        detection_ms: detection_ms.max(0.0),
+        catch_up_ms,
+        claim_ms,
+        boundary: c.boundary,
+        ..Default::default()
+    };
+    let exit = match outcome {
+        Some(ClaimOutcome::Granted { generation }) => {
+            if let Err(e) = node.persist(generation) {
+                let _ = decide.send(Decision::Halt("cannot persist the generation".into()));
+                return Some(e);
+            }
+            let t1 = Instant::now();
+            let _ = decide.send(Decision::GoLive);
+            if let (Some(tap), Some(net)) = (&node.tap, &node.devices.net) {
+                let arp = super::garp::gratuitous_arp(net.mac, net.ip);
+                for _ in 0..2 {
+                    if let Err(e) = tap.write_frame(&arp) {
+                        tracing::warn!("gratuitous ARP: {e}");
+                    }
+                }
+            }
+            node.shared.set_role(Role::Alone);
+            report.to_generation = generation;
+            report.go_live_ms = t1.elapsed().as_secs_f64() * 1e3;
+            tracing::warn!(
+                "granted generation {generation}: live at boundary {} (detection {:.1} ms, catch-up {catch_up_ms:.1} ms, claim {claim_ms:.1} ms)",
+                c.boundary, report.detection_ms
+            );
+            None
+        }
+        Some(ClaimOutcome::Denied { generation, holder }) => {
+            let why = format!(
+                "the witness gave the pair to {} (generation {generation}): halting",
+                holder.as_deref().unwrap_or("another node")
+            );
+            let _ = decide.send(Decision::Halt(why.clone()));
+            Some(NodeExit::Denied(why))
+        }
+        None => {
+            let _ = decide.send(Decision::Halt("stopping".into()));
+            Some(NodeExit::Stopped(node.stop.signalled().unwrap_or(15)))
+        }
+    };
+    node.shared.failovers.fetch_add(1, Ordering::Relaxed);
+    *node
+        .shared
+        .last_failover
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(report);
+    exit
+}
+
+/// A backup's NIC sink: frames dropped while following, sent once live.
+struct LiveFrames {
+    live: Arc<AtomicBool>,
+    tx: mpsc::UnboundedSender<ToChannel>,
+}
+
+impl FrameSink for LiveFrames {
+    fn send(&mut self, boundary: Boundary, frame: &[u8]) {
+        if self.live.load(Ordering::Relaxed) {
+            let _ = self.tx.send(ToChannel::Frame {
+                boundary,
+                frame: frame.to_vec(),
+            });
+        }
+    }
+}
+
+/// Reads and discards what arrives on a backup's TAP until the node goes live.
+fn drain_tap(tap: &Tap, live: &AtomicBool, stop: &StopSignal) {
+    while !live.load(Ordering::SeqCst) && stop.signalled().is_none() {
+        let mut pfd = libc::pollfd {
+            fd: tap.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a 20 ms timeout.
+        unsafe { libc::poll(&mut pfd, 1, 20) };
+        if live.load(Ordering::SeqCst) {
+            return;
+        }
+        while let Ok(Some(_)) = tap.try_read() {}
+    }
+}

@@ -1,0 +1,123 @@
+//! Turning a VM's options (from the command line or a config file, as text) into a validated
+//! plan: the guest image, memory size, arguments, devices, disk and TAP. One place, used by
+//! solo runs and by pair members.
+
+use std::path::PathBuf;
+
+use crate::guests::GuestImage;
+use crate::spec::{parse_cidr, parse_mac, DeviceSpec, DiskOptions, NetSpec};
+
+/// A VM's options as an operator writes them.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmOptions {
+    /// A bundled guest by name or a path to a guest ELF.
+    pub guest: Option<String>,
+    /// Memory size (with an optional K/M/G suffix). Default 64M.
+    pub mem: Option<String>,
+    /// The guest's argument string.
+    pub guest_args: Option<String>,
+    /// The disk image (created if missing).
+    pub disk: Option<PathBuf>,
+    /// Size to create the disk with. Default 64M.
+    pub disk_size: Option<String>,
+    /// The TAP device.
+    pub tap: Option<String>,
+    /// The NIC's MAC address.
+    pub mac: Option<String>,
+    /// The guest's IPv4 address and prefix.
+    pub ip: Option<String>,
+    /// The guest's default gateway.
+    pub gateway: Option<String>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+}
+
+/// The validated pieces of a VM.
+pub struct Plan {
+    /// The guest image.
+    pub image: GuestImage,
+    /// Memory size in bytes.
+    pub mem_size: u64,
+    /// The guest's arguments.
+    pub args: String,
+    /// The devices (`disk_sectors` is filled in once the disk is open).
+    pub devices: DeviceSpec,
+    /// The disk, if any.
+    pub disk: Option<DiskOptions>,
+    /// The TAP, if any.
+    pub tap: Option<String>,
+}
+
+impl VmOptions {
+    /// Validates the options. Errors name the option (`--mem: …`).
+    pub fn plan(&self) -> Result<Plan, String> {
+        let guest = self
+            .guest
+            .as_deref()
+            .ok_or("--guest is required (a bundled name or an ELF path)")?;
+        let mem_size = crate::solo::parse_size(self.mem.as_deref().unwrap_or("64M"))
+            .map_err(|e| format!("--mem: {e}"))?;
+        crate::kvm::boot::check_mem_size(mem_size).map_err(|e| format!("--mem: {e}"))?;
+        let image = crate::guests::resolve(guest)?;
+        let net = match (&self.tap, &self.mac, &self.ip) {
+            (None, None, None) => {
+                if self.gateway.is_some() {
+                    return Err("--gateway needs --tap, --mac and --ip".into());
+                }
+                None
+            }
+            (Some(_), Some(mac), Some(ip)) => {
+                let (ip, prefix) = parse_cidr(ip).map_err(|e| format!("--ip: {e}"))?;
+                let gateway = match &self.gateway {
+                    Some(g) => Some(
+                        g.parse()
+                            .map_err(|_| format!("--gateway: invalid IPv4 address {g:?}"))?,
+                    ),
+                    None => None,
+                };
+                Some(NetSpec {
+                    mac: parse_mac(mac).map_err(|e| format!("--mac: {e}"))?,
+                    ip,
+                    prefix,
+                    gateway,
+                })
+            }
+            _ => return Err("a NIC needs all of --tap, --mac and --ip".into()),
+        };
+        let disk = match &self.disk {
+            Some(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if !dir.is_dir() {
+                        return Err(format!(
+                            "--disk: the directory {} does not exist",
+                            dir.display()
+                        ));
+                    }
+                }
+                Some(DiskOptions {
+                    path: path.clone(),
+                    create_size: crate::solo::parse_size(
+                        self.disk_size.as_deref().unwrap_or("64M"),
+                    )
+                    .map_err(|e| format!("--disk-size: {e}"))?,
+                })
+            }
+            None if self.disk_size.is_some() => return Err("--disk-size needs --disk".into()),
+            None => None,
+        };
+        Ok(Plan {
+            image,
+            mem_size,
+            args: self.guest_args.clone().unwrap_or_default(),
+            devices: DeviceSpec {
+                net,
+                disk_sectors: None,
+                rng: self.rng,
+            },
+            disk,
+            tap: self.tap.clone(),
+        })
+    }
+}
