@@ -3,3 +3,4 @@
 
 pub mod netns;
 pub mod node;
+pub mod pair;

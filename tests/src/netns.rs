@@ -590,6 +590,35 @@ impl Lab {
         Ok(())
     }
 
+    /// A dedicated point-to-point link between two hosts (as an FT logging network would be):
+    /// a veth pair `<id>c<k>` in each namespace with `10.204.0.1/30` on `x` and `10.204.0.2/30`
+    /// on `y`. Returns the two addresses. Cut it with [`Lab::cut_link`].
+    pub fn link(&mut self, x: &Host, y: &Host) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        let kx = x.ns.name.rsplit('-').nth(1).unwrap_or("x").to_string();
+        let ky = y.ns.name.rsplit('-').nth(1).unwrap_or("y").to_string();
+        let (ix, iy) = (format!("{}c{kx}", self.id), format!("{}c{ky}", self.id));
+        ip(&[
+            "link", "add", &ix, "netns", &x.ns.name, "type", "veth", "peer", "name", &iy,
+            "netns", &y.ns.name,
+        ])?;
+        let (ax, ay) = (Ipv4Addr::new(10, 204, 0, 1), Ipv4Addr::new(10, 204, 0, 2));
+        for (h, i, a) in [(x, &ix, ax), (y, &iy, ay)] {
+            self.disable_ipv6(&h.ns, &[i])?;
+            h.ns.ip(&["addr", "add", &format!("{a}/30"), "dev", i])?;
+            h.ns.ip(&["link", "set", i, "up"])?;
+        }
+        Ok((ax, ay))
+    }
+
+    /// Takes `host`'s end of the link made by [`Lab::link`] down (`false`: up again).
+    pub fn cut_link(&self, host: &Host, down: bool) -> Result<()> {
+        let k = host.ns.name.rsplit('-').nth(1).unwrap_or("x");
+        let i = format!("{}c{k}", self.id);
+        host.ns
+            .ip(&["link", "set", &i, if down { "down" } else { "up" }])?;
+        Ok(())
+    }
+
     /// Reconnects a host cut by [`Lab::cut`].
     pub fn restore(&self, host: &Host) -> Result<()> {
         self.fabric.ip(&["link", "set", &host.fabric_port, "up"])?;

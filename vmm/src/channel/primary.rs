@@ -211,6 +211,7 @@ struct Attached {
     out: mpsc::UnboundedSender<Vec<u8>>,
     inbound: mpsc::UnboundedReceiver<Result<Msg, String>>,
     conn: quinn::Connection,
+    writer: tokio::task::JoinHandle<()>,
     last_receipt: u64,
     last_sent: u64,
 }
@@ -379,8 +380,9 @@ pub async fn output_task(
     }
     stats.throttled.store(false, Ordering::Relaxed);
     if let Some(a) = attached.take() {
-        // Let the last batch (with the end record) reach the backup.
+        // Let the last batch (with the end record) reach the backup before closing.
         drop(a.out);
+        let _ = tokio::time::timeout(Duration::from_secs(2), a.writer).await;
         a.conn.close(quinn::VarInt::from_u32(0), b"done");
     }
     let _ = events.send(OutputEvent::Finished);
@@ -419,7 +421,7 @@ fn attach(link: super::connect::Link, mut reader: MsgReader) -> Attached {
         ..
     } = link;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
+    let writer = tokio::spawn(async move {
         while let Some(mut b) = out_rx.recv().await {
             while let Ok(more) = out_rx.try_recv() {
                 b.extend_from_slice(&more);
@@ -466,6 +468,7 @@ fn attach(link: super::connect::Link, mut reader: MsgReader) -> Attached {
         out: out_tx,
         inbound: in_rx,
         conn,
+        writer,
         last_receipt: now,
         last_sent: now,
     }

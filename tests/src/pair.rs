@@ -1,0 +1,278 @@
+//! An FT pair in a lab: a witness host, nodes `a` and `b` (each with its TAP on the fabric and
+//! a dedicated channel link between them), and a client host; certificates, the witness's
+//! and the nodes' config files in a temporary directory; helpers to start, stop, query and
+//! kill the processes.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::{self, sibling_binary, Host, Lab, Spawned};
+use crate::node::RunningNode;
+
+/// The channel port every node listens on.
+pub const CHANNEL_PORT: u16 = 7300;
+/// The witness's port.
+pub const WITNESS_PORT: u16 = 7200;
+
+/// Path of the built `ftvm-witness`.
+pub fn witness_binary() -> Result<PathBuf> {
+    sibling_binary("ftvm-witness", "FTVM_WITNESS")
+}
+
+/// Knobs of a pair lab.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    /// Node names (two, or more for spares).
+    pub nodes: Vec<String>,
+    /// `heartbeat` in node.toml.
+    pub heartbeat: String,
+    /// `failure_timeout`.
+    pub failure_timeout: String,
+    /// `max_lag`.
+    pub max_lag: String,
+    /// `digest_every`.
+    pub digest_every: u64,
+    /// The guest's disk size.
+    pub disk_size: String,
+    /// Extra lines for every node.toml.
+    pub extra: String,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            nodes: vec!["a".into(), "b".into()],
+            heartbeat: "10ms".into(),
+            failure_timeout: "200ms".into(),
+            max_lag: "50ms".into(),
+            digest_every: 200,
+            disk_size: "16M".into(),
+            extra: String::new(),
+        }
+    }
+}
+
+/// The lab and its files.
+pub struct PairLab {
+    /// The topology (dropped last: it removes the namespaces).
+    pub lab: Lab,
+    /// The witness host.
+    pub witness: Host,
+    /// The node hosts, in the order of [`PairOptions::nodes`].
+    pub nodes: Vec<Host>,
+    /// The client host.
+    pub client: Host,
+    /// The guest's address (the same VM on every node).
+    pub guest_ip: Ipv4Addr,
+    /// Certificates, configs, disks.
+    pub dir: tempfile::TempDir,
+    witness_proc: Option<Spawned>,
+    opts: PairOptions,
+}
+
+impl PairLab {
+    /// Builds the lab, the certificates and the config files (nothing is started).
+    pub fn new(opts: PairOptions) -> Result<PairLab> {
+        netns::preflight()?;
+        crate::node::require_kvm();
+        if opts.nodes.len() != 2 {
+            bail!("the channel link joins exactly two nodes");
+        }
+        let mut lab = Lab::new()?;
+        let witness = lab.add_host("witness")?;
+        let a = lab.add_node(&opts.nodes[0])?;
+        let b = lab.add_node(&opts.nodes[1])?;
+        let client = lab.add_host("client")?;
+        let (ca, cb) = lab.link(&a, &b)?;
+        let dir = tempfile::tempdir()?;
+        let tls = dir.path().join("tls");
+        let out = Command::new(witness_binary()?)
+            .args(["certs", "init", "--dir"])
+            .arg(&tls)
+            .args(["--pair", "kv1", "--nodes", &opts.nodes.join(",")])
+            .output()
+            .context("ftvm-witness certs init")?;
+        if !out.status.success() {
+            bail!("certs init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let guest_ip = a.guest_ip.context("node")?;
+        let mac = a.guest_mac.clone().context("node")?;
+        std::fs::write(
+            dir.path().join("witness.toml"),
+            format!(
+                "listen = \"{}:{WITNESS_PORT}\"\ndata_dir = \"{}\"\ntls_dir = \"{}\"\nidentity = \"witness\"\n\n[pairs.kv1]\nnodes = [{}]\n",
+                witness.ip,
+                dir.path().join("witness-data").display(),
+                tls.display(),
+                opts.nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+            ),
+        )?;
+        let hosts = [(&a, ca, &b, cb), (&b, cb, &a, ca)];
+        for (me, my_addr, peer, peer_addr) in hosts {
+            let text = format!(
+                r#"pair = "kv1"
+node = "{me_name}"
+tls = "{tls}"
+listen = "{my_addr}:{CHANNEL_PORT}"
+peer = "{peer_name}@{peer_addr}:{CHANNEL_PORT}"
+witness = "witness@{wip}:{WITNESS_PORT}"
+control = "{dir}/{me_name}.sock"
+heartbeat = "{hb}"
+failure_timeout = "{ft}"
+max_lag = "{lag}"
+digest_every = {de}
+guest = "kv"
+mem = "64M"
+disk = "{dir}/{me_name}.img"
+disk_size = "{ds}"
+tap = "{tap}"
+mac = "{mac}"
+ip = "{guest_ip}/24"
+{extra}
+"#,
+                me_name = me.role,
+                peer_name = peer.role,
+                tls = tls.display(),
+                wip = witness.ip,
+                dir = dir.path().display(),
+                hb = opts.heartbeat,
+                ft = opts.failure_timeout,
+                lag = opts.max_lag,
+                de = opts.digest_every,
+                ds = opts.disk_size,
+                tap = me.tap.clone().context("node")?,
+                extra = opts.extra,
+            );
+            std::fs::write(dir.path().join(format!("{}.toml", me.role)), text)?;
+        }
+        Ok(PairLab {
+            lab,
+            witness,
+            nodes: vec![a, b],
+            client,
+            guest_ip,
+            dir,
+            witness_proc: None,
+            opts,
+        })
+    }
+
+    /// The options the lab was made with.
+    pub fn options(&self) -> &PairOptions {
+        &self.opts
+    }
+
+    /// A node's host by name.
+    pub fn host(&self, name: &str) -> &Host {
+        self.nodes
+            .iter()
+            .find(|h| h.role == name)
+            .expect("a node of this lab")
+    }
+
+    /// A node's config file.
+    pub fn config(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.toml"))
+    }
+
+    /// A node's disk image.
+    pub fn disk(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.img"))
+    }
+
+    /// Starts (or restarts) the witness and waits for it to be ready.
+    pub fn start_witness(&mut self) -> Result<()> {
+        let data = self.dir.path().join("witness-data");
+        let mut cmd = self.witness.ns.command(witness_binary()?);
+        cmd.args(["serve", "--config"])
+            .arg(self.dir.path().join("witness.toml"));
+        if !data.exists() {
+            cmd.arg("--init");
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut sp = Spawned::start(cmd)?;
+        let out = sp.child().stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains("ftvm-witness ready") => break,
+                Ok(_) => {}
+                Err(_) => bail!("the witness did not become ready"),
+            }
+        }
+        self.witness_proc = Some(sp);
+        Ok(())
+    }
+
+    /// Kills the witness (SIGKILL).
+    pub fn kill_witness(&mut self) {
+        self.witness_proc = None;
+    }
+
+    /// Starts node `name` (`ftvm-node run --config`, plus `extra` arguments).
+    pub fn start_node(&self, name: &str, extra: &[&str]) -> Result<RunningNode> {
+        let mut args = vec![
+            "run".to_string(),
+            "--config".to_string(),
+            self.config(name).display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        RunningNode::start(&self.host(name).ns, &args)
+    }
+
+    /// `ftvm-node status --json` of node `name`, parsed (an error if it cannot be reached).
+    pub fn status(&self, name: &str) -> Result<serde_json::Value> {
+        let out = Command::new(crate::node::node_binary()?)
+            .args(["status", "--json", "--config"])
+            .arg(self.config(name))
+            .output()?;
+        if !out.status.success() {
+            bail!("status {name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits (at most `limit`) until node `name` reports `role`; returns its status.
+    pub fn wait_role(&self, name: &str, role: &str, limit: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        while Instant::now() < deadline {
+            match self.status(name) {
+                Ok(s) if s["role"] == role => return Ok(s),
+                Ok(s) => last = Some(s.to_string()),
+                Err(e) => last = Some(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{name} did not become {role} within {limit:?}; last status: {last:?}")
+    }
+
+    /// Whether the two disk images are byte-identical.
+    pub fn disks_equal(&self) -> Result<bool> {
+        let a = std::fs::read(self.disk(&self.nodes[0].role))?;
+        let b = std::fs::read(self.disk(&self.nodes[1].role))?;
+        Ok(a == b)
+    }
+
+    /// Path of the certificate directory.
+    pub fn tls(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// The directory of the lab's files.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
