@@ -49,12 +49,35 @@ impl RunningNode {
         RunningNode::spawn(Command::new(node_binary()?), &args)
     }
 
-    fn spawn(mut cmd: Command, args: &[String]) -> Result<RunningNode> {
+    /// Starts `ftvm-node <args>` inside `ns` with its log (stderr, `FTVM_LOG=info`) appended
+    /// to `log` (read it after a failure; [`RunningNode::wait`] then returns no stderr).
+    pub fn start_logged(ns: &Netns, args: &[String], log: &Path) -> Result<RunningNode> {
+        let mut cmd = ns.command(node_binary()?);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("log file {}", log.display()))?;
+        cmd.env("FTVM_LOG", "info,virtio_queue=off").stderr(f);
+        RunningNode::spawn_with(cmd, args, false)
+    }
+
+    fn spawn(cmd: Command, args: &[String]) -> Result<RunningNode> {
+        RunningNode::spawn_with(cmd, args, true)
+    }
+
+    fn spawn_with(mut cmd: Command, args: &[String], pipe_stderr: bool) -> Result<RunningNode> {
         require_kvm();
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args).stdout(Stdio::piped());
+        if pipe_stderr {
+            cmd.stderr(Stdio::piped());
+        }
         let mut child = cmd.spawn().context("spawning ftvm-node")?;
         let out = child.stdout.take().context("stdout")?;
-        let mut err = child.stderr.take().context("stderr")?;
+        let mut err: Box<dyn std::io::Read + Send> = match child.stderr.take() {
+            Some(e) => Box::new(e),
+            None => Box::new(std::io::empty()),
+        };
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {

@@ -229,7 +229,27 @@ ip = "{guest_ip}/24"
             self.config(name).display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        RunningNode::start(&self.host(name).ns, &args)
+        RunningNode::start_logged(&self.host(name).ns, &args, &self.log(name))
+    }
+
+    /// Node `name`'s log file (stderr of every run, appended).
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// The last `n` lines of every node's log (for failure messages).
+    pub fn logs(&self, n: usize) -> String {
+        let mut s = String::new();
+        for h in &self.nodes {
+            let text = std::fs::read_to_string(self.log(&h.role)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s += &format!("---- {} (last {n} lines) ----\n", h.role);
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                s += l;
+                s += "\n";
+            }
+        }
+        s
     }
 
     /// `ftvm-node status --json` of node `name`, parsed (an error if it cannot be reached).
@@ -256,7 +276,10 @@ ip = "{guest_ip}/24"
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("{name} did not become {role} within {limit:?}; last status: {last:?}")
+        bail!(
+            "{name} did not become {role} within {limit:?}; last status: {last:?}\n{}",
+            self.logs(40)
+        )
     }
 
     /// Whether the two disk images are byte-identical.

@@ -1,6 +1,8 @@
-//! How far the backup is behind (DESIGN §5 "Lag bound"), as a pure state machine: the time
-//! since the primary sent the oldest log batch that the backup has not replayed yet. A
-//! backup that has replayed everything it was sent has no lag, however long ago that was.
+//! How far the backup is behind (DESIGN §5 "Lag bound"), as a pure state machine: the span of
+//! the primary's execution the backup has been sent but not replayed — from the oldest
+//! unreplayed batch to the newest batch sent. That is what a failover would have to replay,
+//! and what the primary bounds by holding its vCPU (while it is held it sends nothing new, so
+//! the span cannot grow). A backup that has replayed everything it was sent has no lag.
 
 use std::collections::VecDeque;
 
@@ -40,11 +42,12 @@ impl LagTracker {
         self.replayed
     }
 
-    /// The lag at `now`, in nanoseconds.
-    pub fn lag_ns(&self, now: u64) -> u64 {
-        self.sent
-            .front()
-            .map_or(0, |&(_, t)| now.saturating_sub(t))
+    /// The lag, in nanoseconds of the primary's time.
+    pub fn lag_ns(&self) -> u64 {
+        match (self.sent.front(), self.sent.back()) {
+            (Some(&(_, first)), Some(&(_, last))) => last - first,
+            _ => 0,
+        }
     }
 }
 
@@ -53,20 +56,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lag_is_the_age_of_the_oldest_unreplayed_batch() {
+    fn lag_is_the_span_of_sent_but_unreplayed_batches() {
         let mut l = LagTracker::new();
-        assert_eq!(l.lag_ns(100), 0);
+        assert_eq!(l.lag_ns(), 0);
         l.sent(10, 1_000);
+        assert_eq!(l.lag_ns(), 0, "one batch in flight spans nothing yet");
         l.sent(20, 2_000);
-        assert_eq!(l.lag_ns(5_000), 4_000);
+        l.sent(30, 5_000);
+        assert_eq!(l.lag_ns(), 4_000);
         l.replayed(15);
-        assert_eq!(l.lag_ns(5_000), 3_000);
-        l.replayed(20);
-        assert_eq!(l.lag_ns(1_000_000), 0, "caught up: no lag however old");
+        assert_eq!(l.lag_ns(), 3_000);
+        l.replayed(30);
+        assert_eq!(l.lag_ns(), 0, "caught up: no lag");
         // Reports that go backwards change nothing.
-        l.sent(30, 6_000);
+        l.sent(40, 6_000);
+        l.sent(50, 7_500);
         l.replayed(12);
-        assert_eq!(l.replayed_boundary(), 20);
-        assert_eq!(l.lag_ns(7_000), 1_000);
+        assert_eq!(l.replayed_boundary(), 30);
+        assert_eq!(l.lag_ns(), 1_500);
     }
 }

@@ -362,7 +362,7 @@ pub async fn output_task(
             }
         }
         let now = now_ns();
-        let l = if attached.is_some() { lag.lag_ns(now) } else { 0 };
+        let l = if attached.is_some() { lag.lag_ns() } else { 0 };
         ChannelStats::set(&stats.lag_ns, l);
         stats
             .throttled
