@@ -144,6 +144,14 @@ impl RunningNode {
         }
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     /// Sends `sig` to the node.
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ftvm_tests::node::redis_text;
+use ftvm_tests::node::{redis_text, RunningNode};
 use ftvm_tests::pair::{PairLab, PairOptions};
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -71,4 +71,277 @@ fn a_pair_serves_redis_and_the_backup_ends_identical() {
     assert_eq!(ps.code(), Some(128 + 15), "primary: {perr}");
     assert_eq!(bs.code(), Some(128 + 15), "backup ended as the primary did: {berr}");
     assert!(lab.disks_equal().unwrap(), "the backup's disk equals the primary's");
+}
+
+/// Starts both nodes and waits until one is primary and the other backup, both booted.
+fn start_pair(lab: &mut PairLab) -> (String, RunningNode, String, RunningNode) {
+    lab.start_witness().unwrap();
+    let mut a = lab.start_node("a", &[]).unwrap();
+    let mut b = lab.start_node("b", &[]).unwrap();
+    a.expect_line("kv: listening on", BOOT).unwrap();
+    b.expect_line("kv: listening on", BOOT).unwrap();
+    if lab.status("a").unwrap()["role"] == "primary" {
+        lab.wait_role("b", "backup", ROLE).unwrap();
+        ("a".into(), a, "b".into(), b)
+    } else {
+        lab.wait_role("b", "primary", ROLE).unwrap();
+        lab.wait_role("a", "backup", ROLE).unwrap();
+        ("b".into(), b, "a".into(), a)
+    }
+}
+
+const ROLE: Duration = Duration::from_secs(15);
+
+/// Edits one line of node `name`'s config.
+fn edit(lab: &PairLab, name: &str, from: &str, to: &str) {
+    let p = lab.config(name);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains(from), "{from:?} not in {name}.toml");
+    std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+}
+
+/// Both nodes exit 68 and the refusal names `field` with both values.
+fn refused_on_both_sides(lab: &mut PairLab, field: &str) {
+    lab.start_witness().unwrap();
+    let a = lab.start_node("a", &[]).unwrap();
+    let b = lab.start_node("b", &[]).unwrap();
+    let (sa, _) = a.wait(Duration::from_secs(30)).unwrap();
+    let (sb, _) = b.wait(Duration::from_secs(30)).unwrap();
+    let logs = lab.logs(20);
+    assert_eq!(sa.code(), Some(68), "a: {logs}");
+    assert_eq!(sb.code(), Some(68), "b: {logs}");
+    for n in ["a", "b"] {
+        let log = std::fs::read_to_string(lab.log(n)).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("refused"))
+            .unwrap_or_else(|| panic!("{n} printed no refusal: {logs}"));
+        assert!(line.contains(field), "{n}: {line}");
+    }
+}
+
+#[test]
+fn different_memory_sizes_are_refused_on_both_sides() {
+    let mut lab = pair(PairOptions::default());
+    edit(&lab, "b", "mem = \"64M\"", "mem = \"128M\"");
+    refused_on_both_sides(&mut lab, "mem differs");
+}
+
+#[test]
+fn different_disk_sizes_are_refused_on_both_sides() {
+    let mut lab = pair(PairOptions::default());
+    edit(&lab, "b", "disk_size = \"16M\"", "disk_size = \"32M\"");
+    refused_on_both_sides(&mut lab, "disk_size differs");
+}
+
+#[test]
+fn different_failure_timeouts_are_refused_on_both_sides() {
+    let mut lab = pair(PairOptions::default());
+    edit(&lab, "b", "failure_timeout = \"200ms\"", "failure_timeout = \"250ms\"");
+    refused_on_both_sides(&mut lab, "failure_timeout differs");
+}
+
+#[test]
+fn a_different_guest_machine_is_refused_on_both_sides() {
+    let mut lab = pair(PairOptions::default());
+    edit(&lab, "b", "guest = \"kv\"", "guest = \"kv\"\nguest_args = \"--other\"");
+    refused_on_both_sides(&mut lab, "machine differs");
+}
+
+#[test]
+fn a_backup_whose_disk_differs_is_refused_at_boundary_0() {
+    let mut lab = pair(PairOptions::default());
+    lab.start_witness().unwrap();
+    // b's disk holds a block a's does not.
+    let mut img = vec![0u8; 16 << 20];
+    img[5 << 20] = 0x5a;
+    std::fs::write(lab.disk("b"), &img).unwrap();
+    std::fs::write(lab.disk("a"), vec![0u8; 16 << 20]).unwrap();
+    let a = lab.start_node("a", &[]).unwrap();
+    let b = lab.start_node("b", &[]).unwrap();
+    // Whichever claimed first waits; the other is refused and exits 68.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut refused = None;
+    let (mut a, mut b) = (Some(a), Some(b));
+    while std::time::Instant::now() < deadline && refused.is_none() {
+        for (name, n) in [("a", &mut a), ("b", &mut b)] {
+            if n.as_mut().is_some_and(|n| !n.is_running()) {
+                refused = Some((name, n.take().unwrap()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (rname, r) = refused.expect("one node was refused");
+    let (st, _) = r.wait(Duration::from_secs(5)).unwrap();
+    assert_eq!(st.code(), Some(68), "{}", lab.logs(20));
+    let log = std::fs::read_to_string(lab.log(rname)).unwrap();
+    assert!(log.contains("disk_root differs"), "{log}");
+    let other = if rname == "a" { "b" } else { "a" };
+    let s = lab.status(other).unwrap();
+    assert_eq!(s["role"], "primary", "{s}");
+    assert_eq!(s["boundary"], 0, "the guest did not start without its backup: {s}");
+    drop((a, b));
+}
+
+#[test]
+fn a_certificate_of_another_ca_is_refused_and_nothing_runs() {
+    let mut lab = pair(PairOptions::default());
+    let other = lab.path().join("other-tls");
+    let out = std::process::Command::new(ftvm_tests::pair::witness_binary().unwrap())
+        .args(["certs", "init", "--dir"])
+        .arg(&other)
+        .args(["--pair", "kv1", "--nodes", "a,b"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    edit(&lab, "b", &format!("tls = \"{}\"", lab.tls().display()), &format!("tls = \"{}\"", other.display()));
+    lab.start_witness().unwrap();
+    let mut a = lab.start_node("a", &[]).unwrap();
+    let _b = lab.start_node("b", &[]).unwrap();
+    // a gets the pair (b cannot even reach the witness) and waits for a backup that never
+    // comes; b never runs the guest.
+    let s = lab.wait_role("a", "primary", ROLE).unwrap();
+    assert_eq!(s["boundary"], 0, "{s}");
+    std::thread::sleep(Duration::from_secs(2));
+    let sb = lab.status("b").unwrap();
+    assert!(sb["role"] == "starting" || sb["role"] == "claiming", "{sb}");
+    assert_eq!(sb["boundary"], 0, "{sb}");
+    assert_eq!(lab.status("a").unwrap()["boundary"], 0);
+    assert!(a.expect_line("kv: listening", Duration::from_millis(10)).is_err());
+}
+
+#[test]
+fn the_witness_certificate_cannot_act_as_a_node() {
+    let mut lab = pair(PairOptions::default());
+    edit(&lab, "b", "node = \"b\"", "node = \"witness\"");
+    lab.start_witness().unwrap();
+    let _a = lab.start_node("a", &[]).unwrap();
+    let _b = lab.start_node("b", &[]).unwrap();
+    let s = lab.wait_role("a", "primary", ROLE).unwrap();
+    assert_eq!(s["boundary"], 0, "{s}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(lab.log("a")).unwrap();
+        if log.contains("refused a connection from \"witness\": not a member of this pair") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a never refused the witness identity: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lab.status("a").unwrap()["boundary"], 0, "no guest ran");
+}
+
+#[test]
+fn garbage_on_the_channel_port_changes_nothing() {
+    let mut lab = pair(PairOptions::default());
+    let (pn, _p, bn, _b) = start_pair(&mut lab);
+    let target: std::net::SocketAddr = if pn == "a" { "10.204.0.1:7300" } else { "10.204.0.2:7300" }.parse().unwrap();
+    let from = lab.host(&bn).ns.clone();
+    ftvm_tests::node::in_netns(&from, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for i in 0..2000 {
+            let len = 1 + (i * 37) % 1200;
+            let pkt: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = s.send_to(&pkt, target);
+        }
+    })
+    .unwrap();
+    assert_eq!(redis_text(&lab.client.ns, lab.guest_ip, &["SET", "after", "garbage"]).unwrap(), "OK");
+    assert_eq!(redis_text(&lab.client.ns, lab.guest_ip, &["GET", "after"]).unwrap(), "garbage");
+    assert_eq!(lab.status(&pn).unwrap()["role"], "primary");
+    assert_eq!(lab.status(&bn).unwrap()["role"], "backup");
+}
+
+#[test]
+fn output_waits_for_the_backup_and_a_stopped_backup_holds_replies() {
+    let mut lab = pair(PairOptions {
+        failure_timeout: "4s".into(),
+        heartbeat: "20ms".into(),
+        max_lag: "1s".into(),
+        ..PairOptions::default()
+    });
+    let (pn, _p, _bn, backup) = start_pair(&mut lab);
+    // One connection, opened while the pair is healthy.
+    let ip = lab.guest_ip;
+    let conn = ftvm_tests::checker::spawn_in_netns(&lab.client.ns, move || {
+        std::net::TcpStream::connect((ip, 6379)).unwrap()
+    })
+    .unwrap()
+    .join()
+    .unwrap();
+    use std::io::{Read, Write};
+    let mut c = conn;
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    c.write_all(b"PING\r\n").unwrap();
+    let n = c.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"+PONG\r\n");
+    let before = lab.status(&pn).unwrap();
+    backup.signal(libc::SIGSTOP);
+    c.write_all(b"PING\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    let r = c.read(&mut buf);
+    assert!(r.is_err(), "a reply left while the backup could not acknowledge it: {r:?}");
+    let during = lab.status(&pn).unwrap();
+    assert!(
+        during["boundary"].as_u64() > before["boundary"].as_u64(),
+        "the primary kept running: {before} {during}"
+    );
+    assert!(during["held_frames"].as_u64().unwrap() >= 1, "{during}");
+    backup.signal(libc::SIGCONT);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = c.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"+PONG\r\n", "the held reply arrived after SIGCONT");
+    let after = lab.status(&pn).unwrap();
+    assert!(
+        after["released_boundary"].as_u64() <= after["acked"].as_u64().map(|a| a + 1),
+        "{after}"
+    );
+}
+
+#[test]
+fn a_slowed_backup_stays_within_the_lag_bound() {
+    let max_lag_ms = 30.0;
+    let mut lab = pair(PairOptions {
+        failure_timeout: "2s".into(),
+        heartbeat: "10ms".into(),
+        max_lag: "30ms".into(),
+        ..PairOptions::default()
+    });
+    let (pn, _p, _bn, backup) = start_pair(&mut lab);
+    let mut bench = lab
+        .client
+        .ns
+        .command("redis-benchmark")
+        .args(["-h", &lab.guest_ip.to_string(), "-q", "-n", "30000", "-c", "10", "-t", "set"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut worst = 0.0f64;
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        backup.signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(60));
+        let s = lab.status(&pn).unwrap();
+        worst = worst.max(s["lag_ms"].as_f64().unwrap());
+        backup.signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let _ = bench.kill();
+    let _ = bench.wait();
+    let s = lab.status(&pn).unwrap();
+    // Tolerance: one tick of the output task (heartbeat/2) plus one batch of the vCPU.
+    let tolerance_ms = 25.0;
+    assert!(worst <= max_lag_ms + tolerance_ms, "lag reached {worst} ms (bound {max_lag_ms} ms): {s}");
+    assert!(s["throttle_waits"].as_u64().unwrap() > 0, "the bound was never exercised: {s}");
+    eprintln!("worst lag {worst:.1} ms with max_lag {max_lag_ms} ms; {s}");
 }

@@ -22,7 +22,8 @@ impl LagTracker {
         Self::default()
     }
 
-    /// A batch whose records reach boundary `watermark` was sent at `now`.
+    /// A batch whose records reach boundary `watermark` was sent at `now` (the primary's busy
+    /// clock).
     pub fn sent(&mut self, watermark: Boundary, now: u64) {
         if self.sent.back().is_none_or(|&(w, _)| w < watermark) {
             self.sent.push_back((watermark, now));
@@ -42,7 +43,7 @@ impl LagTracker {
         self.replayed
     }
 
-    /// The lag, in nanoseconds of the primary's time.
+    /// The lag, in nanoseconds of the primary's busy time.
     pub fn lag_ns(&self) -> u64 {
         match (self.sent.front(), self.sent.back()) {
             (Some(&(_, first)), Some(&(_, last))) => last - first,

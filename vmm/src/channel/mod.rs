@@ -54,6 +54,17 @@ pub struct ChannelStats {
     pub throttle_waits: AtomicU64,
     /// Memory digests compared (backup).
     pub digests_checked: AtomicU64,
+    /// Time the primary's vCPU spent not executing the guest (blocked in a WAIT, or held by
+    /// the lag bound), in nanoseconds: the lag is measured in the rest, the primary's busy
+    /// time, so an idle primary does not count as work the backup has to replay.
+    pub idle_ns: AtomicU64,
+}
+
+impl ChannelStats {
+    /// The primary's busy clock: [`now_ns`] minus the time its vCPU was idle.
+    pub fn busy_ns(&self) -> u64 {
+        now_ns().saturating_sub(self.idle_ns.load(Ordering::Relaxed))
+    }
 }
 
 impl ChannelStats {

@@ -127,12 +127,14 @@ impl<I: Inputs> Inputs for Throttle<I> {
     fn boundary(&mut self, b: Boundary, fp: Option<Fingerprint>) -> Result<(), InputError> {
         if self.stats.throttled.load(Ordering::Relaxed) {
             ChannelStats::add(&self.stats.throttle_waits, 1);
+            let t0 = now_ns();
             while self.stats.throttled.load(Ordering::Relaxed) {
                 if let Some(sig) = self.stop.signalled() {
                     return Err(InputError::Stopped(sig));
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
+            ChannelStats::add(&self.stats.idle_ns, now_ns() - t0);
         }
         self.inner.boundary(b, fp)
     }
@@ -143,7 +145,10 @@ impl<I: Inputs> Inputs for Throttle<I> {
         self.inner.entropy(b)
     }
     fn wait(&mut self, b: Boundary, deadline: u64, room: usize) -> Result<ClockValue, InputError> {
-        self.inner.wait(b, deadline, room)
+        let t0 = now_ns();
+        let r = self.inner.wait(b, deadline, room);
+        ChannelStats::add(&self.stats.idle_ns, now_ns() - t0);
+        r
     }
     fn net_rx(&mut self, b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
         self.inner.net_rx(b, room)
@@ -297,7 +302,7 @@ pub async fn output_task(
                             lose(&mut attached, &events, &stats, "the channel's writer stopped".into());
                         } else {
                             gate.sent(seq, now);
-                            lag.sent(stream_w, now);
+                            lag.sent(stream_w, stats.busy_ns());
                             a.last_sent = now;
                             ChannelStats::add(&stats.messages_sent, 1);
                         }

@@ -557,6 +557,7 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
 async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    node.shared.set_role(Role::Primary);
     tracing::info!("waiting for a backup before starting the guest");
     let r = loop {
         let j = tokio::select! {
