@@ -339,8 +339,10 @@ fn a_slowed_backup_stays_within_the_lag_bound() {
     let _ = bench.kill();
     let _ = bench.wait();
     let s = lab.status(&pn).unwrap();
-    // Tolerance: one tick of the output task (heartbeat/2) plus one batch of the vCPU.
-    let tolerance_ms = 25.0;
+    // Tolerance: the bound is checked at boundaries and by the output task every heartbeat/2,
+    // so the lag can pass it by one tick plus the work of one batch, and on these 2 shared
+    // cores by a scheduling delay of the vCPU or the output task: 50 ms covers all three.
+    let tolerance_ms = 50.0;
     assert!(worst <= max_lag_ms + tolerance_ms, "lag reached {worst} ms (bound {max_lag_ms} ms): {s}");
     assert!(s["throttle_waits"].as_u64().unwrap() > 0, "the bound was never exercised: {s}");
     eprintln!("worst lag {worst:.1} ms with max_lag {max_lag_ms} ms; {s}");

@@ -46,7 +46,7 @@ impl LagTracker {
     /// The lag, in nanoseconds of the primary's busy time.
     pub fn lag_ns(&self) -> u64 {
         match (self.sent.front(), self.sent.back()) {
-            (Some(&(_, first)), Some(&(_, last))) => last - first,
+            (Some(&(_, first)), Some(&(_, last))) => last.saturating_sub(first),
             _ => 0,
         }
     }

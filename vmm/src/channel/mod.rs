@@ -57,13 +57,31 @@ pub struct ChannelStats {
     /// Time the primary's vCPU spent not executing the guest (blocked in a WAIT, or held by
     /// the lag bound), in nanoseconds: the lag is measured in the rest, the primary's busy
     /// time, so an idle primary does not count as work the backup has to replay.
-    pub idle_ns: AtomicU64,
+    /// `(idle time so far, start of the idle period in progress or 0)`.
+    pub idle: std::sync::Mutex<(u64, u64)>,
 }
 
 impl ChannelStats {
-    /// The primary's busy clock: [`now_ns`] minus the time its vCPU was idle.
+    /// The primary's busy clock: [`now_ns`] minus the time its vCPU was idle (an idle period
+    /// in progress counts from its start), so it never goes backwards.
     pub fn busy_ns(&self) -> u64 {
-        now_ns().saturating_sub(self.idle_ns.load(Ordering::Relaxed))
+        let (total, since) = *self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = if since > 0 { since } else { now_ns() };
+        now.saturating_sub(total)
+    }
+
+    /// The vCPU stops executing the guest (a WAIT, or held by the lag bound).
+    pub fn idle_begin(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).1 = now_ns().max(1);
+    }
+
+    /// The vCPU executes the guest again.
+    pub fn idle_end(&self) {
+        let mut g = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 > 0 {
+            g.0 += now_ns().saturating_sub(g.1);
+            g.1 = 0;
+        }
     }
 }
 

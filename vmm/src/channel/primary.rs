@@ -127,14 +127,15 @@ impl<I: Inputs> Inputs for Throttle<I> {
     fn boundary(&mut self, b: Boundary, fp: Option<Fingerprint>) -> Result<(), InputError> {
         if self.stats.throttled.load(Ordering::Relaxed) {
             ChannelStats::add(&self.stats.throttle_waits, 1);
-            let t0 = now_ns();
+            self.stats.idle_begin();
             while self.stats.throttled.load(Ordering::Relaxed) {
                 if let Some(sig) = self.stop.signalled() {
+                    self.stats.idle_end();
                     return Err(InputError::Stopped(sig));
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
-            ChannelStats::add(&self.stats.idle_ns, now_ns() - t0);
+            self.stats.idle_end();
         }
         self.inner.boundary(b, fp)
     }
@@ -145,9 +146,9 @@ impl<I: Inputs> Inputs for Throttle<I> {
         self.inner.entropy(b)
     }
     fn wait(&mut self, b: Boundary, deadline: u64, room: usize) -> Result<ClockValue, InputError> {
-        let t0 = now_ns();
+        self.stats.idle_begin();
         let r = self.inner.wait(b, deadline, room);
-        ChannelStats::add(&self.stats.idle_ns, now_ns() - t0);
+        self.stats.idle_end();
         r
     }
     fn net_rx(&mut self, b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
