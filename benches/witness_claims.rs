@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ftvm_witness::config::PairConfig;
-use ftvm_witness::{ClaimOutcome, ClientOptions, Config, WitnessClient};
+use ftvm_witness::{ClaimId, ClaimOutcome, ClientOptions, Config, WitnessClient};
 
 const CHILD_ENV: &str = "FTVM_WITNESS_BENCH_CHILD";
 const PAIRS: usize = 16;
@@ -184,7 +184,7 @@ async fn parent() -> anyhow::Result<()> {
         let g = generation.clone();
         async move {
             let seen = g.load(std::sync::atomic::Ordering::Relaxed);
-            match c.claim("vm0", seen).await? {
+            match c.claim("vm0", seen, ClaimId::random()).await? {
                 ClaimOutcome::Granted { generation } => {
                     g.store(generation, std::sync::atomic::Ordering::Relaxed);
                     Ok(())
@@ -198,7 +198,7 @@ async fn parent() -> anyhow::Result<()> {
     let (v, wall) = timed(3000, Duration::from_secs(4), |_| {
         let c = clients[1].clone();
         async move {
-            match c.claim("vm1", u64::MAX - 1).await? {
+            match c.claim("vm1", u64::MAX - 1, ClaimId::random()).await? {
                 ClaimOutcome::Denied { .. } => Ok(()),
                 g => bail!("unexpected grant {g:?}"),
             }
@@ -218,7 +218,7 @@ async fn parent() -> anyhow::Result<()> {
             let mut lat = Vec::new();
             while Instant::now() < stop_at && lat.len() < 20_000 {
                 let t = Instant::now();
-                match c.claim(&pair, seen).await? {
+                match c.claim(&pair, seen, ClaimId::random()).await? {
                     ClaimOutcome::Granted { generation } => seen = generation,
                     d => bail!("unexpected denial {d:?}"),
                 }

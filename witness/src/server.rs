@@ -16,10 +16,12 @@ use ftvm_tls::{peer_identity, Identity, TransportOptions, ALPN_WITNESS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::codec::{DecodeError, ErrorCode, Request, Response, MAX_REQUEST};
+use crate::codec::{
+    message_version, DecodeError, ErrorCode, Request, Response, MAX_REQUEST, VERSION, VERSION_V1,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::state::{ClaimDecision, PairState, Refusal, Witness};
+use crate::state::{ClaimDecision, ClaimId, PairState, Refusal, Witness};
 use crate::store::{Store, StoreError};
 
 /// QUIC application close code: the certificate identity is not a node of any pair.
@@ -51,6 +53,7 @@ struct Job {
     pair: String,
     node: String,
     seen: u64,
+    claim_id: ClaimId,
     received: Instant,
     reply: oneshot::Sender<Response>,
 }
@@ -236,6 +239,8 @@ async fn handle_stream(
     shared: &Shared,
 ) {
     let m = &shared.metrics;
+    // A version 1 request is refused in version 1, which its sender can read.
+    let mut reply_version = VERSION;
     let resp = match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_to_end(MAX_REQUEST)).await
     {
         Err(_) => {
@@ -263,6 +268,9 @@ async fn handle_stream(
         }
         Ok(Ok(buf)) => match Request::decode(&buf) {
             Err(e) => {
+                if message_version(&buf) == Some(VERSION_V1) {
+                    reply_version = VERSION_V1;
+                }
                 m.bad_requests.fetch_add(1, Relaxed);
                 warn!(event = "refused", reason = e.code().label(), node, remote = %remote, error = %e, len = buf.len(), "bad request");
                 decode_error(&e)
@@ -270,7 +278,7 @@ async fn handle_stream(
             Ok(req) => answer(req, node, shared).await,
         },
     };
-    let _ = send.write_all(&resp.encode()).await;
+    let _ = send.write_all(&resp.encode_version(reply_version)).await;
     let _ = send.finish();
     // Let the peer read the reply; quinn keeps sending a finished stream's data after drop.
 }
@@ -330,7 +338,9 @@ async fn answer(req: Request, node: &str, shared: &Shared) -> Response {
                 w.authorize(&pair, node).cloned()
             };
             match st {
-                Ok(PairState { generation, holder }) => {
+                Ok(PairState {
+                    generation, holder, ..
+                }) => {
                     m.status.fetch_add(1, Relaxed);
                     info!(event = "status", pair = %pair, node, generation, holder = holder.as_deref().unwrap_or("-"));
                     Response::Status { generation, holder }
@@ -338,12 +348,17 @@ async fn answer(req: Request, node: &str, shared: &Shared) -> Response {
                 Err(r) => refusal(r, "status", &pair, node, m),
             }
         }
-        Request::Claim { pair, seen } => {
+        Request::Claim {
+            pair,
+            seen,
+            claim_id,
+        } => {
             let (tx, rx) = oneshot::channel();
             let job = Job {
                 pair,
                 node: node.to_string(),
                 seen,
+                claim_id,
                 received: Instant::now(),
                 reply: tx,
             };
@@ -386,7 +401,7 @@ fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shar
         let mut writes: BTreeMap<String, PairState> = BTreeMap::new();
         let mut decided = Vec::with_capacity(jobs.len());
         for j in jobs {
-            let d = witness.decide_claim(&j.pair, &j.node, j.seen);
+            let d = witness.decide_claim(&j.pair, &j.node, j.seen, j.claim_id);
             if let ClaimDecision::Grant { new_state } = &d {
                 witness.apply(&j.pair, new_state.clone());
                 writes.insert(j.pair.clone(), new_state.clone());
@@ -435,7 +450,7 @@ fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shar
                 ClaimDecision::Grant { new_state } => {
                     m.grants.fetch_add(1, Relaxed);
                     m.observe_claim_latency(latency);
-                    info!(event = "claim", decision = "granted", pair = %j.pair, node = %j.node, seen = j.seen, generation = new_state.generation, latency_us = lat_us);
+                    info!(event = "claim", decision = "granted", pair = %j.pair, node = %j.node, seen = j.seen, claim_id = %j.claim_id, generation = new_state.generation, latency_us = lat_us);
                     Response::Granted {
                         generation: new_state.generation,
                         holder: j.node.clone(),
@@ -444,7 +459,7 @@ fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shar
                 ClaimDecision::Regrant { state } => {
                     m.regrants.fetch_add(1, Relaxed);
                     m.observe_claim_latency(latency);
-                    info!(event = "claim", decision = "regranted", pair = %j.pair, node = %j.node, seen = j.seen, generation = state.generation, latency_us = lat_us);
+                    info!(event = "claim", decision = "regranted", pair = %j.pair, node = %j.node, seen = j.seen, claim_id = %j.claim_id, generation = state.generation, latency_us = lat_us);
                     Response::Granted {
                         generation: state.generation,
                         holder: j.node.clone(),
@@ -453,7 +468,7 @@ fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shar
                 ClaimDecision::Deny { state } => {
                     m.denials.fetch_add(1, Relaxed);
                     m.observe_claim_latency(latency);
-                    info!(event = "claim", decision = "denied", pair = %j.pair, node = %j.node, seen = j.seen, generation = state.generation, holder = state.holder.as_deref().unwrap_or("-"), latency_us = lat_us);
+                    info!(event = "claim", decision = "denied", pair = %j.pair, node = %j.node, seen = j.seen, claim_id = %j.claim_id, generation = state.generation, holder = state.holder.as_deref().unwrap_or("-"), latency_us = lat_us);
                     Response::Denied {
                         generation: state.generation,
                         holder: state.holder,
