@@ -374,13 +374,45 @@ async fn answer(req: Request, node: &str, shared: &Shared) -> Response {
 /// Most claims taken into one synced batch.
 const MAX_BATCH: usize = 256;
 
-/// Test hook: when this environment variable is set, the witness aborts right after its first
-/// synced grant and before replying, to prove that a crash there loses only the reply.
+/// Test hook, compiled only with the `test-hooks` cargo feature (which only this crate's
+/// tests enable): when this environment variable is set, the witness kills itself right after
+/// its first synced grant and before replying, to prove that a crash there loses only the
+/// reply. A build without the feature never reads the variable.
+#[cfg(feature = "test-hooks")]
 pub const CRASH_AFTER_WRITE_ENV: &str = "FTVM_WITNESS_TEST_CRASH_AFTER_WRITE";
+
+/// Whether the crash-after-write test hook is armed (always false without `test-hooks`).
+fn crash_after_write_armed() -> bool {
+    #[cfg(feature = "test-hooks")]
+    {
+        std::env::var_os(CRASH_AFTER_WRITE_ENV).is_some()
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        false
+    }
+}
+
+/// The crash of the crash-after-write test hook.
+#[cfg(feature = "test-hooks")]
+fn test_crash() {
+    tracing::error!(
+        event = "test_crash",
+        "crashing after the write, before the reply ({CRASH_AFTER_WRITE_ENV})"
+    );
+    // SIGKILL, like `kill -9`: no destructor, no core file.
+    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn test_crash() {}
 
 fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
     let m = shared.metrics.clone();
-    let crash_after_write = std::env::var_os(CRASH_AFTER_WRITE_ENV).is_some();
+    let crash_after_write = crash_after_write_armed();
     let mut poisoned: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -413,15 +445,7 @@ fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shar
             match store.write_synced(&batch) {
                 Ok(()) => {
                     if crash_after_write {
-                        tracing::error!(
-                            event = "test_crash",
-                            "crashing after the write, before the reply ({CRASH_AFTER_WRITE_ENV})"
-                        );
-                        // SIGKILL, like `kill -9`: no destructor, no core file.
-                        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-                        unsafe {
-                            libc::kill(libc::getpid(), libc::SIGKILL);
-                        }
+                        test_crash();
                     }
                     m.synced_writes.fetch_add(1, Relaxed);
                     if let Ok(mut p) = shared.published.write() {
