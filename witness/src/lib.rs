@@ -5,6 +5,8 @@
 //!   exact claim — node and claim id — it answered);
 //! * [`codec`] — the compact, versioned request/response wire format;
 //! * [`store`] — durable state in rocksdb, every grant synced before its reply;
+//! * [`backend`] — the stores behind one trait: rocksdb (one witness) or [`etcd`] (feature
+//!   `etcd`: a cluster several witnesses share, each claim one transaction);
 //! * [`server`] — the QUIC + mutual-TLS service with pair authorization by certificate;
 //! * [`client`] — [`WitnessClient`] (one witness) and [`WitnessSet`] (several witnesses of one
 //!   shared store, tried in turn), used by `ftvm-node` and the CLI;
@@ -12,9 +14,12 @@
 
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod client;
 pub mod codec;
 pub mod config;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod metrics;
 pub mod server;
 pub mod state;

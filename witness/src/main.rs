@@ -237,7 +237,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let server = Server::start(&cfg, a.init).await?;
     let addr = server.local_addr()?;
-    tracing::info!(event = "ready", listen = %addr, metrics = %ftvm_witness::metrics::describe(server.metrics_addr()), pairs = cfg.pairs.len(), data_dir = %cfg.data_dir.display());
+    tracing::info!(event = "ready", listen = %addr, metrics = %ftvm_witness::metrics::describe(server.metrics_addr()), pairs = cfg.pairs.len(), store = cfg.store.kind(), data_dir = %cfg.data_dir.display());
     {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -340,6 +340,7 @@ fn certs(c: CertsCmd) -> anyhow::Result<()> {
                 identity: witness_name.clone(),
                 metrics_listen: None,
                 idle_timeout_ms: None,
+                store: Default::default(),
                 pairs,
             };
             cfg.validate().map_err(anyhow::Error::msg)?;

@@ -58,12 +58,38 @@ pub enum StoreError {
         /// What is wrong.
         what: &'static str,
     },
+    /// The store could not be reached or did not commit in time (etcd: no quorum, every
+    /// member unreachable, a timeout). Nothing is known to be decided; the request may be
+    /// retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The etcd prefix holds no witness state and `--init` was not given.
+    #[error("etcd {0} holds no ftvm-witness state; run `serve --init` once (one witness of the group) to create it")]
+    EtcdNotInitialized(String),
+    /// `--init` was given but the etcd prefix already holds witness state.
+    #[error("etcd {0} already holds ftvm-witness state; drop --init to use it")]
+    EtcdAlreadyInitialized(String),
+    /// The etcd store is not part of this build.
+    #[error("this ftvm-witness was built without the etcd store (cargo feature `etcd`)")]
+    EtcdNotBuilt,
+    /// etcd answered something this witness cannot use (a bad configuration, a refused
+    /// request, a certificate that cannot be read, ...).
+    #[error("etcd: {0}")]
+    Etcd(String),
     /// rocksdb failed.
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
     /// A filesystem error.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+}
+
+impl StoreError {
+    /// Whether the failure is transient: nothing is known to be decided, the store may work
+    /// again (etcd unreachable or without quorum). Other failures stop the decider.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// The rocksdb-backed store.
