@@ -1,10 +1,13 @@
-//! Witness claim latency and throughput against a local `ftvm-witness` process.
+//! Witness claim latency and throughput against a local `ftvm-witness` process, for both
+//! stores in one run: rocksdb, then etcd (a real 3-member etcd cluster on loopback, Debian's
+//! `etcd-server`; skipped with a note if `etcd` is not installed).
 //!
 //! Run: `cargo bench -p ftvm-benches --bench witness_claims`
 //!
 //! The benchmark re-executes itself as the witness process (the same library code the
 //! `ftvm-witness` binary runs: real QUIC with mutual TLS, real rocksdb with a synced write
-//! per grant) on 127.0.0.1, then measures from this process:
+//! per grant, or one etcd transaction per batch) on 127.0.0.1, then measures from this
+//! process, for each store:
 //!
 //! * baseline: `ping` round trips (QUIC request/ack through the same service, no state, no
 //!   rocksdb) and `status` queries (authorization + state read, no rocksdb);
@@ -12,7 +15,7 @@
 //!   each one waits for a synced rocksdb write), median / p99 / claims per second;
 //! * throughput: 16 nodes of 16 pairs claiming at once (grants share synced writes).
 //!
-//! Every phase is bounded in count and time; the whole run takes well under a minute.
+//! Every phase is bounded in count and time; the whole run takes about a minute.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -22,8 +25,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ftvm_witness::config::PairConfig;
-use ftvm_witness::{ClaimOutcome, ClientOptions, Config, WitnessClient};
+use ftvm_witness::config::{EtcdConfig, PairConfig, StoreConfig};
+use ftvm_witness::{ClaimId, ClaimOutcome, ClientOptions, Config, WitnessClient};
+
+#[path = "../witness/tests/common/etcd.rs"]
+#[allow(dead_code)]
+mod etcd_cluster;
 
 const CHILD_ENV: &str = "FTVM_WITNESS_BENCH_CHILD";
 const PAIRS: usize = 16;
@@ -100,6 +107,13 @@ where
     Ok((v, start.elapsed()))
 }
 
+/// Medians of one store's run, in seconds.
+struct Medians {
+    ping: f64,
+    status: f64,
+    claim: f64,
+}
+
 async fn parent() -> anyhow::Result<()> {
     let run_start = Instant::now();
     let dir = tempfile::tempdir()?;
@@ -107,6 +121,94 @@ async fn parent() -> anyhow::Result<()> {
     let mut names: Vec<&str> = vec!["witness"];
     names.extend(nodes.iter().map(String::as_str));
     ftvm_tls::init_dir(dir.path(), &names)?;
+
+    let rocks = run_store(
+        dir.path(),
+        &nodes,
+        StoreConfig::Rocksdb,
+        "rocksdb synced per grant",
+    )
+    .await?;
+
+    let etcd_dir = dir.path().join("etcd");
+    std::fs::create_dir_all(&etcd_dir)?;
+    let have_etcd = Command::new(etcd_cluster::etcd_bin())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let etcd = if have_etcd {
+        let cluster = etcd_cluster::EtcdCluster::start(&etcd_dir, 3);
+        let endpoints: Vec<String> = cluster
+            .endpoints_toml()
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(", ")
+            .map(|e| e.trim_matches('"').to_string())
+            .collect();
+        let store = StoreConfig::Etcd(EtcdConfig {
+            endpoints,
+            prefix: "/bench/".into(),
+            timeout_ms: Some(5000),
+            ca: None,
+            cert: None,
+            key: None,
+        });
+        let m = run_store(
+            dir.path(),
+            &nodes,
+            store,
+            "etcd: 3 members on loopback, one transaction per batch",
+        )
+        .await?;
+        drop(cluster);
+        Some(m)
+    } else {
+        println!(
+            "etcd: skipped, `{}` not found (scripts/setup installs etcd-server)",
+            etcd_cluster::etcd_bin()
+        );
+        None
+    };
+
+    println!("ratios:");
+    println!(
+        "  rocksdb claim median / ping median   = {:>6.1}x",
+        rocks.claim / rocks.ping
+    );
+    println!(
+        "  rocksdb claim median / status median = {:>6.1}x",
+        rocks.claim / rocks.status
+    );
+    println!("  (the difference is mostly the synced rocksdb write: fsync of the WAL)");
+    if let Some(e) = etcd {
+        println!(
+            "  etcd claim median / ping median      = {:>6.1}x",
+            e.claim / e.ping
+        );
+        println!(
+            "  etcd status median / ping median     = {:>6.1}x  (every status is confirmed by etcd)",
+            e.status / e.ping
+        );
+        println!(
+            "  etcd claim median / rocksdb claim    = {:>6.1}x",
+            e.claim / rocks.claim
+        );
+    }
+    println!(
+        "witness_claims: done in {:.1} s",
+        run_start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Starts a witness process on `store` and measures it.
+async fn run_store(
+    dir: &Path,
+    nodes: &[String],
+    store: StoreConfig,
+    what: &str,
+) -> anyhow::Result<Medians> {
     let mut pairs = std::collections::BTreeMap::new();
     for (i, n) in nodes.iter().enumerate() {
         pairs.insert(
@@ -116,16 +218,18 @@ async fn parent() -> anyhow::Result<()> {
             },
         );
     }
+    let kind = store.kind();
     let cfg = Config {
         listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().join("data"),
-        tls_dir: dir.path().to_path_buf(),
+        data_dir: dir.join(format!("data-{kind}")),
+        tls_dir: dir.to_path_buf(),
         identity: "witness".into(),
         metrics_listen: None,
         idle_timeout_ms: None,
+        store,
         pairs,
     };
-    let cfg_path = dir.path().join("witness.toml");
+    let cfg_path = dir.join(format!("witness-{kind}.toml"));
     std::fs::write(&cfg_path, cfg.to_toml())?;
 
     let mut child = Command::new(std::env::current_exe()?)
@@ -147,8 +251,8 @@ async fn parent() -> anyhow::Result<()> {
         ..ClientOptions::default()
     };
     let mut clients = Vec::new();
-    for n in &nodes {
-        let id = ftvm_tls::Identity::load(dir.path(), n)?;
+    for n in nodes {
+        let id = ftvm_tls::Identity::load(dir, n)?;
         let c = WitnessClient::new(addr, &id, opts.clone())?;
         c.ping().await?;
         clients.push(Arc::new(c));
@@ -159,7 +263,7 @@ async fn parent() -> anyhow::Result<()> {
         c0.ping().await?;
     }
 
-    println!("witness_claims: local ftvm-witness process on {addr} (QUIC + mTLS, rocksdb synced per grant)");
+    println!("witness_claims [{kind}]: local ftvm-witness process on {addr} (QUIC + mTLS, {what})");
     println!("baseline (same run, same connection):");
     let (v, wall) = timed(3000, Duration::from_secs(4), |_| {
         let c = c0.clone();
@@ -177,14 +281,14 @@ async fn parent() -> anyhow::Result<()> {
     .await?;
     let status_med = stats("status (auth + state read)", v, wall);
 
-    println!("claims (each a new grant, synced rocksdb write before the reply):");
+    println!("claims (each a new grant, durable in the store before the reply):");
     let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (v, wall) = timed(2000, Duration::from_secs(10), |_| {
         let c = c0.clone();
         let g = generation.clone();
         async move {
             let seen = g.load(std::sync::atomic::Ordering::Relaxed);
-            match c.claim("vm0", seen).await? {
+            match c.claim("vm0", seen, ClaimId::random()).await? {
                 ClaimOutcome::Granted { generation } => {
                     g.store(generation, std::sync::atomic::Ordering::Relaxed);
                     Ok(())
@@ -198,7 +302,7 @@ async fn parent() -> anyhow::Result<()> {
     let (v, wall) = timed(3000, Duration::from_secs(4), |_| {
         let c = clients[1].clone();
         async move {
-            match c.claim("vm1", u64::MAX - 1).await? {
+            match c.claim("vm1", u64::MAX - 1, ClaimId::random()).await? {
                 ClaimOutcome::Denied { .. } => Ok(()),
                 g => bail!("unexpected grant {g:?}"),
             }
@@ -218,7 +322,7 @@ async fn parent() -> anyhow::Result<()> {
             let mut lat = Vec::new();
             while Instant::now() < stop_at && lat.len() < 20_000 {
                 let t = Instant::now();
-                match c.claim(&pair, seen).await? {
+                match c.claim(&pair, seen, ClaimId::random()).await? {
                     ClaimOutcome::Granted { generation } => seen = generation,
                     d => bail!("unexpected denial {d:?}"),
                 }
@@ -233,28 +337,17 @@ async fn parent() -> anyhow::Result<()> {
         all.extend(r??);
     }
     let wall = t.elapsed();
-    println!("throughput ({PAIRS} clients on {PAIRS} pairs at once, grants share synced writes):");
+    println!("throughput ({PAIRS} clients on {PAIRS} pairs at once, grants share durable writes):");
     stats(&format!("claim, {PAIRS} clients"), all, wall);
-
-    println!("ratios:");
-    println!(
-        "  claim median / ping median   = {:>6.1}x",
-        claim_med / ping_med
-    );
-    println!(
-        "  claim median / status median = {:>6.1}x",
-        claim_med / status_med
-    );
-    println!("  (the difference is mostly the synced rocksdb write: fsync of the WAL)");
 
     drop(child.stdin.take()); // the witness exits when its stdin closes
     let st = child.wait()?;
     if !st.success() {
         bail!("witness process exited with {st}");
     }
-    println!(
-        "witness_claims: done in {:.1} s",
-        run_start.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(Medians {
+        ping: ping_med,
+        status: status_med,
+        claim: claim_med,
+    })
 }

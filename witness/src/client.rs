@@ -2,8 +2,14 @@
 //!
 //! One QUIC connection is kept and reused; each request is one bidirectional stream. Every
 //! attempt has a timeout; transport failures and timeouts are retried on a fresh connection
-//! (a claim may safely be retried: the witness answers a retried, already granted claim with
-//! the same grant). Definite answers — granted, denied, refused — are never retried.
+//! (a claim may safely be retried with the same claim id: the witness answers a retried,
+//! already granted claim with the same grant). Definite answers — granted, denied, refused —
+//! are never retried.
+//!
+//! [`WitnessClient`] talks to one witness; [`WitnessSet`] to several witness processes that
+//! serve **one shared store** (an etcd cluster), trying them in turn. Both are `Send + Sync`,
+//! every method takes `&self`, and their futures are `Send`: share one in an `Arc` between
+//! tasks.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -12,6 +18,7 @@ use ftvm_tls::{Identity, TransportOptions, ALPN_WITNESS};
 
 use crate::codec::{ErrorCode, Request, Response, MAX_RESPONSE};
 use crate::server::CLOSE_NOT_AUTHORIZED;
+use crate::state::ClaimId;
 
 /// The answer to a claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +66,25 @@ pub enum WitnessError {
         /// The last failure.
         last: String,
     },
+    /// None of the witnesses of a [`WitnessSet`] answered definitively; nothing was decided as
+    /// far as this client knows.
+    #[error("witness unreachable: none of {witnesses} witness(es) answered in {rounds} round(s): {last}")]
+    NoneReachable {
+        /// How many witnesses the set has.
+        witnesses: usize,
+        /// Rounds made over all of them.
+        rounds: u32,
+        /// The last failure of each witness, `ADDR: why`, separated by `; `.
+        last: String,
+    },
+    /// A witness address could not be understood or resolved.
+    #[error("witness address {spec:?}: {why}")]
+    BadAddress {
+        /// The address as given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The witness refused the request (not authorized, unknown pair, malformed, ...).
     #[error("witness refused the request ({}): {text}", code.label())]
     Refused {
@@ -76,6 +102,15 @@ impl WitnessError {
     /// Whether the witness definitely refused (as opposed to not being reachable).
     pub fn is_refusal(&self) -> bool {
         matches!(self, WitnessError::Refused { .. })
+    }
+
+    /// Whether no witness could be reached: nothing is known, nothing may be assumed decided
+    /// (do not go live; ask again with the same claim id).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            WitnessError::Unreachable { .. } | WitnessError::NoneReachable { .. }
+        )
     }
 }
 
@@ -151,50 +186,37 @@ impl WitnessClient {
         &self.node
     }
 
-    /// `claim(pair, <this node>, seen_generation)`: granted with `seen_generation + 1` only if
-    /// `seen_generation` is the pair's current generation (or this node already holds
-    /// `seen_generation + 1`: a retried claim gets the same grant); denied otherwise.
+    /// The witness's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `claim(pair, <this node>, seen_generation, claim_id)`: granted with
+    /// `seen_generation + 1` only if `seen_generation` is the pair's current generation, or if
+    /// the witness's record is exactly `(seen_generation + 1, this node, claim_id)` (a retry
+    /// of a claim already granted gets the same grant); denied otherwise.
+    ///
+    /// Use a fresh [`ClaimId::random`] for every new claim and the same one for its retries
+    /// (also across processes, if the claim's outcome was not learnt).
     pub async fn claim(
         &self,
         pair: &str,
         seen_generation: u64,
+        claim_id: ClaimId,
     ) -> Result<ClaimOutcome, WitnessError> {
-        check_pair(pair)?;
-        let r = self
-            .request(&Request::Claim {
-                pair: pair.to_string(),
-                seen: seen_generation,
-            })
-            .await?;
-        match r {
-            Response::Granted { generation, holder } => {
-                if holder != self.node || generation != seen_generation.wrapping_add(1) {
-                    return Err(WitnessError::Protocol(format!(
-                        "grant of generation {generation} to {holder:?} answers a claim by {:?} on {seen_generation}",
-                        self.node
-                    )));
-                }
-                Ok(ClaimOutcome::Granted { generation })
-            }
-            Response::Denied { generation, holder } => {
-                Ok(ClaimOutcome::Denied { generation, holder })
-            }
-            other => Err(unexpected(other)),
-        }
+        let req = claim_request(pair, seen_generation, claim_id)?;
+        claim_reply(&self.node, seen_generation, self.request(&req).await?)
     }
 
     /// The pair's current `(generation, holder)`.
     pub async fn status(&self, pair: &str) -> Result<PairStatus, WitnessError> {
         check_pair(pair)?;
-        match self
-            .request(&Request::Status {
+        status_reply(
+            self.request(&Request::Status {
                 pair: pair.to_string(),
             })
-            .await?
-        {
-            Response::Status { generation, holder } => Ok(PairStatus { generation, holder }),
-            other => Err(unexpected(other)),
-        }
+            .await?,
+        )
     }
 
     /// A round trip that touches no state (checks reachability and authentication).
@@ -287,6 +309,25 @@ impl WitnessClient {
         }
     }
 
+    /// One attempt within the attempt timeout; after a failure that may be retried, the
+    /// connection is dropped so that the next attempt starts on a fresh one.
+    async fn attempt_timed(&self, bytes: &[u8]) -> Result<Response, Attempt> {
+        let r = match tokio::time::timeout(self.opts.attempt_timeout, self.attempt(bytes)).await {
+            Ok(r) => r,
+            Err(_) => Err(Attempt::Retry(format!(
+                "no answer within {:?}",
+                self.opts.attempt_timeout
+            ))),
+        };
+        if let Err(Attempt::Retry(why)) = &r {
+            if let Some(c) = self.conn.lock().await.take() {
+                c.close(0u32.into(), b"retrying");
+            }
+            tracing::debug!(witness = %self.addr, error = %why, "witness request failed");
+        }
+        r
+    }
+
     async fn request(&self, req: &Request) -> Result<Response, WitnessError> {
         let bytes = req.encode();
         let attempts = self.opts.attempts.max(1);
@@ -297,17 +338,11 @@ impl WitnessClient {
                 tokio::time::sleep(delay).await;
                 delay = delay.saturating_mul(2);
             }
-            match tokio::time::timeout(self.opts.attempt_timeout, self.attempt(&bytes)).await {
-                Ok(Ok(r)) => return Ok(r),
-                Ok(Err(Attempt::Fatal(e))) => return Err(e),
-                Ok(Err(Attempt::Retry(why))) => last = why,
-                Err(_) => last = format!("no answer within {:?}", self.opts.attempt_timeout),
+            match self.attempt_timed(&bytes).await {
+                Ok(r) => return Ok(r),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(why)) => last = why,
             }
-            // Start the next attempt on a fresh connection.
-            if let Some(c) = self.conn.lock().await.take() {
-                c.close(0u32.into(), b"retrying");
-            }
-            tracing::debug!(attempt = i + 1, error = %last, "witness request failed");
         }
         Err(WitnessError::Unreachable {
             addr: self.addr,
@@ -320,6 +355,37 @@ impl WitnessClient {
 impl Drop for WitnessClient {
     fn drop(&mut self) {
         self.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+fn claim_request(pair: &str, seen: u64, claim_id: ClaimId) -> Result<Request, WitnessError> {
+    check_pair(pair)?;
+    Ok(Request::Claim {
+        pair: pair.to_string(),
+        seen,
+        claim_id,
+    })
+}
+
+fn claim_reply(node: &str, seen: u64, r: Response) -> Result<ClaimOutcome, WitnessError> {
+    match r {
+        Response::Granted { generation, holder } => {
+            if holder != node || generation != seen.wrapping_add(1) {
+                return Err(WitnessError::Protocol(format!(
+                    "grant of generation {generation} to {holder:?} answers a claim by {node:?} on {seen}"
+                )));
+            }
+            Ok(ClaimOutcome::Granted { generation })
+        }
+        Response::Denied { generation, holder } => Ok(ClaimOutcome::Denied { generation, holder }),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn status_reply(r: Response) -> Result<PairStatus, WitnessError> {
+    match r {
+        Response::Status { generation, holder } => Ok(PairStatus { generation, holder }),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -349,5 +415,261 @@ fn classify(e: &quinn::ConnectionError) -> Attempt {
             })
         }
         e => Attempt::Retry(e.to_string()),
+    }
+}
+
+/// One witness of a [`WitnessSet`]: its certificate identity (the TLS server name) and address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WitnessTarget {
+    /// The witness's certificate identity.
+    pub server_name: String,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+}
+
+impl WitnessTarget {
+    /// Splits `[NAME@]HOST:PORT` into the server name (`default_name` without `NAME@`) and
+    /// `HOST:PORT`, without resolving anything. `HOST` may be a name, an IPv4 address or a
+    /// bracketed IPv6 address (`[::1]:7400`).
+    pub fn split(spec: &str, default_name: &str) -> Result<(String, String), WitnessError> {
+        let bad = |why: &str| WitnessError::BadAddress {
+            spec: spec.to_string(),
+            why: why.to_string(),
+        };
+        let (name, hostport) = match spec.split_once('@') {
+            Some((n, h)) => (n, h),
+            None => (default_name, spec),
+        };
+        if !crate::codec::valid_name(name) {
+            return Err(bad(
+                "the witness name (before @) must be 1..=63 characters of [A-Za-z0-9._-]",
+            ));
+        }
+        let port = match hostport.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && !host.ends_with(':') => port,
+            _ => {
+                return Err(bad(
+                    "missing port: expected [NAME@]HOST:PORT, e.g. witness@10.0.0.3:7400",
+                ))
+            }
+        };
+        if port.parse::<u16>().is_err() {
+            return Err(bad("the port must be a number from 0 to 65535"));
+        }
+        Ok((name.to_string(), hostport.to_string()))
+    }
+
+    /// Parses and resolves `[NAME@]HOST:PORT` (the first address it resolves to).
+    pub async fn resolve(spec: &str, default_name: &str) -> Result<WitnessTarget, WitnessError> {
+        let (server_name, hostport) = WitnessTarget::split(spec, default_name)?;
+        let addr = tokio::net::lookup_host(&hostport)
+            .await
+            .map_err(|e| WitnessError::BadAddress {
+                spec: spec.to_string(),
+                why: format!("cannot resolve {hostport}: {e}"),
+            })?
+            .next()
+            .ok_or_else(|| WitnessError::BadAddress {
+                spec: spec.to_string(),
+                why: format!("{hostport} resolves to no address"),
+            })?;
+        Ok(WitnessTarget { server_name, addr })
+    }
+}
+
+/// Several witness processes serving **one shared store** (the same etcd cluster and
+/// prefix), tried in turn: a request goes to the witness that answered last, and on a
+/// failure that may be retried (unreachable, timed out, store unavailable) to the next one;
+/// the first definite answer (granted, denied, status, refused) is returned.
+///
+/// Each round tries every witness once (one attempt each, [`ClientOptions::attempt_timeout`]);
+/// [`ClientOptions::attempts`] rounds are made, with [`ClientOptions::retry_delay`] (doubling)
+/// between rounds. A claim is sent with the same claim id to every witness, so a grant made
+/// through a witness whose reply was lost is repeated by the next one.
+///
+/// Never list witnesses with **separate** stores (two rocksdb witnesses): each would grant the
+/// same generation on its own, and two nodes could both go live.
+pub struct WitnessSet {
+    clients: Vec<WitnessClient>,
+    preferred: std::sync::atomic::AtomicUsize,
+    opts: ClientOptions,
+}
+
+impl WitnessSet {
+    /// A set of `targets` (at least one), presenting `identity`. `opts.server_name` is ignored:
+    /// each target has its own. Connects lazily. Must be called inside a tokio runtime.
+    pub fn new(
+        targets: &[WitnessTarget],
+        identity: &Identity,
+        opts: ClientOptions,
+    ) -> Result<WitnessSet, WitnessError> {
+        if targets.is_empty() {
+            return Err(WitnessError::BadAddress {
+                spec: String::new(),
+                why: "no witness address given".into(),
+            });
+        }
+        let clients = targets
+            .iter()
+            .map(|t| {
+                let o = ClientOptions {
+                    server_name: t.server_name.clone(),
+                    ..opts.clone()
+                };
+                WitnessClient::new(t.addr, identity, o)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(WitnessSet {
+            clients,
+            preferred: std::sync::atomic::AtomicUsize::new(0),
+            opts,
+        })
+    }
+
+    /// The node identity this set claims as.
+    pub fn node(&self) -> &str {
+        self.clients[0].node()
+    }
+
+    /// The witnesses' addresses, in the configured order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.clients.iter().map(WitnessClient::addr).collect()
+    }
+
+    /// [`WitnessClient::claim`] through the first witness that answers definitively.
+    pub async fn claim(
+        &self,
+        pair: &str,
+        seen_generation: u64,
+        claim_id: ClaimId,
+    ) -> Result<ClaimOutcome, WitnessError> {
+        let req = claim_request(pair, seen_generation, claim_id)?;
+        claim_reply(self.node(), seen_generation, self.request(&req).await?)
+    }
+
+    /// [`WitnessClient::status`] through the first witness that answers definitively.
+    pub async fn status(&self, pair: &str) -> Result<PairStatus, WitnessError> {
+        check_pair(pair)?;
+        status_reply(
+            self.request(&Request::Status {
+                pair: pair.to_string(),
+            })
+            .await?,
+        )
+    }
+
+    /// A ping through the first witness that answers.
+    pub async fn ping(&self) -> Result<(), WitnessError> {
+        match self.request(&Request::Ping).await? {
+            Response::Pong => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn request(&self, req: &Request) -> Result<Response, WitnessError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = req.encode();
+        let n = self.clients.len();
+        let rounds = self.opts.attempts.max(1);
+        let mut delay = self.opts.retry_delay;
+        let mut last: Vec<String> = vec![String::new(); n];
+        for round in 0..rounds {
+            if round > 0 {
+                tokio::time::sleep(delay).await;
+                delay = delay.saturating_mul(2);
+            }
+            let first = self.preferred.load(Relaxed) % n;
+            for k in 0..n {
+                let i = (first + k) % n;
+                let c = &self.clients[i];
+                match c.attempt_timed(&bytes).await {
+                    Ok(r) => {
+                        self.preferred.store(i, Relaxed);
+                        return Ok(r);
+                    }
+                    Err(Attempt::Fatal(e)) => {
+                        self.preferred.store(i, Relaxed);
+                        return Err(e);
+                    }
+                    Err(Attempt::Retry(why)) => {
+                        tracing::warn!(witness = %c.addr(), error = %why, "witness did not answer; trying the next");
+                        last[i] = format!("{}: {why}", c.addr());
+                    }
+                }
+            }
+        }
+        Err(WitnessError::NoneReachable {
+            witnesses: n,
+            rounds,
+            last: last.join("; "),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn clients_are_shareable_between_tasks() {
+        assert_send_sync::<WitnessClient>();
+        assert_send_sync::<WitnessSet>();
+        fn send<F: std::future::Future + Send>(_: F) {}
+        // Never polled: this only proves that the futures may move between threads.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            ftvm_tls::init_dir(dir.path(), &["witness", "n"]).unwrap();
+            let id = Identity::load(dir.path(), "n").unwrap();
+            let t = WitnessTarget {
+                server_name: "witness".into(),
+                addr: "127.0.0.1:9".parse().unwrap(),
+            };
+            let s = WitnessSet::new(&[t], &id, ClientOptions::default()).unwrap();
+            send(s.claim("p", 0, ClaimId([0; 16])));
+            send(s.status("p"));
+            let c = WitnessClient::new(
+                "127.0.0.1:9".parse().unwrap(),
+                &id,
+                ClientOptions::default(),
+            )
+            .unwrap();
+            send(c.claim("p", 0, ClaimId([0; 16])));
+            assert!(WitnessSet::new(&[], &id, ClientOptions::default()).is_err());
+        });
+    }
+
+    #[test]
+    fn witness_addresses_are_parsed_with_clear_errors() {
+        let ok = |s: &str| WitnessTarget::split(s, "witness").unwrap();
+        assert_eq!(
+            ok("w2@10.0.0.3:7400"),
+            ("w2".into(), "10.0.0.3:7400".into())
+        );
+        assert_eq!(
+            ok("host.example:7400"),
+            ("witness".into(), "host.example:7400".into())
+        );
+        assert_eq!(ok("[::1]:7400"), ("witness".into(), "[::1]:7400".into()));
+        for (spec, why) in [
+            ("localhost", "missing port"),
+            ("w@localhost", "missing port"),
+            (":7400", "missing port"),
+            ("localhost:", "port must be a number"),
+            ("localhost:99999", "port must be a number"),
+            ("bad/name@h:1", "witness name"),
+            ("@h:1", "witness name"),
+        ] {
+            let e = WitnessTarget::split(spec, "witness")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{spec}: {e}");
+            assert!(e.contains(spec), "{spec}: {e}");
+        }
     }
 }

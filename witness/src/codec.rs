@@ -9,7 +9,7 @@
 //!
 //! | request       | type | body            |
 //! |---------------|------|-----------------|
-//! | `Claim`       | 1    | pair, seen u64  |
+//! | `Claim`       | 1    | pair, seen u64, claim id (16 bytes) |
 //! | `Status`      | 2    | pair            |
 //! | `Ping`        | 3    | (empty)         |
 //!
@@ -23,11 +23,22 @@
 //!
 //! The claimant's node name is not on the wire: it is the identity in its verified client
 //! certificate. Decoding never panics, whatever the input (checked by a fuzzing proptest).
+//!
+//! **Versions.** This build speaks version 2, which added the claim id to `Claim`. A witness
+//! refuses a version 1 request with an `UnsupportedVersion` error encoded in version 1 (the
+//! responses of both versions have the same layout), so an old client reports a clear
+//! refusal; a client reads the responses of both versions, so it reports an old witness's
+//! refusal of version 2 just as clearly.
+
+use crate::state::ClaimId;
 
 /// First two bytes of every message.
 pub const MAGIC: [u8; 2] = *b"FW";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The previous protocol version (claims without claim id): refused by this witness, and its
+/// responses (same layout) understood by this client.
+pub const VERSION_V1: u8 = 1;
 /// Largest accepted request, in bytes.
 pub const MAX_REQUEST: usize = 256;
 /// Largest accepted response, in bytes.
@@ -38,12 +49,14 @@ pub const MAX_NAME: usize = 63;
 /// A request from a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    /// `claim(pair, <certificate identity>, seen)`.
+    /// `claim(pair, <certificate identity>, seen, claim_id)`.
     Claim {
         /// The pair claimed for.
         pair: String,
         /// The generation the claimant last saw.
         seen: u64,
+        /// The claimant's id of this claim (fresh per claim, reused by its retries).
+        claim_id: ClaimId,
     },
     /// The current state of a pair.
     Status {
@@ -154,7 +167,7 @@ pub enum DecodeError {
     #[error("bad magic {0:02x}{1:02x}, not an ftvm-witness message")]
     BadMagic(u8, u8),
     /// A version this build does not speak.
-    #[error("unsupported protocol version {0} (this witness speaks {VERSION})")]
+    #[error("unsupported protocol version {0} (this build speaks {VERSION}; version 1, without claim ids, is no longer served: upgrade the older side)")]
     UnsupportedVersion(u8),
     /// A message type this build does not know.
     #[error("unknown message type {0}")]
@@ -275,7 +288,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn header(buf: &[u8], max: usize) -> Result<(u8, Reader<'_>), DecodeError> {
+fn header<'a>(buf: &'a [u8], max: usize, versions: &[u8]) -> Result<(u8, Reader<'a>), DecodeError> {
     if buf.len() > max {
         return Err(DecodeError::TooLarge(buf.len(), max));
     }
@@ -285,16 +298,22 @@ fn header(buf: &[u8], max: usize) -> Result<(u8, Reader<'_>), DecodeError> {
     if buf[0..2] != MAGIC {
         return Err(DecodeError::BadMagic(buf[0], buf[1]));
     }
-    if buf[2] != VERSION {
+    if !versions.contains(&buf[2]) {
         return Err(DecodeError::UnsupportedVersion(buf[2]));
     }
     Ok((buf[3], Reader { buf, pos: 4 }))
 }
 
-fn put_header(out: &mut Vec<u8>, ty: u8) {
+fn put_header(out: &mut Vec<u8>, version: u8, ty: u8) {
     out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
+    out.push(version);
     out.push(ty);
+}
+
+/// The protocol version of a message, if it has a valid header (for answering a request in
+/// the version it was sent in).
+pub fn message_version(buf: &[u8]) -> Option<u8> {
+    (buf.len() >= 4 && buf[0..2] == MAGIC).then(|| buf[2])
 }
 
 fn put_name(out: &mut Vec<u8>, s: &str) {
@@ -320,27 +339,37 @@ impl Request {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
         match self {
-            Request::Claim { pair, seen } => {
-                put_header(&mut out, 1);
+            Request::Claim {
+                pair,
+                seen,
+                claim_id,
+            } => {
+                put_header(&mut out, VERSION, 1);
                 put_name(&mut out, pair);
                 out.extend_from_slice(&seen.to_be_bytes());
+                out.extend_from_slice(&claim_id.0);
             }
             Request::Status { pair } => {
-                put_header(&mut out, 2);
+                put_header(&mut out, VERSION, 2);
                 put_name(&mut out, pair);
             }
-            Request::Ping => put_header(&mut out, 3),
+            Request::Ping => put_header(&mut out, VERSION, 3),
         }
         out
     }
 
     /// Decodes a complete request.
     pub fn decode(buf: &[u8]) -> Result<Request, DecodeError> {
-        let (ty, mut r) = header(buf, MAX_REQUEST)?;
+        let (ty, mut r) = header(buf, MAX_REQUEST, &[VERSION])?;
         let req = match ty {
             1 => Request::Claim {
                 pair: r.name("pair")?,
                 seen: r.u64("seen generation")?,
+                claim_id: {
+                    let mut c = [0u8; ClaimId::LEN];
+                    c.copy_from_slice(r.take(ClaimId::LEN, "claim id")?);
+                    ClaimId(c)
+                },
             },
             2 => Request::Status {
                 pair: r.name("pair")?,
@@ -356,26 +385,33 @@ impl Request {
 impl Response {
     /// Encodes the response (an over-long error text is cut to fit [`MAX_RESPONSE`]).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_version(VERSION)
+    }
+
+    /// Encodes the response with the header of protocol `version` (responses have the same
+    /// layout in versions 1 and 2: used to refuse a version 1 request in words its sender
+    /// understands).
+    pub fn encode_version(&self, version: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(32);
         match self {
             Response::Granted { generation, holder } => {
-                put_header(&mut out, 1);
+                put_header(&mut out, version, 1);
                 out.extend_from_slice(&generation.to_be_bytes());
                 put_name(&mut out, holder);
             }
             Response::Denied { generation, holder } => {
-                put_header(&mut out, 2);
+                put_header(&mut out, version, 2);
                 out.extend_from_slice(&generation.to_be_bytes());
                 put_opt_name(&mut out, holder);
             }
             Response::Status { generation, holder } => {
-                put_header(&mut out, 3);
+                put_header(&mut out, version, 3);
                 out.extend_from_slice(&generation.to_be_bytes());
                 put_opt_name(&mut out, holder);
             }
-            Response::Pong => put_header(&mut out, 4),
+            Response::Pong => put_header(&mut out, version, 4),
             Response::Error { code, text } => {
-                put_header(&mut out, 5);
+                put_header(&mut out, version, 5);
                 out.push(*code as u8);
                 let mut end = text.len().min(MAX_RESPONSE - 7);
                 while !text.is_char_boundary(end) {
@@ -390,7 +426,7 @@ impl Response {
 
     /// Decodes a complete response.
     pub fn decode(buf: &[u8]) -> Result<Response, DecodeError> {
-        let (ty, mut r) = header(buf, MAX_RESPONSE)?;
+        let (ty, mut r) = header(buf, MAX_RESPONSE, &[VERSION, VERSION_V1])?;
         let resp = match ty {
             1 => Response::Granted {
                 generation: r.u64("generation")?,
@@ -431,6 +467,7 @@ mod tests {
             Request::Claim {
                 pair: "pair-1".into(),
                 seen: 42,
+                claim_id: ClaimId([0xab; 16]),
             },
             Request::Status { pair: "p".into() },
             Request::Ping,
@@ -459,7 +496,32 @@ mod tests {
         ];
         for r in resps {
             assert_eq!(Response::decode(&r.encode()).unwrap(), r);
+            // The layout of version 1 responses is the same: a client understands both.
+            let v1 = r.encode_version(VERSION_V1);
+            assert_eq!(v1[2], VERSION_V1);
+            assert_eq!(Response::decode(&v1).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn version_1_requests_are_refused_clearly() {
+        // A claim as a version 1 client sends it: no claim id.
+        let mut v1 = vec![b'F', b'W', VERSION_V1, 1, 3];
+        v1.extend_from_slice(b"vm1");
+        v1.extend_from_slice(&5u64.to_be_bytes());
+        assert_eq!(message_version(&v1), Some(VERSION_V1));
+        let e = Request::decode(&v1).unwrap_err();
+        assert_eq!(e, DecodeError::UnsupportedVersion(VERSION_V1));
+        assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
+        assert!(e.to_string().contains("without claim ids"), "{e}");
+        for t in [2u8, 3] {
+            assert_eq!(
+                Request::decode(&[b'F', b'W', VERSION_V1, t]),
+                Err(DecodeError::UnsupportedVersion(VERSION_V1))
+            );
+        }
+        assert_eq!(message_version(b"FW"), None);
+        assert_eq!(message_version(b"GET /"), None);
     }
 
     #[test]
@@ -467,9 +529,10 @@ mod tests {
         let b = Request::Claim {
             pair: "p".into(),
             seen: 1,
+            claim_id: ClaimId([1; 16]),
         }
         .encode();
-        assert_eq!(b.len(), 4 + 2 + 8);
+        assert_eq!(b.len(), 4 + 2 + 8 + 16);
     }
 
     #[test]
@@ -477,6 +540,7 @@ mod tests {
         let claim = Request::Claim {
             pair: "pair".into(),
             seen: 3,
+            claim_id: ClaimId([7; 16]),
         }
         .encode();
         assert_eq!(Request::decode(&[]), Err(DecodeError::ShortHeader(0)));
@@ -494,12 +558,21 @@ mod tests {
             Err(DecodeError::UnknownType(77))
         );
         assert_eq!(
-            Request::decode(&claim[..claim.len() - 3]),
+            Request::decode(&claim[..claim.len() - 19]),
             Err(DecodeError::Truncated {
                 field: "seen generation",
                 offset: 9,
                 needed: 8,
                 available: 5
+            })
+        );
+        assert_eq!(
+            Request::decode(&claim[..claim.len() - 1]),
+            Err(DecodeError::Truncated {
+                field: "claim id",
+                offset: 17,
+                needed: 16,
+                available: 15
             })
         );
         let mut long = claim.clone();
@@ -543,8 +616,8 @@ mod tests {
 
         /// Every strict prefix of a valid request is refused.
         #[test]
-        fn truncation_is_always_detected(pair in "[a-z0-9-]{1,63}", seen in any::<u64>()) {
-            let b = Request::Claim { pair, seen }.encode();
+        fn truncation_is_always_detected(pair in "[a-z0-9-]{1,63}", seen in any::<u64>(), id in any::<[u8; 16]>()) {
+            let b = Request::Claim { pair, seen, claim_id: ClaimId(id) }.encode();
             for n in 0..b.len() {
                 prop_assert!(Request::decode(&b[..n]).is_err());
             }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ftvm_witness::config::PairConfig;
-use ftvm_witness::{ClaimOutcome, ClientOptions, Config, Server, WitnessClient, WitnessError};
+use ftvm_witness::{
+    ClaimId, ClaimOutcome, ClientOptions, Config, Server, WitnessError, WitnessSet, WitnessTarget,
+};
 
 /// Exit code of `claim` when the claim is denied.
 const EXIT_DENIED: u8 = 3;
@@ -25,9 +27,10 @@ const EXIT_REFUSED: u8 = 5;
     version,
     about = "The witness of ftvm fault-tolerant VM pairs: it decides which node may run alone",
     long_about = "The witness of ftvm fault-tolerant VM pairs.\n\n\
-For each FT pair it durably stores (generation, holder) and offers one atomic operation, \
-claim(pair, node, seen_generation): granted with generation seen+1 only if seen_generation is \
-the current generation, otherwise denied with the current state. A node goes live alone only \
+For each FT pair it durably stores (generation, holder, claim id) and offers one atomic \
+operation, claim(pair, node, seen_generation, claim_id): granted with generation seen+1 only if \
+seen_generation is the current generation (repeated only for the exact claim it answered: same \
+node, same claim id), otherwise denied with the current state. A node goes live alone only \
 after the witness granted it the new generation, so two nodes can never both run as primary. \
 Nodes authenticate with certificates from the deployment's CA (mutual TLS over QUIC); a node \
 may claim only for the pairs that list its certificate identity.\n\n\
@@ -87,9 +90,11 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct ClientArgs {
-    /// The witness's address (host:port).
-    #[arg(long, value_name = "ADDR")]
-    witness: String,
+    /// The witness's address, `[NAME@]HOST:PORT` (NAME: its certificate identity, default
+    /// --server-name). Several, comma separated, only for witnesses sharing one etcd store:
+    /// they are tried in turn.
+    #[arg(long, value_name = "ADDR", value_delimiter = ',', required = true)]
+    witness: Vec<String>,
     /// The certificate directory holding ca.pem, NODE.pem and NODE.key.
     #[arg(long, value_name = "DIR")]
     tls: PathBuf,
@@ -105,7 +110,7 @@ struct ClientArgs {
     /// Time allowed for one attempt, in milliseconds.
     #[arg(long, default_value_t = 2000, value_name = "MS")]
     timeout_ms: u64,
-    /// Attempts before giving up.
+    /// Attempts before giving up (rounds over every witness when several are given).
     #[arg(long, default_value_t = 3)]
     attempts: u32,
 }
@@ -117,6 +122,11 @@ struct ClaimArgs {
     /// The generation this node last saw (0 for a pair never claimed).
     #[arg(long, value_name = "G")]
     seen: u64,
+    /// The claim's id, 32 hex digits. Give the id of an earlier claim to retry it (its grant
+    /// is repeated only for the same id); without it a fresh random id is used and printed
+    /// on stderr.
+    #[arg(long, value_name = "HEX")]
+    claim_id: Option<ClaimId>,
 }
 
 #[derive(Args)]
@@ -208,7 +218,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 fn client_error(e: anyhow::Error) -> ExitCode {
     eprintln!("ftvm-witness: error: {e:#}");
     match e.downcast_ref::<WitnessError>() {
-        Some(WitnessError::Unreachable { .. }) => ExitCode::from(EXIT_UNREACHABLE),
+        Some(w) if w.is_unreachable() => ExitCode::from(EXIT_UNREACHABLE),
         Some(WitnessError::Refused { .. }) => ExitCode::from(EXIT_REFUSED),
         _ => ExitCode::FAILURE,
     }
@@ -227,7 +237,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     }
     let server = Server::start(&cfg, a.init).await?;
     let addr = server.local_addr()?;
-    tracing::info!(event = "ready", listen = %addr, metrics = %ftvm_witness::metrics::describe(server.metrics_addr()), pairs = cfg.pairs.len(), data_dir = %cfg.data_dir.display());
+    tracing::info!(event = "ready", listen = %addr, metrics = %ftvm_witness::metrics::describe(server.metrics_addr()), pairs = cfg.pairs.len(), store = cfg.store.kind(), data_dir = %cfg.data_dir.display());
     {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -247,12 +257,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn client(a: &ClientArgs) -> anyhow::Result<WitnessClient> {
-    let addr = tokio::net::lookup_host(&a.witness)
-        .await
-        .with_context(|| format!("resolving {}", a.witness))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", a.witness))?;
+async fn client(a: &ClientArgs) -> anyhow::Result<WitnessSet> {
+    let mut targets = Vec::new();
+    for spec in &a.witness {
+        targets.push(WitnessTarget::resolve(spec, &a.server_name).await?);
+    }
     let id = ftvm_tls::Identity::load(&a.tls, &a.node)?;
     let opts = ClientOptions {
         server_name: a.server_name.clone(),
@@ -260,12 +269,20 @@ async fn client(a: &ClientArgs) -> anyhow::Result<WitnessClient> {
         attempts: a.attempts,
         ..ClientOptions::default()
     };
-    Ok(WitnessClient::new(addr, &id, opts)?)
+    Ok(WitnessSet::new(&targets, &id, opts)?)
 }
 
 async fn claim(a: ClaimArgs) -> anyhow::Result<ExitCode> {
     let c = client(&a.client).await?;
-    match c.claim(&a.client.pair, a.seen).await? {
+    let claim_id = match a.claim_id {
+        Some(id) => id,
+        None => {
+            let id = ClaimId::random();
+            eprintln!("ftvm-witness: claim id {id} (retry this claim with --claim-id {id})");
+            id
+        }
+    };
+    match c.claim(&a.client.pair, a.seen, claim_id).await? {
         ClaimOutcome::Granted { generation } => {
             println!("{generation}");
             Ok(ExitCode::SUCCESS)
@@ -323,6 +340,7 @@ fn certs(c: CertsCmd) -> anyhow::Result<()> {
                 identity: witness_name.clone(),
                 metrics_listen: None,
                 idle_timeout_ms: None,
+                store: Default::default(),
                 pairs,
             };
             cfg.validate().map_err(anyhow::Error::msg)?;

@@ -45,8 +45,12 @@ pub struct Metrics {
     pub store_failures: AtomicU64,
     /// Connections accepted.
     pub connections: AtomicU64,
-    /// Synced rocksdb writes (one per batch of grants).
+    /// Durable writes to the store (one per batch of grants: a synced rocksdb write or a
+    /// committed etcd transaction).
     pub synced_writes: AtomicU64,
+    /// Decisions the shared store (etcd) refused because another witness had changed the
+    /// pair since this witness read it; they are decided again on the fresh state.
+    pub store_conflicts: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_ns: AtomicU64,
@@ -136,8 +140,14 @@ impl Metrics {
         c(
             &mut o,
             "ftvm_witness_synced_writes_total",
-            "Synced rocksdb writes (one per batch of grants).",
+            "Durable store writes (one per batch of grants).",
             &self.synced_writes,
+        );
+        c(
+            &mut o,
+            "ftvm_witness_store_conflicts_total",
+            "Batches decided again because another witness changed a pair in the shared store.",
+            &self.store_conflicts,
         );
         c(
             &mut o,

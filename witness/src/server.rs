@@ -1,26 +1,35 @@
 //! The witness service: QUIC with mutual TLS, one request per bidirectional stream.
 //!
-//! Claims go to one decider thread that owns the state machine and the store. It takes every
-//! claim waiting, decides them in order against its working state, writes all new grants in
-//! one synced rocksdb batch, publishes the new state and only then sends the replies (group
-//! commit). If the store fails, nothing is replied as granted and the decider refuses every
-//! later claim until the witness is restarted (the durable state is then the truth).
+//! Claims and status queries go to one decider thread that owns the state machine and the
+//! store ([`StateStore`]). It takes every request waiting, decides them in order against its
+//! working state, commits all new grants at once (rocksdb: one synced batch; etcd: one
+//! transaction, which also confirms that no other witness changed the pairs read — if one
+//! did, the batch is decided again on the fresh state) and only then sends the replies (group
+//! commit).
+//!
+//! If the rocksdb store fails, nothing is replied as granted and the decider refuses every
+//! later claim until the witness is restarted (the durable state is then the truth). If the
+//! etcd store is unavailable (no quorum, unreachable), the requests get `unavailable`, the
+//! decider reads the state again before its next decision, and the clients retry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm_tls::{peer_identity, Identity, TransportOptions, ALPN_WITNESS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::codec::{DecodeError, ErrorCode, Request, Response, MAX_REQUEST};
+use crate::backend::{Commit, StateStore};
+use crate::codec::{
+    message_version, DecodeError, ErrorCode, Request, Response, MAX_REQUEST, VERSION, VERSION_V1,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::state::{ClaimDecision, PairState, Refusal, Witness};
-use crate::store::{Store, StoreError};
+use crate::state::{ClaimDecision, ClaimId, PairState, Refusal, Witness};
+use crate::store::StoreError;
 
 /// QUIC application close code: the certificate identity is not a node of any pair.
 pub const CLOSE_NOT_AUTHORIZED: u32 = 0x10;
@@ -47,20 +56,28 @@ pub enum ServeError {
     Thread(std::io::Error),
 }
 
+enum JobKind {
+    Claim { seen: u64, claim_id: ClaimId },
+    Status,
+}
+
 struct Job {
     pair: String,
     node: String,
-    seen: u64,
+    kind: JobKind,
     received: Instant,
     reply: oneshot::Sender<Response>,
 }
 
 struct Shared {
-    /// Durable (published) state, read by status queries.
-    published: RwLock<Witness>,
+    /// The configured pairs (their states are the decider's): who may connect.
+    roster: Witness,
     metrics: Arc<Metrics>,
     jobs: mpsc::Sender<Job>,
 }
+
+/// Opens the store on the decider thread (a blocking call, outside the async runtime).
+pub type StoreOpener = Box<dyn FnOnce() -> Result<Box<dyn StateStore>, StoreError> + Send>;
 
 /// A running witness.
 pub struct Server {
@@ -75,21 +92,48 @@ impl Server {
     /// `config.listen` (and the metrics listener if configured). Must run inside a tokio
     /// multi-threaded runtime.
     pub async fn start(config: &Config, init: bool) -> Result<Server, ServeError> {
-        let store = Store::open(&config.data_dir, init)?;
-        let states = store.load()?;
-        let witness = Witness::new(&config.pair_map(), states);
+        let store = config.store.clone();
+        let data_dir = config.data_dir.clone();
+        Server::start_with(
+            config,
+            Box::new(move || crate::backend::open(&store, &data_dir, init)),
+        )
+        .await
+    }
+
+    /// [`Server::start`] with the store `open` returns (the configuration's store is ignored).
+    pub async fn start_with(config: &Config, open: StoreOpener) -> Result<Server, ServeError> {
+        let pairs = config.pair_map();
         let metrics = Arc::new(Metrics::default());
-        for p in witness.pair_names() {
-            let st = witness.state(p).cloned().unwrap_or_default();
-            metrics.set_generation(p, st.generation);
-            info!(
-                event = "loaded",
-                pair = p,
-                generation = st.generation,
-                holder = st.holder.as_deref().unwrap_or("-"),
-                "pair state loaded"
-            );
-        }
+        let (tx, rx) = mpsc::channel::<Job>(4096);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let dmetrics = metrics.clone();
+        let dpairs = pairs.clone();
+        std::thread::Builder::new()
+            .name("witness-decider".into())
+            .spawn(move || {
+                let opened = open().and_then(|mut store| {
+                    let loaded = store.load()?;
+                    let key = store.reset_key()?;
+                    Ok((store, loaded, key))
+                });
+                match opened {
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                    Ok((store, loaded, key)) => {
+                        let d = Decider::new(store, dpairs, loaded, dmetrics);
+                        if ready_tx.send(Ok((key, d.store.describe()))).is_ok() {
+                            d.run(rx);
+                        }
+                    }
+                }
+            })
+            .map_err(ServeError::Thread)?;
+        let (reset_key, store_desc) = ready_rx
+            .await
+            .map_err(|_| StoreError::Unavailable("the decider thread died".into()))??;
+        info!(event = "store", store = %store_desc, "state store open");
         let identity = Identity::load(&config.tls_dir, &config.identity)?;
         let mut topts = TransportOptions::default();
         if let Some(ms) = config.idle_timeout_ms {
@@ -97,7 +141,6 @@ impl Server {
         }
         topts.keep_alive = None; // clients keep their connections alive if they want to
         topts.max_concurrent_streams = 256;
-        let reset_key = store.reset_key()?;
         let endpoint = ftvm_tls::server_endpoint_with_reset_key(
             config.listen,
             &identity,
@@ -106,17 +149,11 @@ impl Server {
             &reset_key,
         )?;
 
-        let (tx, rx) = mpsc::channel::<Job>(4096);
         let shared = Arc::new(Shared {
-            published: RwLock::new(witness.clone()),
+            roster: Witness::new(&pairs, BTreeMap::new()),
             metrics: metrics.clone(),
             jobs: tx,
         });
-        let dshared = shared.clone();
-        std::thread::Builder::new()
-            .name("witness-decider".into())
-            .spawn(move || decider(witness, store, rx, dshared))
-            .map_err(ServeError::Thread)?;
 
         let mut tasks = Vec::new();
         let mut metrics_addr = None;
@@ -182,11 +219,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 conn.close(CLOSE_NOT_AUTHORIZED.into(), b"no certificate identity");
                 return;
             };
-            let known = shared
-                .published
-                .read()
-                .map(|w| w.knows_node(&node))
-                .unwrap_or(false);
+            let known = shared.roster.knows_node(&node);
             if !known {
                 shared
                     .metrics
@@ -236,6 +269,8 @@ async fn handle_stream(
     shared: &Shared,
 ) {
     let m = &shared.metrics;
+    // A version 1 request is refused in version 1, which its sender can read.
+    let mut reply_version = VERSION;
     let resp = match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_to_end(MAX_REQUEST)).await
     {
         Err(_) => {
@@ -263,6 +298,9 @@ async fn handle_stream(
         }
         Ok(Ok(buf)) => match Request::decode(&buf) {
             Err(e) => {
+                if message_version(&buf) == Some(VERSION_V1) {
+                    reply_version = VERSION_V1;
+                }
                 m.bad_requests.fetch_add(1, Relaxed);
                 warn!(event = "refused", reason = e.code().label(), node, remote = %remote, error = %e, len = buf.len(), "bad request");
                 decode_error(&e)
@@ -270,7 +308,7 @@ async fn handle_stream(
             Ok(req) => answer(req, node, shared).await,
         },
     };
-    let _ = send.write_all(&resp.encode()).await;
+    let _ = send.write_all(&resp.encode_version(reply_version)).await;
     let _ = send.finish();
     // Let the peer read the reply; quinn keeps sending a finished stream's data after drop.
 }
@@ -321,147 +359,306 @@ async fn answer(req: Request, node: &str, shared: &Shared) -> Response {
             m.pings.fetch_add(1, Relaxed);
             Response::Pong
         }
-        Request::Status { pair } => {
-            let st = {
-                let w = match shared.published.read() {
-                    Ok(w) => w,
-                    Err(_) => return error(ErrorCode::Unavailable, "witness state poisoned"),
-                };
-                w.authorize(&pair, node).cloned()
-            };
-            match st {
-                Ok(PairState { generation, holder }) => {
-                    m.status.fetch_add(1, Relaxed);
-                    info!(event = "status", pair = %pair, node, generation, holder = holder.as_deref().unwrap_or("-"));
-                    Response::Status { generation, holder }
-                }
-                Err(r) => refusal(r, "status", &pair, node, m),
-            }
-        }
-        Request::Claim { pair, seen } => {
-            let (tx, rx) = oneshot::channel();
-            let job = Job {
-                pair,
-                node: node.to_string(),
-                seen,
-                received: Instant::now(),
-                reply: tx,
-            };
-            if shared.jobs.send(job).await.is_err() {
-                return error(ErrorCode::Unavailable, "decider stopped");
-            }
-            rx.await
-                .unwrap_or_else(|_| error(ErrorCode::Unavailable, "decider stopped"))
-        }
+        Request::Status { pair } => submit(shared, pair, node, JobKind::Status).await,
+        Request::Claim {
+            pair,
+            seen,
+            claim_id,
+        } => submit(shared, pair, node, JobKind::Claim { seen, claim_id }).await,
     }
 }
 
-/// Most claims taken into one synced batch.
-const MAX_BATCH: usize = 256;
+async fn submit(shared: &Shared, pair: String, node: &str, kind: JobKind) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let job = Job {
+        pair,
+        node: node.to_string(),
+        kind,
+        received: Instant::now(),
+        reply: tx,
+    };
+    if shared.jobs.send(job).await.is_err() {
+        return error(ErrorCode::Unavailable, "decider stopped");
+    }
+    rx.await
+        .unwrap_or_else(|_| error(ErrorCode::Unavailable, "decider stopped"))
+}
 
-/// Test hook: when this environment variable is set, the witness aborts right after its first
-/// synced grant and before replying, to prove that a crash there loses only the reply.
+/// Test hook, compiled only with the `test-hooks` cargo feature (which only this crate's
+/// tests enable): when this environment variable is set, the witness kills itself right after
+/// its first synced grant and before replying, to prove that a crash there loses only the
+/// reply. A build without the feature never reads the variable.
+#[cfg(feature = "test-hooks")]
 pub const CRASH_AFTER_WRITE_ENV: &str = "FTVM_WITNESS_TEST_CRASH_AFTER_WRITE";
 
-fn decider(mut witness: Witness, store: Store, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
-    let m = shared.metrics.clone();
-    let crash_after_write = std::env::var_os(CRASH_AFTER_WRITE_ENV).is_some();
-    let mut poisoned: Option<String> = None;
-    while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
+/// Whether the crash-after-write test hook is armed (always false without `test-hooks`).
+fn crash_after_write_armed() -> bool {
+    #[cfg(feature = "test-hooks")]
+    {
+        std::env::var_os(CRASH_AFTER_WRITE_ENV).is_some()
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        false
+    }
+}
+
+/// The crash of the crash-after-write test hook.
+#[cfg(feature = "test-hooks")]
+fn test_crash() {
+    tracing::error!(
+        event = "test_crash",
+        "crashing after the write, before the reply ({CRASH_AFTER_WRITE_ENV})"
+    );
+    // SIGKILL, like `kill -9`: no destructor, no core file.
+    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn test_crash() {}
+
+/// Times a batch is decided again after conflicts before it is answered `unavailable`.
+const MAX_CONFLICT_ROUNDS: u32 = 32;
+
+/// What the rule decided for one job.
+enum Decided {
+    Claim(ClaimDecision),
+    Status(Result<PairState, Refusal>),
+}
+
+/// The decider: owns the state machine, the versions read from the store, and the store.
+struct Decider {
+    store: Box<dyn StateStore>,
+    pairs: BTreeMap<String, Vec<String>>,
+    witness: Witness,
+    versions: BTreeMap<String, u64>,
+    metrics: Arc<Metrics>,
+    /// Why every request is refused (the exclusive store failed: restart the witness).
+    poisoned: Option<String>,
+    /// The shared store's outcome of a commit is unknown: read the state before deciding.
+    reload: bool,
+}
+
+impl Decider {
+    fn new(
+        store: Box<dyn StateStore>,
+        pairs: BTreeMap<String, Vec<String>>,
+        loaded: BTreeMap<String, crate::backend::Versioned>,
+        metrics: Arc<Metrics>,
+    ) -> Decider {
+        let mut d = Decider {
+            store,
+            witness: Witness::default(),
+            pairs,
+            versions: BTreeMap::new(),
+            metrics,
+            poisoned: None,
+            reload: false,
+        };
+        d.install(loaded);
+        for p in d.witness.pair_names() {
+            let st = d.witness.state(p).cloned().unwrap_or_default();
+            info!(
+                event = "loaded",
+                pair = p,
+                generation = st.generation,
+                holder = st.holder.as_deref().unwrap_or("-"),
+                "pair state loaded"
+            );
         }
-        if let Some(why) = &poisoned {
-            for j in jobs {
-                m.store_failures.fetch_add(1, Relaxed);
-                let _ = j.reply.send(error(ErrorCode::Unavailable, why.clone()));
-            }
-            continue;
+        d
+    }
+
+    /// Replaces the whole state with what the store holds.
+    fn install(&mut self, loaded: BTreeMap<String, crate::backend::Versioned>) {
+        self.versions = loaded.iter().map(|(p, v)| (p.clone(), v.version)).collect();
+        let states = loaded.into_iter().map(|(p, v)| (p, v.state)).collect();
+        self.witness = Witness::new(&self.pairs, states);
+        for p in self.witness.pair_names() {
+            let g = self.witness.state(p).map(|s| s.generation).unwrap_or(0);
+            self.metrics.set_generation(p, g);
         }
-        // Decide in arrival order against the working state.
-        let mut writes: BTreeMap<String, PairState> = BTreeMap::new();
-        let mut decided = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            let d = witness.decide_claim(&j.pair, &j.node, j.seen);
-            if let ClaimDecision::Grant { new_state } = &d {
-                witness.apply(&j.pair, new_state.clone());
-                writes.insert(j.pair.clone(), new_state.clone());
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let crash_after_write = crash_after_write_armed();
+        let max_batch = self.store.max_batch().max(1);
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            while jobs.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
             }
-            decided.push((j, d));
-        }
-        if !writes.is_empty() {
-            let batch: Vec<(String, PairState)> = writes.clone().into_iter().collect();
-            match store.write_synced(&batch) {
-                Ok(()) => {
-                    if crash_after_write {
-                        tracing::error!(
-                            event = "test_crash",
-                            "crashing after the write, before the reply ({CRASH_AFTER_WRITE_ENV})"
-                        );
-                        // SIGKILL, like `kill -9`: no destructor, no core file.
-                        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-                        unsafe {
-                            libc::kill(libc::getpid(), libc::SIGKILL);
-                        }
+            if let Some(why) = &self.poisoned {
+                for j in jobs {
+                    self.metrics.store_failures.fetch_add(1, Relaxed);
+                    let _ = j.reply.send(error(ErrorCode::Unavailable, why.clone()));
+                }
+                continue;
+            }
+            match self.decide_and_commit(&jobs) {
+                Ok((decided, wrote)) => {
+                    if wrote && crash_after_write {
+                        test_crash();
                     }
-                    m.synced_writes.fetch_add(1, Relaxed);
-                    if let Ok(mut p) = shared.published.write() {
-                        for (pair, st) in &batch {
-                            p.apply(pair, st.clone());
-                            m.set_generation(pair, st.generation);
-                        }
+                    for (j, d) in jobs.into_iter().zip(decided) {
+                        self.reply(j, d);
                     }
                 }
                 Err(e) => {
-                    let why = format!("witness store failed, restart the witness: {e}");
-                    tracing::error!(event = "store_failed", error = %e, "store write failed; refusing all claims until restart");
-                    poisoned = Some(why.clone());
-                    for (j, _) in decided {
-                        m.store_failures.fetch_add(1, Relaxed);
+                    let why = if e.is_transient() && self.store.shared() {
+                        self.reload = true;
+                        tracing::error!(event = "store_unavailable", store = %self.store.describe(), error = %e, "store unavailable; nothing decided, clients will retry");
+                        format!("witness {e}")
+                    } else {
+                        let why = format!("witness store failed, restart the witness: {e}");
+                        tracing::error!(event = "store_failed", error = %e, "store write failed; refusing all claims until restart");
+                        self.poisoned = Some(why.clone());
+                        why
+                    };
+                    for j in jobs {
+                        self.metrics.store_failures.fetch_add(1, Relaxed);
                         let _ = j.reply.send(error(ErrorCode::Unavailable, why.clone()));
                     }
-                    continue;
                 }
             }
         }
-        for (j, d) in decided {
-            let latency = j.received.elapsed();
-            let lat_us = latency.as_micros() as u64;
-            let resp = match d {
-                ClaimDecision::Grant { new_state } => {
-                    m.grants.fetch_add(1, Relaxed);
-                    m.observe_claim_latency(latency);
-                    info!(event = "claim", decision = "granted", pair = %j.pair, node = %j.node, seen = j.seen, generation = new_state.generation, latency_us = lat_us);
-                    Response::Granted {
-                        generation: new_state.generation,
-                        holder: j.node.clone(),
-                    }
-                }
-                ClaimDecision::Regrant { state } => {
-                    m.regrants.fetch_add(1, Relaxed);
-                    m.observe_claim_latency(latency);
-                    info!(event = "claim", decision = "regranted", pair = %j.pair, node = %j.node, seen = j.seen, generation = state.generation, latency_us = lat_us);
-                    Response::Granted {
-                        generation: state.generation,
-                        holder: j.node.clone(),
-                    }
-                }
-                ClaimDecision::Deny { state } => {
-                    m.denials.fetch_add(1, Relaxed);
-                    m.observe_claim_latency(latency);
-                    info!(event = "claim", decision = "denied", pair = %j.pair, node = %j.node, seen = j.seen, generation = state.generation, holder = state.holder.as_deref().unwrap_or("-"), latency_us = lat_us);
-                    Response::Denied {
-                        generation: state.generation,
-                        holder: state.holder,
-                    }
-                }
-                ClaimDecision::Refuse(r) => refusal(r, "claim", &j.pair, &j.node, &m),
-            };
-            let _ = j.reply.send(resp);
+    }
+
+    /// Decides every job in order and makes the outcome durable (and, for a shared store,
+    /// confirmed); returns the decisions and whether anything was written.
+    fn decide_and_commit(&mut self, jobs: &[Job]) -> Result<(Vec<Decided>, bool), StoreError> {
+        if self.reload {
+            let loaded = self.store.load()?;
+            self.install(loaded);
+            self.reload = false;
         }
+        let shared = self.store.shared();
+        for _ in 0..MAX_CONFLICT_ROUNDS {
+            let mut work = self.witness.clone();
+            let mut writes: BTreeMap<String, PairState> = BTreeMap::new();
+            let mut read: BTreeSet<String> = BTreeSet::new();
+            let mut decided = Vec::with_capacity(jobs.len());
+            for j in jobs {
+                let d = match &j.kind {
+                    JobKind::Claim { seen, claim_id } => {
+                        let d = work.decide_claim(&j.pair, &j.node, *seen, *claim_id);
+                        if let ClaimDecision::Grant { new_state } = &d {
+                            work.apply(&j.pair, new_state.clone());
+                            writes.insert(j.pair.clone(), new_state.clone());
+                        }
+                        if !matches!(d, ClaimDecision::Refuse(_)) {
+                            read.insert(j.pair.clone());
+                        }
+                        Decided::Claim(d)
+                    }
+                    JobKind::Status => {
+                        let r = work.authorize(&j.pair, &j.node).cloned();
+                        if r.is_ok() {
+                            read.insert(j.pair.clone());
+                        }
+                        Decided::Status(r)
+                    }
+                };
+                decided.push(d);
+            }
+            let expect: Vec<(String, u64)> = if shared {
+                read.iter()
+                    .map(|p| (p.clone(), self.versions.get(p).copied().unwrap_or(0)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let writes: Vec<(String, PairState)> = writes.into_iter().collect();
+            if expect.is_empty() && writes.is_empty() {
+                return Ok((decided, false));
+            }
+            match self.store.commit(&expect, &writes)? {
+                Commit::Done(new_versions) => {
+                    if !writes.is_empty() {
+                        self.metrics.synced_writes.fetch_add(1, Relaxed);
+                    }
+                    for (p, st) in &writes {
+                        self.metrics.set_generation(p, st.generation);
+                    }
+                    self.versions.extend(new_versions);
+                    self.witness = work;
+                    return Ok((decided, !writes.is_empty()));
+                }
+                Commit::Conflict(current) => {
+                    self.metrics.store_conflicts.fetch_add(1, Relaxed);
+                    for (p, v) in current {
+                        self.metrics.set_generation(&p, v.state.generation);
+                        self.witness.apply(&p, v.state);
+                        self.versions.insert(p, v.version);
+                    }
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "{MAX_CONFLICT_ROUNDS} conflicting writes by other witnesses in a row"
+        )))
+    }
+
+    fn reply(&self, j: Job, d: Decided) {
+        let m = &self.metrics;
+        let latency = j.received.elapsed();
+        let lat_us = latency.as_micros() as u64;
+        let resp = match (d, &j.kind) {
+            (
+                Decided::Status(Ok(PairState {
+                    generation, holder, ..
+                })),
+                _,
+            ) => {
+                m.status.fetch_add(1, Relaxed);
+                info!(event = "status", pair = %j.pair, node = %j.node, generation, holder = holder.as_deref().unwrap_or("-"));
+                Response::Status { generation, holder }
+            }
+            (Decided::Status(Err(r)), _) => refusal(r, "status", &j.pair, &j.node, m),
+            (Decided::Claim(d), JobKind::Claim { seen, claim_id }) => {
+                let seen = *seen;
+                match d {
+                    ClaimDecision::Grant { new_state } => {
+                        m.grants.fetch_add(1, Relaxed);
+                        m.observe_claim_latency(latency);
+                        info!(event = "claim", decision = "granted", pair = %j.pair, node = %j.node, seen, claim_id = %claim_id, generation = new_state.generation, latency_us = lat_us);
+                        Response::Granted {
+                            generation: new_state.generation,
+                            holder: j.node.clone(),
+                        }
+                    }
+                    ClaimDecision::Regrant { state } => {
+                        m.regrants.fetch_add(1, Relaxed);
+                        m.observe_claim_latency(latency);
+                        info!(event = "claim", decision = "regranted", pair = %j.pair, node = %j.node, seen, claim_id = %claim_id, generation = state.generation, latency_us = lat_us);
+                        Response::Granted {
+                            generation: state.generation,
+                            holder: j.node.clone(),
+                        }
+                    }
+                    ClaimDecision::Deny { state } => {
+                        m.denials.fetch_add(1, Relaxed);
+                        m.observe_claim_latency(latency);
+                        info!(event = "claim", decision = "denied", pair = %j.pair, node = %j.node, seen, claim_id = %claim_id, generation = state.generation, holder = state.holder.as_deref().unwrap_or("-"), latency_us = lat_us);
+                        Response::Denied {
+                            generation: state.generation,
+                            holder: state.holder,
+                        }
+                    }
+                    ClaimDecision::Refuse(r) => refusal(r, "claim", &j.pair, &j.node, m),
+                }
+            }
+            (Decided::Claim(_), JobKind::Status) => error(
+                ErrorCode::Unavailable,
+                "internal: claim decision for a status query",
+            ),
+        };
+        let _ = j.reply.send(resp);
     }
 }

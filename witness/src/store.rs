@@ -1,16 +1,21 @@
 //! Durable witness state in rocksdb.
 //!
-//! Keys: `ftvm-witness/format` → `1` (written once by `--init`); `pair/<name>` → an encoded
-//! [`PairState`] (`1` version byte, generation as big-endian `u64`, holder as a presence byte
-//! and a length-prefixed name). Every grant is written with a synced WAL before its reply.
+//! Keys: `ftvm-witness/format` → `2` (written by `--init`; a directory of format `1`, made
+//! before claim ids, is upgraded to `2` when opened); `pair/<name>` → an encoded
+//! [`PairState`] (see [`encode_state`]). Every grant is written with a synced WAL before its
+//! reply.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::state::PairState;
+use crate::state::{ClaimId, PairState};
 
 const FORMAT_KEY: &[u8] = b"ftvm-witness/format";
-const FORMAT: &[u8] = b"1";
+const FORMAT: &[u8] = b"2";
+/// The format of directories written before claim ids: read, and upgraded on open.
+const FORMAT_V1: &[u8] = b"1";
+/// The newest record version this build writes and reads.
+pub const RECORD_VERSION: u8 = 2;
 const PAIR_PREFIX: &[u8] = b"pair/";
 const RESET_KEY: &[u8] = b"ftvm-witness/reset-key";
 
@@ -29,6 +34,22 @@ pub enum StoreError {
     /// The directory is not a witness database (never initialised, or another program's).
     #[error("{0} is not an initialised ftvm-witness data directory")]
     NotInitialized(PathBuf),
+    /// The data directory was written by a newer witness.
+    #[error("data directory {path} has format {format:?}, which this ftvm-witness does not know (it reads 1 and 2): use a newer ftvm-witness")]
+    UnsupportedFormat {
+        /// The directory.
+        path: PathBuf,
+        /// Its format marker.
+        format: String,
+    },
+    /// A pair's record was written by a newer witness.
+    #[error("the state of pair {pair:?} is a version {version} record, which this ftvm-witness does not know (it reads 1 and {RECORD_VERSION}): use a newer ftvm-witness")]
+    UnsupportedRecord {
+        /// The pair.
+        pair: String,
+        /// The record's version byte.
+        version: u8,
+    },
     /// A stored value could not be decoded.
     #[error("corrupt state for pair {pair:?}: {what}")]
     Corrupt {
@@ -37,12 +58,38 @@ pub enum StoreError {
         /// What is wrong.
         what: &'static str,
     },
+    /// The store could not be reached or did not commit in time (etcd: no quorum, every
+    /// member unreachable, a timeout). Nothing is known to be decided; the request may be
+    /// retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The etcd prefix holds no witness state and `--init` was not given.
+    #[error("etcd {0} holds no ftvm-witness state; run `serve --init` once (one witness of the group) to create it")]
+    EtcdNotInitialized(String),
+    /// `--init` was given but the etcd prefix already holds witness state.
+    #[error("etcd {0} already holds ftvm-witness state; drop --init to use it")]
+    EtcdAlreadyInitialized(String),
+    /// The etcd store is not part of this build.
+    #[error("this ftvm-witness was built without the etcd store (cargo feature `etcd`)")]
+    EtcdNotBuilt,
+    /// etcd answered something this witness cannot use (a bad configuration, a refused
+    /// request, a certificate that cannot be read, ...).
+    #[error("etcd: {0}")]
+    Etcd(String),
     /// rocksdb failed.
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
     /// A filesystem error.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+}
+
+impl StoreError {
+    /// Whether the failure is transient: nothing is known to be decided, the store may work
+    /// again (etcd unreachable or without quorum). Other failures stop the decider.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// The rocksdb-backed store.
@@ -57,10 +104,15 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Encodes a pair state as stored.
+/// Encodes a pair state as stored (record version 2): the version byte `2`, the generation
+/// as a big-endian `u64`, the holder as a presence byte (0/1) and, when present, a length byte
+/// and the name, then the claim id as a presence byte and, when present, its 16 bytes.
+///
+/// Version 1 records (written before claim ids) have no claim id field; they are still read,
+/// with no claim id, so a grant they record is never repeated.
 pub fn encode_state(s: &PairState) -> Vec<u8> {
-    let mut v = Vec::with_capacity(16);
-    v.push(1);
+    let mut v = Vec::with_capacity(48);
+    v.push(RECORD_VERSION);
     v.extend_from_slice(&s.generation.to_be_bytes());
     match &s.holder {
         None => v.push(0),
@@ -70,29 +122,68 @@ pub fn encode_state(s: &PairState) -> Vec<u8> {
             v.extend_from_slice(&h.as_bytes()[..h.len().min(255)]);
         }
     }
+    match &s.claim_id {
+        None => v.push(0),
+        Some(c) => {
+            v.push(1);
+            v.extend_from_slice(&c.0);
+        }
+    }
     v
 }
 
-/// Decodes a stored pair state.
+/// Decodes a stored pair state (record version 1 or 2).
 pub fn decode_state(pair: &str, b: &[u8]) -> Result<PairState, StoreError> {
     let corrupt = |what| StoreError::Corrupt {
         pair: pair.to_string(),
         what,
     };
-    if b.len() < 10 || b[0] != 1 {
-        return Err(corrupt("bad length or version"));
+    let version = *b.first().ok_or(corrupt("empty record"))?;
+    if version == 0 {
+        return Err(corrupt("record version 0"));
+    }
+    if version > RECORD_VERSION {
+        return Err(StoreError::UnsupportedRecord {
+            pair: pair.to_string(),
+            version,
+        });
+    }
+    if b.len() < 10 {
+        return Err(corrupt("record too short"));
     }
     let mut g = [0u8; 8];
     g.copy_from_slice(&b[1..9]);
     let generation = u64::from_be_bytes(g);
-    let holder = match b[9] {
-        0 if b.len() == 10 => None,
-        1 if b.len() >= 11 && b.len() == 11 + b[10] as usize => {
-            Some(String::from_utf8(b[11..].to_vec()).map_err(|_| corrupt("holder is not UTF-8"))?)
+    let (holder, rest) = match b[9] {
+        0 => (None, &b[10..]),
+        1 if b.len() >= 11 && b.len() >= 11 + b[10] as usize => {
+            let end = 11 + b[10] as usize;
+            let name = String::from_utf8(b[11..end].to_vec())
+                .map_err(|_| corrupt("holder is not UTF-8"))?;
+            (Some(name), &b[end..])
         }
         _ => return Err(corrupt("bad holder")),
     };
-    Ok(PairState { generation, holder })
+    let claim_id = match (version, rest) {
+        (1, []) => None,
+        (2, [0]) => None,
+        (2, [1, id @ ..]) if id.len() == ClaimId::LEN => {
+            let mut c = [0u8; ClaimId::LEN];
+            c.copy_from_slice(id);
+            Some(ClaimId(c))
+        }
+        _ => return Err(corrupt("bad claim id or trailing bytes")),
+    };
+    if holder.is_none() != claim_id.is_none() && version == 2 {
+        return Err(corrupt(
+            "a claim id without a holder, or a holder without a claim id",
+        ));
+    }
+    Ok(PairState {
+        generation,
+        holder,
+        claim_id,
+    })
 }
 
 fn dir_is_empty(p: &Path) -> Result<bool, StoreError> {
@@ -140,12 +231,27 @@ impl Store {
         let db = rocksdb::DB::open(&opts, path)
             .map_err(|_| StoreError::NotInitialized(path.to_path_buf()))?;
         match db.get(FORMAT_KEY)? {
-            Some(v) if v == FORMAT => Ok(Store {
-                db,
-                path: path.to_path_buf(),
-            }),
-            _ => Err(StoreError::NotInitialized(path.to_path_buf())),
+            Some(v) if v == FORMAT => {}
+            Some(v) if v == FORMAT_V1 => {
+                // Version 1 records stay readable; new ones are version 2. Mark the directory
+                // so that an older witness refuses it instead of misreading new records.
+                let mut w = rocksdb::WriteOptions::default();
+                w.set_sync(true);
+                db.put_opt(FORMAT_KEY, FORMAT, &w)?;
+                tracing::info!(event = "upgraded", path = %path.display(), "data directory upgraded from format 1 to 2 (claim ids)");
+            }
+            Some(v) => {
+                return Err(StoreError::UnsupportedFormat {
+                    path: path.to_path_buf(),
+                    format: String::from_utf8_lossy(&v).into_owned(),
+                })
+            }
+            None => return Err(StoreError::NotInitialized(path.to_path_buf())),
         }
+        Ok(Store {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Every stored pair state.
@@ -216,7 +322,23 @@ mod tests {
         PairState {
             generation: g,
             holder: h.map(String::from),
+            claim_id: h.map(|h| ClaimId([h.len() as u8; 16])),
         }
+    }
+
+    /// A record as the witness wrote it before claim ids (record version 1).
+    fn v1_record(g: u64, h: Option<&str>) -> Vec<u8> {
+        let mut v = vec![1];
+        v.extend_from_slice(&g.to_be_bytes());
+        match h {
+            None => v.push(0),
+            Some(h) => {
+                v.push(1);
+                v.push(h.len() as u8);
+                v.extend_from_slice(h.as_bytes());
+            }
+        }
+        v
     }
 
     #[test]
@@ -225,12 +347,83 @@ mod tests {
             assert_eq!(decode_state("p", &encode_state(&s)).unwrap(), s);
         }
         let good = encode_state(&st(5, Some("node-a")));
+        assert_eq!(good.len(), 1 + 8 + 1 + 1 + 6 + 1 + 16);
         for n in 0..good.len() {
             assert!(decode_state("p", &good[..n]).is_err());
         }
         let mut extra = good.clone();
         extra.push(0);
         assert!(decode_state("p", &extra).is_err());
+        // A holder without a claim id is not a version 2 record.
+        let half = PairState {
+            claim_id: None,
+            ..st(5, Some("node-a"))
+        };
+        assert!(matches!(
+            decode_state("p", &encode_state(&half)),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn old_records_are_read_without_claim_id_and_newer_ones_refused() {
+        for (g, h) in [(0, None), (7, Some("node-b"))] {
+            assert_eq!(
+                decode_state("p", &v1_record(g, h)).unwrap(),
+                PairState {
+                    generation: g,
+                    holder: h.map(String::from),
+                    claim_id: None
+                }
+            );
+        }
+        let mut v3 = encode_state(&st(1, Some("a")));
+        v3[0] = 3;
+        let e = decode_state("p", &v3).unwrap_err();
+        assert!(matches!(
+            e,
+            StoreError::UnsupportedRecord { version: 3, .. }
+        ));
+        assert!(e.to_string().contains("use a newer ftvm-witness"), "{e}");
+        let mut v1_extra = v1_record(7, Some("node-b"));
+        v1_extra.push(0);
+        assert!(decode_state("p", &v1_extra).is_err());
+    }
+
+    #[test]
+    fn a_format_1_directory_is_upgraded_and_its_records_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("db");
+        {
+            // What a witness before claim ids left behind.
+            let mut opts = rocksdb::Options::default();
+            opts.create_if_missing(true);
+            let db = rocksdb::DB::open(&opts, &p).unwrap();
+            db.put(FORMAT_KEY, FORMAT_V1).unwrap();
+            db.put(b"pair/vm1", v1_record(3, Some("node-a"))).unwrap();
+        }
+        let s = Store::open(&p, false).unwrap();
+        let m = s.load().unwrap();
+        assert_eq!(
+            m["vm1"],
+            PairState {
+                generation: 3,
+                holder: Some("node-a".into()),
+                claim_id: None
+            }
+        );
+        s.write_synced(&[("vm2".into(), st(1, Some("b")))]).unwrap();
+        drop(s);
+        let s = Store::open(&p, false).unwrap();
+        assert_eq!(s.db.get(FORMAT_KEY).unwrap().as_deref(), Some(FORMAT));
+        assert_eq!(s.load().unwrap().len(), 2);
+        s.db.put(FORMAT_KEY, b"9").unwrap();
+        drop(s);
+        let e = Store::open(&p, false).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::UnsupportedFormat { format, .. } if format == "9"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use ftvm_witness::codec::ErrorCode;
-use ftvm_witness::{ClaimOutcome, WitnessClient, WitnessError};
+use ftvm_witness::{ClaimId, ClaimOutcome, WitnessClient, WitnessError};
 
 fn add_pair(cfg: &std::path::Path, pair: &str, nodes: &[&str]) {
     let mut text = std::fs::read_to_string(cfg).unwrap();
@@ -40,7 +40,7 @@ async fn refused_identities_do_not_disturb_legitimate_nodes() {
 
     // 1. A node of another pair claiming for vm1: refused, vm1 untouched.
     let c = client(dir.path(), "node-c", w.addr);
-    let e = c.claim("vm1", 0).await.unwrap_err();
+    let e = c.claim("vm1", 0, ClaimId::random()).await.unwrap_err();
     assert!(
         matches!(
             e,
@@ -64,13 +64,13 @@ async fn refused_identities_do_not_disturb_legitimate_nodes() {
     );
     // ... while it may claim for its own pair.
     assert_eq!(
-        c.claim("vm2", 0).await.unwrap(),
+        c.claim("vm2", 0, ClaimId::random()).await.unwrap(),
         ClaimOutcome::Granted { generation: 1 }
     );
 
     // 2. A certificate of the right CA whose identity is in no pair: connection refused.
     let i = client(dir.path(), "intruder", w.addr);
-    let e = i.claim("vm1", 0).await.unwrap_err();
+    let e = i.claim("vm1", 0, ClaimId::random()).await.unwrap_err();
     assert!(
         matches!(
             e,
@@ -89,7 +89,7 @@ async fn refused_identities_do_not_disturb_legitimate_nodes() {
     let mut forged = ftvm_tls::Identity::load(evil.path(), "node-a").unwrap();
     forged.ca = ftvm_tls::Identity::load(dir.path(), "node-a").unwrap().ca;
     let fc = WitnessClient::new(w.addr, &forged, opts_quick()).unwrap();
-    let e = fc.claim("vm1", 0).await.unwrap_err();
+    let e = fc.claim("vm1", 0, ClaimId::random()).await.unwrap_err();
     assert!(matches!(e, WitnessError::Unreachable { .. }), "{e}");
 
     // 4. No client certificate at all.
@@ -102,7 +102,7 @@ async fn refused_identities_do_not_disturb_legitimate_nodes() {
     // Nothing of the above changed vm1, and node-a still gets its grant.
     assert_eq!(a.status("vm1").await.unwrap().generation, 0);
     assert_eq!(
-        a.claim("vm1", 0).await.unwrap(),
+        a.claim("vm1", 0, ClaimId::random()).await.unwrap(),
         ClaimOutcome::Granted { generation: 1 }
     );
 
@@ -161,6 +161,7 @@ async fn no_cert_request(dir: &std::path::Path, addr: SocketAddr) -> Result<Vec<
         let req = ftvm_witness::codec::Request::Claim {
             pair: "vm1".into(),
             seen: 0,
+            claim_id: ClaimId::random(),
         }
         .encode();
         s.write_all(&req).await.map_err(|e| e.to_string())?;

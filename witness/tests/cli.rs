@@ -50,16 +50,65 @@ fn claim_and_status_exit_codes() {
         run(&r)
     };
 
-    let (code, out, _) = call("claim", "node-b", &["--seen", "0"]);
+    let (code, out, err) = call("claim", "node-b", &["--seen", "0"]);
     assert_eq!((code, out.trim()), (0, "1"));
+    // Without --claim-id a fresh one is used and printed for retries.
+    let id = err
+        .split_whitespace()
+        .skip_while(|w| *w != "--claim-id")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no claim id printed: {err}"))
+        .trim_end_matches(')')
+        .to_string();
+    assert_eq!(id.len(), 32, "{err}");
     let (code, out, _) = call("claim", "node-a", &["--seen", "0"]);
     assert_eq!((code, out.trim()), (3, "denied generation=1 holder=node-b"));
-    let (code, out, _) = call("claim", "node-b", &["--seen", "0"]);
+    let (code, out, _) = call("claim", "node-b", &["--seen", "0", "--claim-id", &id]);
     assert_eq!(
         (code, out.trim()),
         (0, "1"),
         "retry must return the same grant"
     );
+    // The same node with another claim id is a new claim: denied.
+    let (code, out, _) = call("claim", "node-b", &["--seen", "0"]);
+    assert_eq!((code, out.trim()), (3, "denied generation=1 holder=node-b"));
+    let (code, _, err) = call("claim", "node-b", &["--seen", "0", "--claim-id", "xyz"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("32 hexadecimal digits"), "{err}");
+    // Two witness addresses: the first one answers nothing, the second one decides.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let two = format!("{},witness@{addr}", dead.local_addr().unwrap());
+    let (code, out, err) = run(&[
+        "status",
+        "--witness",
+        &two,
+        "--tls",
+        d,
+        "--node",
+        "node-a",
+        "--pair",
+        "vm1",
+        "--timeout-ms",
+        "300",
+    ]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "pair=vm1 generation=1 holder=node-b"),
+        "{err}"
+    );
+    let (code, _, err) = run(&[
+        "status",
+        "--witness",
+        "localhost",
+        "--tls",
+        d,
+        "--node",
+        "node-a",
+        "--pair",
+        "vm1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("missing port"), "{err}");
     let (code, out, _) = call("claim", "node-a", &["--seen", "1"]);
     assert_eq!((code, out.trim()), (0, "2"));
     let (code, out, _) = call("status", "node-b", &[]);

@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use ftvm_witness::codec::{ErrorCode, Request, Response, MAX_REQUEST, VERSION};
-use ftvm_witness::ClaimOutcome;
+use ftvm_witness::codec::{ErrorCode, Request, Response, MAX_REQUEST, VERSION, VERSION_V1};
+use ftvm_witness::{ClaimId, ClaimOutcome};
 
 /// A small deterministic pseudo-random generator (xorshift).
 struct Rng(u64);
@@ -44,7 +44,11 @@ async fn garbage_is_refused_and_others_keep_working() {
     let worker = tokio::spawn(async move {
         let mut generation = 0;
         for _ in 0..60 {
-            match g2.claim("vm1", generation).await.unwrap() {
+            match g2
+                .claim("vm1", generation, ClaimId::random())
+                .await
+                .unwrap()
+            {
                 ClaimOutcome::Granted { generation: g } => {
                     assert_eq!(g, generation + 1);
                     generation = g;
@@ -72,6 +76,7 @@ async fn garbage_is_refused_and_others_keep_working() {
     let claim = Request::Claim {
         pair: "vm1".into(),
         seen: 0,
+        claim_id: ClaimId::random(),
     }
     .encode();
     let cases: Vec<(Vec<u8>, ErrorCode, &str)> = vec![
@@ -120,6 +125,19 @@ async fn garbage_is_refused_and_others_keep_working() {
         assert_eq!(c, *code, "case {i}: {t}");
         assert!(t.contains(text), "case {i}: {t:?} lacks {text:?}");
     }
+    // A claim as a version 1 client (before claim ids) sends it: refused in version 1, with
+    // words that say why, so that the old client reports a clear refusal.
+    let mut v1 = vec![b'F', b'W', VERSION_V1, 1, 3];
+    v1.extend_from_slice(b"vm1");
+    v1.extend_from_slice(&0u64.to_be_bytes());
+    let reply = bad.raw_request(&v1).await.unwrap();
+    assert_eq!(
+        reply[2], VERSION_V1,
+        "a version 1 request is answered in version 1"
+    );
+    let (c, t) = error_code(&reply);
+    assert_eq!(c, ErrorCode::UnsupportedVersion, "{t}");
+    assert!(t.contains("without claim ids"), "{t}");
     for _ in 0..200 {
         let len = (rng.next() % MAX_REQUEST as u64) as usize;
         let reply = bad.raw_request(&rng.bytes(len)).await.unwrap();
@@ -153,7 +171,7 @@ async fn garbage_is_refused_and_others_keep_working() {
     assert_eq!(final_generation, 60);
     // The bad client can still do proper work afterwards.
     assert_eq!(
-        bad.claim("vm1", 0).await.unwrap(),
+        bad.claim("vm1", 0, ClaimId::random()).await.unwrap(),
         ClaimOutcome::Denied {
             generation: 60,
             holder: Some("node-a".into())
@@ -170,7 +188,7 @@ async fn garbage_is_refused_and_others_keep_working() {
     );
     assert_eq!(
         child.metric("ftvm_witness_refusals_total{reason=\"bad_request\"}"),
-        210
+        211
     );
     assert_eq!(
         child.metric("ftvm_witness_refusals_total{reason=\"timeout\"}"),

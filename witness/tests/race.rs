@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use ftvm_witness::ClaimOutcome;
+use ftvm_witness::{ClaimId, ClaimOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_clients_get_exactly_one_grant_per_round() {
@@ -34,14 +34,15 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
         let mut set = tokio::task::JoinSet::new();
         for c in racers {
             let seen = generation;
-            set.spawn(async move { (c.node().to_string(), c.claim("race", seen).await) });
+            let id = ClaimId::random();
+            set.spawn(async move { (c.node().to_string(), id, c.claim("race", seen, id).await) });
         }
         let mut winners = Vec::new();
         let mut denied = Vec::new();
         while let Some(r) = set.join_next().await {
-            let (node, out) = r.unwrap();
+            let (node, id, out) = r.unwrap();
             match out.unwrap() {
-                ClaimOutcome::Granted { generation: g } => winners.push((node, g)),
+                ClaimOutcome::Granted { generation: g } => winners.push((node, g, id)),
                 ClaimOutcome::Denied {
                     generation: g,
                     holder,
@@ -49,7 +50,7 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
             }
         }
         assert_eq!(winners.len(), 1, "round {round}: grants {winners:?}");
-        let (winner, g) = winners.pop().unwrap();
+        let (winner, g, winner_id) = winners.pop().unwrap();
         assert_eq!(g, generation + 1, "round {round}");
         assert_eq!(denied.len(), k - 1);
         for (node, dg, holder) in &denied {
@@ -57,7 +58,8 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
             assert_eq!(*dg, g, "round {round}: {node} denied with a stale state");
             assert_eq!(holder.as_deref(), Some(winner.as_str()));
         }
-        // The pair's state is exactly the grant, and the winner's retry gets the same grant.
+        // The pair's state is exactly the grant, the winner's retry (same claim id) gets the
+        // same grant, and a new claim of the winner (another claim id) is denied.
         let st = clients[0].status("race").await.unwrap();
         assert_eq!(
             (st.generation, st.holder.as_deref()),
@@ -65,8 +67,17 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
         );
         let wc = clients.iter().find(|c| c.node() == winner).unwrap();
         assert_eq!(
-            wc.claim("race", generation).await.unwrap(),
+            wc.claim("race", generation, winner_id).await.unwrap(),
             ClaimOutcome::Granted { generation: g }
+        );
+        assert_eq!(
+            wc.claim("race", generation, ClaimId::random())
+                .await
+                .unwrap(),
+            ClaimOutcome::Denied {
+                generation: g,
+                holder: Some(winner.clone())
+            }
         );
         generation = g;
     }
@@ -83,7 +94,7 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
     );
     assert_eq!(
         w.metric("ftvm_witness_claims_total{result=\"denied\"}"),
-        racers - rounds
+        racers - rounds + rounds
     );
     assert_eq!(
         w.metric("ftvm_witness_pair_generation{pair=\"race\"}"),
@@ -96,8 +107,5 @@ async fn racing_clients_get_exactly_one_grant_per_round() {
     // One structured log line per decision.
     let log = w.log_text();
     assert_eq!(log.matches("decision=\"granted\"").count() as u64, rounds);
-    assert_eq!(
-        log.matches("decision=\"denied\"").count() as u64,
-        racers - rounds
-    );
+    assert_eq!(log.matches("decision=\"denied\"").count() as u64, racers);
 }

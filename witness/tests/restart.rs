@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use ftvm_witness::ClaimOutcome;
+use ftvm_witness::{ClaimId, ClaimOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_survive_kill_9_and_restart() {
@@ -18,16 +18,20 @@ async fn decisions_survive_kill_9_and_restart() {
     let mut history: Vec<(u64, String)> = Vec::new();
     let mut generation = 0;
     for round in 0..10 {
-        let (ra, rb) = tokio::join!(a.claim("vm1", generation), b.claim("vm1", generation));
+        let (ia, ib) = (ClaimId::random(), ClaimId::random());
+        let (ra, rb) = tokio::join!(
+            a.claim("vm1", generation, ia),
+            b.claim("vm1", generation, ib)
+        );
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
-        let winner = match (&ra, &rb) {
+        let (winner, winner_id, loser_id) = match (&ra, &rb) {
             (ClaimOutcome::Granted { generation: g }, ClaimOutcome::Denied { .. }) => {
                 assert_eq!(*g, generation + 1);
-                "node-a"
+                ("node-a", ia, ib)
             }
             (ClaimOutcome::Denied { .. }, ClaimOutcome::Granted { generation: g }) => {
                 assert_eq!(*g, generation + 1);
-                "node-b"
+                ("node-b", ib, ia)
             }
             other => panic!("round {round}: not exactly one grant: {other:?}"),
         };
@@ -59,18 +63,29 @@ async fn decisions_survive_kill_9_and_restart() {
             "round {round}: holder lost"
         );
         // A retried claim (its reply "lost" in the crash) gets the same grant back, and the
-        // loser's retry is still denied: the restart changed no decision.
+        // loser's retry is still denied: the restart changed no decision. The winner's claim
+        // id was stored durably: the same node with another claim id (a restarted node
+        // process) does not inherit the grant.
         let (wc, lc) = if winner == "node-a" {
             (&a, &b)
         } else {
             (&b, &a)
         };
         assert_eq!(
-            wc.claim("vm1", generation - 1).await.unwrap(),
+            wc.claim("vm1", generation - 1, winner_id).await.unwrap(),
             ClaimOutcome::Granted { generation }
         );
         assert_eq!(
-            lc.claim("vm1", generation - 1).await.unwrap(),
+            lc.claim("vm1", generation - 1, loser_id).await.unwrap(),
+            ClaimOutcome::Denied {
+                generation,
+                holder: Some(winner.to_string())
+            }
+        );
+        assert_eq!(
+            wc.claim("vm1", generation - 1, ClaimId::random())
+                .await
+                .unwrap(),
             ClaimOutcome::Denied {
                 generation,
                 holder: Some(winner.to_string())
@@ -113,7 +128,8 @@ async fn crash_between_write_and_reply_loses_only_the_reply() {
     let id_a = ftvm_tls::Identity::load(dir.path(), "node-a").unwrap();
     let a1 = ftvm_witness::WitnessClient::new(addr, &id_a, one_try).unwrap();
     // The grant is written, then the witness dies before answering.
-    let e = a1.claim("vm1", 0).await.unwrap_err();
+    let id = ClaimId::random();
+    let e = a1.claim("vm1", 0, id).await.unwrap_err();
     assert!(
         matches!(e, ftvm_witness::WitnessError::Unreachable { .. }),
         "{e}"
@@ -127,15 +143,23 @@ async fn crash_between_write_and_reply_loses_only_the_reply() {
     let b = client(dir.path(), "node-b", w2.addr);
     // The other node racing for the same generation is denied: the grant survived ...
     assert_eq!(
-        b.claim("vm1", 0).await.unwrap(),
+        b.claim("vm1", 0, ClaimId::random()).await.unwrap(),
         ClaimOutcome::Denied {
             generation: 1,
             holder: Some("node-a".into())
         }
     );
-    // ... and the claimant's retry gets exactly that grant.
+    // ... a new claim of the same node (a restarted process: another claim id) is denied ...
     assert_eq!(
-        a.claim("vm1", 0).await.unwrap(),
+        a.claim("vm1", 0, ClaimId::random()).await.unwrap(),
+        ClaimOutcome::Denied {
+            generation: 1,
+            holder: Some("node-a".into())
+        }
+    );
+    // ... and the claimant's retry (same claim id) gets exactly that grant.
+    assert_eq!(
+        a.claim("vm1", 0, id).await.unwrap(),
         ClaimOutcome::Granted { generation: 1 }
     );
     assert_eq!(

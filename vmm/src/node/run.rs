@@ -289,13 +289,15 @@ impl Node {
     /// Unreachable witnesses are reported loudly and retried.
     async fn claim(&self, seen: u64) -> Option<ClaimOutcome> {
         let mut last_log = Instant::now() - Duration::from_secs(10);
+        // One claim, one id: its retries (to any witness) reuse it.
+        let id = ftvm_witness::state::ClaimId::random();
         loop {
             if self.stop.signalled().is_some() {
                 return None;
             }
             let mut last = String::new();
             for w in &self.witnesses {
-                match w.claim(&self.cfg.pair, seen).await {
+                match w.claim(&self.cfg.pair, seen, id).await {
                     Ok(o) => {
                         self.witness_problem(None);
                         return Some(o);

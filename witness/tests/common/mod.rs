@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use ftvm_witness::{ClientOptions, WitnessClient};
 
+pub mod etcd;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ftvm-witness");
 
 /// Runs the CLI to completion.
