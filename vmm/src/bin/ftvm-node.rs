@@ -38,7 +38,9 @@ enum Command {
     /// Replay a recorded log against a guest and check that it runs identically.
     ///
     /// The console goes to stdout as in the recorded run, and a one-line summary to stderr.
-    /// Transmitted frames are dropped. The exit status is the guest's, as for `run`; 69 if the
+    /// Transmitted frames are dropped. The summary's `ending=` says how the recorded run ended
+    /// (exit:STATUS, crash, or signal:N). The exit status is the guest's, as for `run` (0 when
+    /// the recording was stopped by a signal and the replay stopped at the same point); 69 if the
     /// replay diverged (the report names the first boundary that differs and what differs);
     /// 66 if the log is malformed, truncated, or was recorded from a different guest image,
     /// memory size or machine.
@@ -165,8 +167,14 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn summary(what: &str, s: &vmm::solo::RunSummary) {
+    use vmm::machine::Outcome;
+    let ending = match &s.outcome {
+        Outcome::Exited { status } => format!("exit:{status}"),
+        Outcome::Crashed(_) => "crash".to_string(),
+        Outcome::Stopped { signal } => format!("signal:{signal}"),
+    };
     eprintln!(
-        "{what}: boundaries={} records={} events={} digests={} log_bytes={} elapsed={:.3}s",
+        "{what}: boundaries={} records={} events={} digests={} log_bytes={} elapsed={:.3}s ending={ending}",
         s.boundaries,
         s.log.boundary_records,
         s.log.events,
@@ -350,7 +358,14 @@ fn replay(
     ) {
         Ok(s) => {
             summary("replay: identical", &s);
-            exit_for(s.outcome)
+            match s.outcome {
+                // The replay reached the point where a signal stopped the recording: a match.
+                vmm::machine::Outcome::Stopped { signal } => {
+                    eprintln!("replay: the recorded run was stopped here by signal {signal}");
+                    ExitCode::SUCCESS
+                }
+                outcome => exit_for(outcome),
+            }
         }
         Err(VmmError::Input(InputError::Divergence { boundary, what })) => fail(
             69,
