@@ -29,9 +29,10 @@ struct Cli {
 enum Command {
     /// Run a VM in the foreground until the guest exits.
     ///
-    /// The guest's console goes to stdout. Every option can also come from a TOML config file
-    /// (--config) with the same names (guest, mem, guest_args, disk, disk_size, tap, mac, ip,
-    /// gateway, rng); options on the command line win. The exit status is the guest's status
+    /// The guest's console goes to stdout. The VM's options can also come from a TOML config
+    /// file (--config) with the same names (solo, guest, mem, guest_args, disk, disk_size, tap,
+    /// mac, ip, gateway, rng); options on the command line win. --record and --digest-every
+    /// are command-line only. The exit status is the guest's status
     /// (0-63; 64 if larger), 65 for a bad image, size or configuration, 70 if the guest
     /// crashed, 71 for a VMM failure, 128+N if signal N stopped the node.
     Run(RunArgs),
@@ -59,7 +60,7 @@ enum Command {
         #[arg(long, value_name = "IMG")]
         disk: Option<PathBuf>,
     },
-    /// List the bundled guests.
+    /// List the bundled guests, with what each is for (most are test guests).
     Guests,
 }
 
@@ -110,10 +111,10 @@ struct RunArgs {
     #[serde(skip)]
     record: Option<PathBuf>,
     /// With --record: log a blake3 digest of guest memory every N boundaries (0: only at the
-    /// end).
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    /// end). Default 1000.
+    #[arg(long, value_name = "N", requires = "record")]
     #[serde(skip)]
-    digest_every: u64,
+    digest_every: Option<u64>,
 }
 
 impl RunArgs {
@@ -147,7 +148,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Guests => {
             for n in vmm::guests::names() {
-                println!("{n}");
+                println!("{n:<10} {}", vmm::guests::purpose(n));
             }
             ExitCode::SUCCESS
         }
@@ -266,7 +267,7 @@ fn plan(a: RunArgs) -> Result<Plan, String> {
 fn run(a: RunArgs) -> ExitCode {
     let record = a.record.clone().map(|path| RecordOptions {
         path,
-        digest_every: a.digest_every,
+        digest_every: a.digest_every.unwrap_or(1000),
     });
     let mut p = match plan(a) {
         Ok(p) => p,
