@@ -321,7 +321,8 @@ fn main() -> Result<()> {
     let src = src_dir.join("disk.img");
     let dst = dir.path().join("target.img");
     let tls = dir.path().join("tls");
-    ftvm_tls::init_dir(&tls, &["server", "client"])?;
+    let pair = ftvm_tls::CertKind::node("bench");
+    ftvm_tls::init_dir_with(&tls, &[("server", pair.clone()), ("client", pair)], false)?;
 
     println!(
         "resync_vs_rsync: {mib} MiB images, 64 KiB blocks, 1% of blocks changed ({})",

@@ -9,3 +9,4 @@ cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 (cd guest && cargo clippy --release -- -D warnings)
 cargo test --release --workspace
+scripts/check-release-hooks.sh

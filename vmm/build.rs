@@ -18,6 +18,7 @@ const GUESTS: &[&str] = &[
     "clockwork",
     "kv",
     "badvirtio",
+    "diskwait",
 ];
 
 fn main() {

@@ -8,13 +8,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in a resync.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O error on a named file.
-    #[error("{what} {path}: {source}")]
+    /// An I/O error on a named file. The message includes the OS error, so it is not also
+    /// given as the error's source (a `{:#}` chain would print it twice).
+    #[error("{what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Another process holds the disk (an advisory lock conflicts).
     #[error("disk {0} is in use by another process (advisory lock held); stop it or let ftvm-node coordinate the resync")]
@@ -56,7 +56,7 @@ impl Error {
         Error::Io {
             what,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -34,14 +34,44 @@ fn tls_err(e: impl std::fmt::Display) -> Error {
     Error::Connection(format!("TLS setup: {e}"))
 }
 
-fn identity(tls_dir: &Path, node: &str) -> Result<ftvm_tls::Identity> {
-    ftvm_tls::Identity::load(tls_dir, node).map_err(|e| {
+/// Loads identity `node` from `tls_dir` and checks that its certificate is a node's (of some
+/// pair): a witness key, or a certificate issued without a kind, never serves or pulls a disk.
+pub fn node_identity(tls_dir: &Path, node: &str) -> Result<ftvm_tls::Identity> {
+    let id = ftvm_tls::Identity::load(tls_dir, node).map_err(|e| {
         Error::Connection(format!(
             "loading identity {node:?} from {}: {e}",
             tls_dir.display()
         ))
-    })
+    })?;
+    id.node_pair()
+        .map_err(|e| Error::Connection(format!("identity {node:?} cannot resync disks: {e}")))?;
+    Ok(id)
 }
+
+fn identity(tls_dir: &Path, node: &str) -> Result<ftvm_tls::Identity> {
+    node_identity(tls_dir, node)
+}
+
+/// Checks the peer of `conn` as resync requires, on either side: another node of `local`'s
+/// pair (never a witness, a node of another pair or an unmarked certificate), and on a
+/// server, one of `allow` if that is not empty. On failure the connection is closed with the
+/// reason (so the other side reports it too) and the reason is returned.
+pub fn authorize(
+    conn: &Connection,
+    local: &ftvm_tls::Identity,
+    allow: &[String],
+) -> Result<ftvm_tls::PeerCert> {
+    let refused = match ftvm_tls::pair_peer(conn, local) {
+        Ok(peer) if allow.is_empty() || allow.contains(&peer.name) => return Ok(peer),
+        Ok(peer) => format!("identity {:?} is not allowed (not in --allow)", peer.name),
+        Err(e) => format!("refused: {e}"),
+    };
+    conn.close(REFUSED.into(), refused.as_bytes());
+    Err(Error::Connection(refused))
+}
+
+/// Application close code of a connection refused by [`authorize`].
+pub const REFUSED: u32 = 2;
 
 /// A server endpoint for the resync service, identity `node` from `tls_dir`.
 pub fn server_endpoint(listen: SocketAddr, tls_dir: &Path, node: &str) -> Result<Endpoint> {
@@ -84,17 +114,20 @@ pub async fn connect(ep: &Endpoint, addr: SocketAddr, server_name: &str) -> Resu
 /// Options of the serving loop.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
-    /// If not empty, only these client identities may pull.
+    /// If not empty, only these client identities may pull (each must also be another node
+    /// of the server's pair; by default every other node of the pair may).
     pub allow: Vec<String>,
     /// Stop after this many sessions (`None`: serve until the endpoint is closed).
     pub max_sessions: Option<u64>,
 }
 
-/// Accepts connections on `ep` and serves `src` to each, concurrently. Returns when
-/// `max_sessions` sessions have ended, when the endpoint is closed, or with an error when an
-/// injected fault fired (the test hook of an interrupted source).
+/// Accepts connections on `ep` and serves `src` to each, concurrently, to the other nodes of
+/// `local`'s pair only ([`authorize`]). Returns when `max_sessions` sessions have ended, when
+/// the endpoint is closed, or with an error when an injected fault fired (the test hook of an
+/// interrupted source).
 pub async fn serve(
     ep: &Endpoint,
+    local: &ftvm_tls::Identity,
     src: Arc<SourceDisk>,
     opts: &ServeOptions,
     stats: Arc<Stats>,
@@ -118,12 +151,13 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let peer = ftvm_tls::peer_identity(&conn).unwrap_or_default();
-                if !opts.allow.is_empty() && !opts.allow.contains(&peer) {
-                    tracing::warn!("refused {peer:?} from {remote}: not in --allow");
-                    conn.close(2u32.into(), b"identity not allowed");
-                    continue;
-                }
+                let peer = match authorize(&conn, local, &opts.allow) {
+                    Ok(p) => p.name,
+                    Err(e) => {
+                        tracing::warn!("connection from {remote}: {e}");
+                        continue;
+                    }
+                };
                 started += 1;
                 tracing::info!("session from {peer} at {remote}");
                 let (src, stats, tx) = (src.clone(), stats.clone(), tx.clone());
@@ -163,8 +197,13 @@ pub async fn pull(
     opts: &PullOptions,
     stats: Arc<Stats>,
 ) -> Result<Summary> {
+    let local = node_identity(tls_dir, node)?;
     let ep = client_endpoint_for(addr, tls_dir, node)?;
     let conn = connect(&ep, addr, server_name).await?;
+    if let Err(e) = authorize(&conn, &local, &[]) {
+        let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
+        return Err(Error::Connection(format!("{addr} ({server_name}): {e}")));
+    }
     let r = pull_connection(&conn, target, opts, &stats).await;
     if r.is_err() {
         // Let the close (with its reason) reach the source.

@@ -22,7 +22,8 @@ use crate::state::PullState;
 use crate::stats::{Phase, Stats, Summary};
 use crate::{Error, Result};
 
-/// Blocks written between two checkpoints of a pull's resume state (at most).
+/// Blocks written between two checkpoints of a pull's resume state (at most): a checkpoint
+/// is made at every multiple of this many blocks.
 const CHECKPOINT_BLOCKS: usize = 512;
 /// Time between two checkpoints (at most).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -985,7 +986,11 @@ async fn transfer(
                 summary.blocks_sent += 1;
                 Stats::add(&stats.blocks_sent, 1);
                 done.push((i, h));
-                if done.len() >= CHECKPOINT_BLOCKS || last_cp.elapsed() >= CHECKPOINT_INTERVAL {
+                // At every multiple of CHECKPOINT_BLOCKS blocks, whatever checkpoints time
+                // added in between (so a crash after N blocks always keeps at least the last
+                // multiple below N), and at least every CHECKPOINT_INTERVAL.
+                let by_count = summary.blocks_sent.is_multiple_of(CHECKPOINT_BLOCKS as u64);
+                if by_count || last_cp.elapsed() >= CHECKPOINT_INTERVAL {
                     checkpoint(&mut done, tree, &mut state)?;
                     last_cp = Instant::now();
                 }

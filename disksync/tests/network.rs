@@ -250,11 +250,13 @@ fn crashed_pull_resumes_from_its_last_checkpoint() {
     assert!(out.status.success(), "{}", describe(&out));
     let s = summary(&out);
     assert_eq!(s["resumed"], "true");
-    // Checkpoints come every 512 blocks (or every second): at least one was made before the
-    // crash, and the blocks written after it are fetched again.
+    // Checkpoints come at every multiple of 512 blocks (and at least every second): the one
+    // at 512 was made before the crash at 700, and the blocks written after the last one are
+    // fetched again. (This bound once failed on a loaded machine: a checkpoint by time before
+    // block 512 used to move the count-based one past 700.)
     let sent = num(&s, "sent");
     assert!(
-        sent >= left && sent < total,
+        sent >= left && sent <= total - 512,
         "sent {sent}, left {left}, total {total}"
     );
     assert_identical(&src, &dst);
@@ -606,9 +608,10 @@ fn library_sessions_return_leaves_for_the_next_generation() {
 }
 
 /// Flow control: a receiver that stops reading never makes the source buffer the disk. A raw
-/// client asks for every block of a 192 MiB disk, reads one, then stops reading for a second;
-/// the serving process's anonymous memory stays far below the disk size meanwhile (its reads
-/// wait for QUIC flow-control credit). Then everything is read and checked.
+/// client asks for every block of a 192 MiB disk, reads one, then stops reading for a second
+/// before reading the rest. The serving process's peak memory over all of that (the kernel's
+/// high-water mark, VmHWM, reset when the first block arrived) stays far below the disk size:
+/// its reads wait for QUIC flow-control credit. Every block is checked.
 #[test]
 fn slow_receiver_does_not_make_the_source_buffer_the_disk() {
     use disksync::proto::{expect_msg, write_msg, Msg};
@@ -621,9 +624,9 @@ fn slow_receiver_does_not_make_the_source_buffer_the_disk() {
     let data = std::fs::read(&src).unwrap();
     let server = Server::start(&src, &tls, &[]);
     let pid = server.child.id();
-    let rss_anon_kib = || -> u64 {
+    let status_kib = |field: &str| -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let l = s.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+        let l = s.lines().find(|l| l.starts_with(field)).unwrap();
         l.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -660,20 +663,22 @@ fn slow_receiver_does_not_make_the_source_buffer_the_disk() {
             m => panic!("expected a block, got {}", m.name()),
         };
         check(expect_msg(&mut recv, "Block").await.unwrap(), 0);
-        // Stop reading: observe the source for a second.
-        let mut max = 0;
-        for _ in 0..20 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            max = max.max(rss_anon_kib());
-        }
+        // From here on the kernel tracks the source's peak resident memory ("5" resets
+        // VmHWM to the current RSS); file-backed pages (its binary) are not the buffer.
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+        let file_kib = status_kib("RssFile:") + status_kib("RssShmem:");
+        // The stalled receiver (the scenario, not a synchronisation): a source ignoring flow
+        // control reads ahead meanwhile.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         for i in 1..n {
             check(expect_msg(&mut recv, "Block").await.unwrap(), i);
         }
+        let peak = status_kib("VmHWM:").saturating_sub(file_kib);
         let _ = send.finish();
         conn.close(0u32.into(), b"");
-        max
+        peak
     });
-    eprintln!("source RssAnon while the receiver stalled: at most {max_kib} KiB");
+    eprintln!("source peak memory (VmHWM less file pages) over the transfer: {max_kib} KiB");
     assert!(
         max_kib < 80 * 1024,
         "the source buffered {max_kib} KiB for a 192 MiB disk"

@@ -12,10 +12,22 @@
 //! DIR/<name>.key        its private key (mode 0600)
 //! ```
 //!
-//! An identity name (`witness`, `node-a`, ...) is both the certificate's common name and its
-//! only DNS subject-alternative name. A client connects with `server_name` = the identity
-//! name of the server it expects, so the server's certificate is checked against the CA *and*
-//! against the expected name; the server learns the client's name with [`peer_identity`].
+//! An identity name (`witness`, `node-a`, ...) is the certificate's only DNS
+//! subject-alternative name (SAN), and also its common name for people reading it; the SAN is
+//! what counts, everywhere: rustls checks a server's name against it, and [`peer_identity`]
+//! reads it. A client connects with `server_name` = the identity name of the server it expects,
+//! so the server's certificate is checked against the CA *and* against the expected name; the
+//! server learns the client's name with [`peer_identity`].
+//!
+//! # What a certificate is for
+//!
+//! A certificate also says, in a URI SAN the CA signs, what it is for ([`CertKind`]): a node of
+//! one FT pair (`urn:ftvm:node:<pair>`) or the witness (`urn:ftvm:witness`).
+//! `ftvm-witness certs init --pair P --nodes a,b` issues node certificates of pair P for a and
+//! b and a witness certificate for the witness. Services between nodes (disk resync, the
+//! logging channel) accept only another node of their own pair ([`pair_peer`]), so a witness
+//! key (or a node of another pair) can never act as a node. Certificates issued without a kind
+//! ([`init_dir`], [`issue`]) are accepted by no such service.
 //!
 //! # Mutual TLS
 //!
@@ -78,6 +90,19 @@ pub enum TlsError {
     /// An identity name is not usable (it must be a DNS name such as `node-a`).
     #[error("invalid identity name {0:?}: use letters, digits, '-' and '.', as in a DNS name")]
     BadName(String),
+    /// A peer (or this node's own identity) is not a node of the pair: it may not act as one.
+    #[error("{name:?} is not {expected}: its certificate is {found}")]
+    NotPairNode {
+        /// The identity name of the certificate concerned.
+        name: String,
+        /// What was required (e.g. `another node of pair "vm1"`).
+        expected: String,
+        /// What the certificate is (e.g. `a witness certificate`).
+        found: String,
+    },
+    /// The peer of a connection presented no certificate.
+    #[error("the peer presented no certificate")]
+    NoPeerCertificate,
     /// Certificate generation failed.
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -119,6 +144,98 @@ pub fn validate_name(name: &str) -> Result<(), TlsError> {
         Ok(())
     } else {
         Err(TlsError::BadName(name.to_string()))
+    }
+}
+
+/// What a certificate is for, as the CA signed it into a URI subject-alternative name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CertKind {
+    /// A node of the FT pair `pair` (`urn:ftvm:node:<pair>`): may serve and pull that pair's
+    /// disks and carry its log.
+    Node {
+        /// The pair's name.
+        pair: String,
+    },
+    /// The witness (`urn:ftvm:witness`): answers claims, and is accepted as nothing else.
+    Witness,
+}
+
+const KIND_NODE_PREFIX: &str = "urn:ftvm:node:";
+const KIND_WITNESS: &str = "urn:ftvm:witness";
+
+impl CertKind {
+    /// A node of `pair`.
+    pub fn node(pair: &str) -> CertKind {
+        CertKind::Node {
+            pair: pair.to_string(),
+        }
+    }
+
+    /// The URI SAN that carries this kind.
+    pub fn uri(&self) -> String {
+        match self {
+            CertKind::Node { pair } => format!("{KIND_NODE_PREFIX}{pair}"),
+            CertKind::Witness => KIND_WITNESS.to_string(),
+        }
+    }
+
+    /// The kind a URI SAN carries, if it is one of ftvm's.
+    pub fn from_uri(uri: &str) -> Option<CertKind> {
+        if uri == KIND_WITNESS {
+            return Some(CertKind::Witness);
+        }
+        let pair = uri.strip_prefix(KIND_NODE_PREFIX)?;
+        validate_name(pair).ok()?;
+        Some(CertKind::node(pair))
+    }
+
+    fn validate(&self) -> Result<(), TlsError> {
+        match self {
+            CertKind::Node { pair } => validate_name(pair),
+            CertKind::Witness => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for CertKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertKind::Node { pair } => write!(f, "a node certificate of pair {pair:?}"),
+            CertKind::Witness => write!(f, "a witness certificate"),
+        }
+    }
+}
+
+/// What a verified certificate says: the identity name (its DNS SAN) and what it is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The identity name: the certificate's DNS subject-alternative name.
+    pub name: String,
+    /// What the certificate is for; `None` for a certificate issued without a kind (or with
+    /// conflicting kinds), which no node-to-node service accepts.
+    pub kind: Option<CertKind>,
+}
+
+impl PeerCert {
+    fn describe_kind(&self) -> String {
+        match &self.kind {
+            Some(k) => k.to_string(),
+            None => "marked neither node nor witness (issued without a kind; reissue it with \
+                     `ftvm-witness certs issue --pair P`)"
+                .to_string(),
+        }
+    }
+
+    /// The pair this certificate is a node of, or why it is not a node's.
+    pub fn node_pair(&self) -> Result<&str, TlsError> {
+        match &self.kind {
+            Some(CertKind::Node { pair }) => Ok(pair),
+            _ => Err(TlsError::NotPairNode {
+                name: self.name.clone(),
+                expected: "a node".into(),
+                found: self.describe_kind(),
+            }),
+        }
     }
 }
 
@@ -185,11 +302,16 @@ fn load_ca_for_signing(dir: &Path) -> Result<(rcgen::Certificate, rcgen::KeyPair
 fn issue_one(
     dir: &Path,
     name: &str,
+    kind: Option<&CertKind>,
     ca: &rcgen::Certificate,
     ca_key: &rcgen::KeyPair,
 ) -> Result<(), TlsError> {
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+    if let Some(kind) = kind {
+        let uri = rcgen::Ia5String::try_from(kind.uri())?;
+        params.subject_alt_names.push(rcgen::SanType::URI(uri));
+    }
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
@@ -206,24 +328,53 @@ fn issue_one(
     Ok(())
 }
 
-/// Creates `dir` if needed and writes a fresh CA plus one certificate and key per name.
+/// Creates `dir` if needed and writes a fresh CA plus one certificate and key per name, with
+/// no [`CertKind`] (accepted by no node-to-node service: use [`init_dir_with`] for a
+/// deployment).
 ///
 /// Refuses with [`TlsError::CaExists`] if `dir/ca.pem` or `dir/ca.key` already exists: a new CA
 /// would silently cut every existing node off. Use [`init_dir_force`] to replace a CA on
 /// purpose, or [`issue`] to add identities under the existing CA.
 pub fn init_dir(dir: &Path, names: &[&str]) -> Result<(), TlsError> {
-    init_dir_inner(dir, names, false)
+    let ids: Vec<(&str, Option<&CertKind>)> = names.iter().map(|n| (*n, None)).collect();
+    init_dir_inner(dir, &ids, false)
 }
 
 /// Like [`init_dir`] but replaces an existing CA (and any identity of the same names).
 /// Every certificate signed by the old CA stops being accepted.
 pub fn init_dir_force(dir: &Path, names: &[&str]) -> Result<(), TlsError> {
-    init_dir_inner(dir, names, true)
+    let ids: Vec<(&str, Option<&CertKind>)> = names.iter().map(|n| (*n, None)).collect();
+    init_dir_inner(dir, &ids, true)
 }
 
-fn init_dir_inner(dir: &Path, names: &[&str], force: bool) -> Result<(), TlsError> {
-    for n in names {
+/// Creates `dir` if needed and writes a fresh CA plus, for each `(name, kind)`, a certificate
+/// saying what it is for. Refuses an existing CA unless `force` (see [`init_dir`]).
+///
+/// ```no_run
+/// use ftvm_tls::CertKind;
+/// let vm1 = CertKind::node("vm1");
+/// ftvm_tls::init_dir_with(
+///     std::path::Path::new("/etc/ftvm/tls"),
+///     &[("node-a", vm1.clone()), ("node-b", vm1), ("witness", CertKind::Witness)],
+///     false,
+/// )?;
+/// # Ok::<(), ftvm_tls::TlsError>(())
+/// ```
+pub fn init_dir_with(dir: &Path, ids: &[(&str, CertKind)], force: bool) -> Result<(), TlsError> {
+    let ids: Vec<(&str, Option<&CertKind>)> = ids.iter().map(|(n, k)| (*n, Some(k))).collect();
+    init_dir_inner(dir, &ids, force)
+}
+
+fn init_dir_inner(
+    dir: &Path,
+    ids: &[(&str, Option<&CertKind>)],
+    force: bool,
+) -> Result<(), TlsError> {
+    for (n, kind) in ids {
         validate_name(n)?;
+        if let Some(k) = kind {
+            k.validate()?;
+        }
     }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let cert_file = dir.join(CA_CERT_FILE);
@@ -238,25 +389,50 @@ fn init_dir_inner(dir: &Path, names: &[&str], force: bool) -> Result<(), TlsErro
     let (ca, ca_key) = new_ca()?;
     write_file(&key_file, &ca_key.serialize_pem(), true)?;
     write_file(&cert_file, &ca.pem(), false)?;
-    for n in names {
-        issue_one(dir, n, &ca, &ca_key)?;
+    for (n, kind) in ids {
+        issue_one(dir, n, *kind, &ca, &ca_key)?;
     }
     Ok(())
 }
 
-/// Issues certificates for more identities with the CA already in `dir` (which needs
-/// `ca.key`). An existing identity of the same name is refused unless `overwrite`.
+/// Issues certificates with no [`CertKind`] for more identities with the CA already in `dir`
+/// (which needs `ca.key`); see [`issue_with`]. An existing identity of the same name is
+/// refused unless `overwrite`.
 pub fn issue(dir: &Path, names: &[&str], overwrite: bool) -> Result<(), TlsError> {
-    for n in names {
+    let ids: Vec<(&str, Option<&CertKind>)> = names.iter().map(|n| (*n, None)).collect();
+    issue_inner(dir, &ids, overwrite)
+}
+
+/// Issues a certificate of kind `kind` for each name with the CA already in `dir` (which needs
+/// `ca.key`). An existing identity of the same name is refused unless `overwrite`.
+pub fn issue_with(
+    dir: &Path,
+    names: &[&str],
+    kind: &CertKind,
+    overwrite: bool,
+) -> Result<(), TlsError> {
+    let ids: Vec<(&str, Option<&CertKind>)> = names.iter().map(|n| (*n, Some(kind))).collect();
+    issue_inner(dir, &ids, overwrite)
+}
+
+fn issue_inner(
+    dir: &Path,
+    ids: &[(&str, Option<&CertKind>)],
+    overwrite: bool,
+) -> Result<(), TlsError> {
+    for (n, kind) in ids {
         validate_name(n)?;
+        if let Some(k) = kind {
+            k.validate()?;
+        }
         let p = cert_path(dir, n);
         if !overwrite && p.exists() {
             return Err(TlsError::IdentityExists(p));
         }
     }
     let (ca, ca_key) = load_ca_for_signing(dir)?;
-    for n in names {
-        issue_one(dir, n, &ca, &ca_key)?;
+    for (n, kind) in ids {
+        issue_one(dir, n, *kind, &ca, &ca_key)?;
     }
     Ok(())
 }
@@ -326,9 +502,46 @@ impl Identity {
         })
     }
 
-    /// The identity name found in this identity's own certificate (CN, else first DNS SAN).
+    /// The identity name found in this identity's own certificate (its DNS SAN).
     pub fn certificate_name(&self) -> Option<String> {
         identity_of_der(&self.chain[0])
+    }
+
+    /// What this identity's own certificate says: its name and kind.
+    pub fn certificate(&self) -> Option<PeerCert> {
+        certificate_of_der(&self.chain[0])
+    }
+
+    /// The pair this identity is a node of; an error if its certificate is not a node's (a
+    /// witness key must not serve or pull a disk, or carry a log).
+    pub fn node_pair(&self) -> Result<String, TlsError> {
+        let cert = self.certificate().unwrap_or(PeerCert {
+            name: self.name.clone(),
+            kind: None,
+        });
+        cert.node_pair().map(str::to_string)
+    }
+
+    /// Checks that `peer` is another node of this identity's pair: this identity must be a
+    /// node, the peer a node of the same pair, and not this identity itself.
+    pub fn check_pair_peer(&self, peer: &PeerCert) -> Result<(), TlsError> {
+        let pair = self.node_pair()?;
+        let expected = format!("another node of pair {pair:?}");
+        let refuse = |found: String| TlsError::NotPairNode {
+            name: peer.name.clone(),
+            expected: expected.clone(),
+            found,
+        };
+        match &peer.kind {
+            Some(CertKind::Node { pair: p }) if *p == pair => {
+                if peer.name == self.name {
+                    Err(refuse(format!("this node's own ({})", self.name)))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err(refuse(peer.describe_kind())),
+        }
     }
 }
 
@@ -486,33 +699,63 @@ pub fn client_endpoint(
 }
 
 /// The identity name of the peer of an established connection, taken from its verified
-/// certificate (CN, else the first DNS SAN). `None` if the peer presented no certificate.
+/// certificate's DNS subject-alternative name (the name rustls verifies; the common name is
+/// ignored). `None` if the peer presented no certificate or it has no DNS SAN.
 ///
 /// On a server built with [`server_config`] every accepted connection has a CA-verified
 /// client certificate, so this is the authenticated name of the client.
 pub fn peer_identity(conn: &quinn::Connection) -> Option<String> {
-    let any = conn.peer_identity()?;
-    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    identity_of_der(certs.first()?)
+    peer_certificate(conn).map(|c| c.name)
 }
 
-/// The identity name in a DER certificate: its common name, or else its first DNS SAN.
+/// What the peer's verified certificate says: its identity name (DNS SAN) and its
+/// [`CertKind`]. `None` if the peer presented no certificate or it has no DNS SAN.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<PeerCert> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certificate_of_der(certs.first()?)
+}
+
+/// The peer of `conn` if it is another node of `local`'s pair (see
+/// [`Identity::check_pair_peer`]); otherwise an error that says what the peer is instead.
+/// Both ends of a node-to-node service (resync, the logging channel) call this after the
+/// handshake and close the connection with the error's text when it fails.
+pub fn pair_peer(conn: &quinn::Connection, local: &Identity) -> Result<PeerCert, TlsError> {
+    let peer = peer_certificate(conn).ok_or(TlsError::NoPeerCertificate)?;
+    local.check_pair_peer(&peer)?;
+    Ok(peer)
+}
+
+/// The identity name in a DER certificate: its first DNS subject-alternative name.
 pub fn identity_of_der(der: &[u8]) -> Option<String> {
+    certificate_of_der(der).map(|c| c.name)
+}
+
+/// The identity name (first DNS SAN) and kind (the one `urn:ftvm:` URI SAN) of a DER
+/// certificate; `None` if it does not parse or has no DNS SAN.
+pub fn certificate_of_der(der: &[u8]) -> Option<PeerCert> {
+    use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    if let Some(cn) = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-    {
-        return Some(cn.to_string());
-    }
     let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|g| match g {
-        x509_parser::extensions::GeneralName::DNSName(n) => Some(n.to_string()),
+    let names = &san.value.general_names;
+    let name = names.iter().find_map(|g| match g {
+        GeneralName::DNSName(n) => Some(n.to_string()),
         _ => None,
-    })
+    })?;
+    let mut kinds = names.iter().filter_map(|g| match g {
+        GeneralName::URI(u) if u.starts_with("urn:ftvm:") => Some(CertKind::from_uri(u)),
+        _ => None,
+    });
+    // Exactly one well-formed kind; none, a malformed one or several mean no kind.
+    let kind = match (kinds.next(), kinds.next()) {
+        (Some(k), None) => k,
+        _ => None,
+    };
+    Some(PeerCert { name, kind })
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod kind_tests;

@@ -253,15 +253,16 @@ fn restarted_server_with_same_reset_key_resets_old_connections() {
     rt1.shutdown_timeout(Duration::from_secs(5));
     let (_rt2, addr2) = serve(addr);
     assert_eq!(addr2, addr);
-    let t0 = std::time::Instant::now();
+    // Only a hang deadline: that the connection ends by a reset, not by its 30 s idle timeout
+    // (which would end it as TimedOut), is what the close reason says.
     let res = client_rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), echo(conn.clone())).await
+        tokio::time::timeout(Duration::from_secs(120), echo(conn.clone())).await
     });
-    res.expect("the old connection was not reset").unwrap_err();
+    res.expect("the old connection neither reset nor timed out")
+        .unwrap_err();
     assert!(
         matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)),
         "{:?}",
         conn.close_reason()
     );
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }

@@ -10,6 +10,24 @@ pub fn names() -> impl Iterator<Item = &'static str> {
     BUNDLED.iter().map(|(n, _)| *n)
 }
 
+/// What a bundled guest is for, in a few words (most exist to test the VMM).
+pub fn purpose(name: &str) -> &'static str {
+    match name {
+        "kv" => {
+            "a Redis-compatible service, durable on its disk (needs --disk, --tap, --mac, --ip)"
+        }
+        "selftest" => "test guest: checks allocation, floating point, the clock and a wait",
+        "crash" => "test guest: touches an unmapped address (the crash report)",
+        "hostile" => "test guest: abuses the VMM's interfaces, then waits forever",
+        "spin" => "test guest: computes forever without an exit",
+        "exitbench" => "test guest: the cost of exits (benchmarks)",
+        "clockwork" => "test guest: diverges at once if any input is not replayed faithfully",
+        "badvirtio" => "test guest: malformed virtio requests the VMM must survive",
+        "diskwait" => "test guest: block reads taken at WAITs (needs --disk)",
+        _ => "",
+    }
+}
+
 /// The image of a bundled guest.
 pub fn bundled(name: &str) -> Option<&'static [u8]> {
     BUNDLED.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)

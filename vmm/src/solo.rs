@@ -147,7 +147,14 @@ pub fn open_disk(opts: &DiskOptions) -> Result<(File, u64), VmmError> {
         .create(true)
         .truncate(false)
         .open(&opts.path)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(
+            |e| match opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) if e.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() => {
+                    err(format!("the directory {} does not exist", dir.display()))
+                }
+                _ => err(e.to_string()),
+            },
+        )?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {

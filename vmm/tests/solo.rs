@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{run, Running};
 
@@ -160,23 +160,23 @@ fn a_hostile_guest_cannot_crash_or_wedge_the_vmm() {
         "hostile: survived; waiting forever",
         Duration::from_secs(60),
     );
-    let t = Instant::now();
     node.signal(libc::SIGTERM);
-    let (status, err) = node.wait_within(Duration::from_secs(1));
+    // A hang deadline, not a speed claim (a loaded machine may take longer than the usual
+    // few milliseconds): a VMM that missed the signal would wait forever.
+    let (status, err) = node.wait_within(Duration::from_secs(30));
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{err}");
     assert!(err.contains("stopped by signal 15"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(1));
 }
 
 #[test]
 fn a_guest_that_never_exits_stops_on_sigint() {
     let node = Running::start(&["run", "--solo", "--guest", "spin"]);
     node.expect_line("spin: spinning", Duration::from_secs(30));
-    let t = Instant::now();
     node.signal(libc::SIGINT);
-    let (status, err) = node.wait_within(Duration::from_secs(1));
+    // A hang deadline: the guest never exits, so only the signal (kicking the vCPU out of
+    // KVM_RUN) can end the run.
+    let (status, err) = node.wait_within(Duration::from_secs(30));
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(1));
 }
 
 #[test]

@@ -31,8 +31,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::valid_name;
-
 /// Errors of the configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -218,21 +216,21 @@ impl Config {
         if self.pairs.is_empty() {
             return Err("no [pairs.NAME] section: the witness would have nothing to decide".into());
         }
-        if !valid_name(&self.identity) {
-            return Err(format!("invalid identity {:?}", self.identity));
+        // Identities, pairs and nodes follow the one rule of the certificates (`ftvm_tls`):
+        // a name the CA cannot issue a certificate for must not be configurable either.
+        if let Err(e) = ftvm_tls::validate_name(&self.identity) {
+            return Err(format!("identity: {e}"));
         }
         for (p, pc) in &self.pairs {
-            if !valid_name(p) {
-                return Err(format!(
-                    "invalid pair name {p:?}: 1..=63 characters of [A-Za-z0-9._-]"
-                ));
+            if let Err(e) = ftvm_tls::validate_name(p) {
+                return Err(format!("pair name: {e}"));
             }
             if pc.nodes.is_empty() {
                 return Err(format!("pair {p:?} lists no nodes"));
             }
             for n in &pc.nodes {
-                if !valid_name(n) {
-                    return Err(format!("pair {p:?}: invalid node name {n:?}"));
+                if let Err(e) = ftvm_tls::validate_name(n) {
+                    return Err(format!("pair {p:?}: node name: {e}"));
                 }
                 if n == &self.identity {
                     return Err(format!(
@@ -290,6 +288,23 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Invalid(..))));
+        // The certificates' rule, not a looser one of the witness's own: no '_'.
+        for bad in [
+            "[pairs.vm1]\nnodes = [\"node_a\", \"b\"]\n",
+            "[pairs.vm_1]\nnodes = [\"a\", \"b\"]\n",
+            "identity = \"wit_ness\"\n[pairs.vm1]\nnodes = [\"a\", \"b\"]\n",
+        ] {
+            std::fs::write(
+                &p,
+                format!("listen = \"127.0.0.1:7400\"\ndata_dir = \"data\"\ntls_dir = \".\"\n{bad}"),
+            )
+            .unwrap();
+            let e = Config::load(&p).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid(_, m) if m.contains("invalid identity name")),
+                "{bad}: {e}"
+            );
+        }
         std::fs::write(&p, "listen = 3").unwrap();
         assert!(matches!(Config::load(&p), Err(ConfigError::Parse(..))));
     }

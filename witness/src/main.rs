@@ -139,8 +139,10 @@ struct StatusArgs {
 enum CertsCmd {
     /// Write a new CA, a witness certificate, one certificate per node and DIR/witness.toml.
     ///
-    /// The node certificates are also the ones the logging channel and ftvm-resync use.
-    /// Copy ca.pem plus a node's NODE.pem/NODE.key to that node; keep ca.key offline.
+    /// Each certificate says what it is for: the nodes' are node certificates of pair P, the
+    /// witness's a witness certificate (which ftvm-resync and the logging channel never accept
+    /// as a node). The node certificates are also the ones the logging channel and ftvm-resync
+    /// use. Copy ca.pem plus a node's NODE.pem/NODE.key to that node; keep ca.key offline.
     Init {
         /// Directory to write (created if needed).
         #[arg(long, value_name = "DIR")]
@@ -169,6 +171,13 @@ enum CertsCmd {
         /// Identities, comma separated.
         #[arg(long, value_name = "A,B", value_delimiter = ',', required = true)]
         names: Vec<String>,
+        /// Issue node certificates of pair P (what ftvm-resync and the logging channel need).
+        #[arg(long, value_name = "P", conflicts_with = "witness")]
+        pair: Option<String>,
+        /// Issue witness certificates. Without --pair or --witness the certificates say
+        /// nothing about what they are for and no node accepts them as a node.
+        #[arg(long)]
+        witness: bool,
         /// Replace existing certificates of the same names.
         #[arg(long)]
         force: bool,
@@ -346,11 +355,10 @@ fn certs(c: CertsCmd) -> anyhow::Result<()> {
             cfg.validate().map_err(anyhow::Error::msg)?;
             let mut names: Vec<&str> = vec![witness_name.as_str()];
             names.extend(nodes.iter().map(String::as_str));
-            if force {
-                ftvm_tls::init_dir_force(&dir, &names)?;
-            } else {
-                ftvm_tls::init_dir(&dir, &names)?;
-            }
+            let node = ftvm_tls::CertKind::node(&pair);
+            let mut ids = vec![(witness_name.as_str(), ftvm_tls::CertKind::Witness)];
+            ids.extend(nodes.iter().map(|n| (n.as_str(), node.clone())));
+            ftvm_tls::init_dir_with(&dir, &ids, force)?;
             let text = format!(
                 "# ftvm-witness configuration written by `ftvm-witness certs init`.\n\
                  # Relative paths are relative to this file. Add pairs as [pairs.NAME] sections.\n\
@@ -366,9 +374,29 @@ fn certs(c: CertsCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        CertsCmd::Issue { dir, names, force } => {
+        CertsCmd::Issue {
+            dir,
+            names,
+            pair,
+            witness,
+            force,
+        } => {
             let n: Vec<&str> = names.iter().map(String::as_str).collect();
-            ftvm_tls::issue(&dir, &n, force)?;
+            match (pair, witness) {
+                (Some(p), _) => {
+                    ftvm_tls::issue_with(&dir, &n, &ftvm_tls::CertKind::node(&p), force)?
+                }
+                (None, true) => {
+                    ftvm_tls::issue_with(&dir, &n, &ftvm_tls::CertKind::Witness, force)?
+                }
+                (None, false) => {
+                    ftvm_tls::issue(&dir, &n, force)?;
+                    eprintln!(
+                        "note: issued without --pair or --witness: these certificates are accepted \
+                         by no node as a node (ftvm-resync, the logging channel)"
+                    );
+                }
+            }
             println!(
                 "issued certificates for {} in {}",
                 n.join(", "),

@@ -14,7 +14,7 @@ use disksync::hash::{self, hex, Geometry};
 use disksync::local::{disk_tree, local_resync, Leaves, LocalOptions};
 use disksync::lock::DiskLock;
 use disksync::net::{self, ServeOptions};
-use disksync::session::{FastPath, Fault, PullOptions, SourceDisk, TargetDisk};
+use disksync::session::{FastPath, PullOptions, SourceDisk, TargetDisk};
 use disksync::stats::{Phase, Stats, Summary};
 use disksync::{Error, DEFAULT_BLOCK_SIZE};
 
@@ -36,7 +36,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Tls {
-    /// Certificate directory (ca.pem, NODE.pem, NODE.key), as made by ftvm-tls.
+    /// Certificate directory (ca.pem, NODE.pem, NODE.key), as made by
+    /// `ftvm-witness certs init` (node certificates of the pair).
     #[arg(long)]
     tls: PathBuf,
     /// This side's identity name in the certificate directory.
@@ -69,8 +70,9 @@ struct Remote {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve a disk (read-only) to pull/verify clients.
+    /// Serve a disk (read-only) to pull/verify clients: the pair's other node only.
     Serve {
+        /// The disk image to serve (opened read-only, with a shared lock).
         #[arg(long)]
         disk: PathBuf,
         /// Address to listen on, e.g. 127.0.0.1:7400.
@@ -78,13 +80,15 @@ enum Cmd {
         listen: SocketAddr,
         #[command(flatten)]
         tls: Tls,
-        /// Only these client identities may connect (repeatable; default: any from the CA).
+        /// Only these client identities may connect (repeatable; default: every other node
+        /// of this node's pair; a witness or another pair's node is always refused).
         #[arg(long)]
         allow: Vec<String>,
         /// Exit after this many sessions.
         #[arg(long)]
         sessions: Option<u64>,
         /// Test hook: KIND=N with KIND close|garbage|truncate, fires after N blocks sent.
+        #[cfg(feature = "test-hooks")]
         #[arg(long, hide = true)]
         fault: Option<String>,
     },
@@ -107,8 +111,11 @@ enum Cmd {
     },
     /// Make local file DST equal to SRC (no network; DST is created if missing).
     Local {
+        /// The source image (read-only).
         src: PathBuf,
+        /// The image to bring in line with SRC (created if missing).
         dst: PathBuf,
+        /// Block size in bytes (a power of two).
         #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// Change DST's size to SRC's if they differ.
@@ -117,7 +124,9 @@ enum Cmd {
     },
     /// Print a disk's root hash and block count.
     Hash {
+        /// The disk image.
         path: PathBuf,
+        /// Block size in bytes (a power of two).
         #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// Also start generation GEN for the fast path: write the leaf cache
@@ -184,7 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let s = DiskLock::shared(&src)?;
             let created = !dst.exists();
             if created {
-                std::fs::File::create(&dst).with_context(|| format!("create {}", dst.display()))?;
+                create_disk(&dst)?;
             }
             let d = DiskLock::exclusive(&dst)?;
             let resize = resize || created;
@@ -210,9 +219,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls,
             allow,
             sessions,
+            #[cfg(feature = "test-hooks")]
             fault,
         } => {
+            #[cfg(feature = "test-hooks")]
             let fault = fault.as_deref().map(parse_fault).transpose()?;
+            #[cfg(not(feature = "test-hooks"))]
+            let fault = None;
             let lock = DiskLock::shared(&disk)?;
             let fast = match FastPath::load_sidecars(&disk) {
                 Ok(f) => f,
@@ -225,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_fault(fault);
             let rt = runtime()?;
             rt.block_on(async {
+                let local = net::node_identity(&tls.tls, &tls.node)?;
                 let ep = net::server_endpoint(listen, &tls.tls, &tls.node)?;
                 eprintln!(
                     "ftvm-resync: serving {} on {} as {}",
@@ -238,7 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     max_sessions: sessions,
                 };
                 tokio::select! {
-                    r = net::serve(&ep, Arc::new(src), &opts, stats) => match r {
+                    r = net::serve(&ep, &local, Arc::new(src), &opts, stats) => match r {
                         Ok(()) => Ok(ExitCode::SUCCESS),
                         Err(e) if e.to_string().contains("fault injection") => {
                             eprintln!("ftvm-resync: {e}");
@@ -260,8 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let created = !remote.disk.exists();
             if created {
-                std::fs::File::create(&remote.disk)
-                    .with_context(|| format!("create {}", remote.disk.display()))?;
+                create_disk(&remote.disk)?;
             }
             let lock = DiskLock::exclusive(&remote.disk)?;
             let state = disksync::state_path(&remote.disk);
@@ -275,8 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fast: fast_path(&remote)?,
                 state_path: Some(state),
                 interrupt: None,
-                stop_after_blocks: env_u64("FTVM_RESYNC_STOP_AFTER_BLOCKS"),
-                crash_after_blocks: env_u64("FTVM_RESYNC_CRASH_AFTER_BLOCKS"),
+                stop_after_blocks: test_hook("FTVM_RESYNC_STOP_AFTER_BLOCKS"),
+                crash_after_blocks: test_hook("FTVM_RESYNC_CRASH_AFTER_BLOCKS"),
             };
             let summary = remote_session(&remote, &lock, &opts, "pull")?;
             print_summary(&summary);
@@ -330,6 +343,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Creates an empty disk image, saying so when its directory is what is missing.
+fn create_disk(path: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!(
+                "cannot create {}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    Ok(())
+}
+
 fn fast_path(remote: &Remote) -> anyhow::Result<Option<FastPath>> {
     if !remote.fast {
         return Ok(None);
@@ -345,12 +373,22 @@ fn fast_path(remote: &Remote) -> anyhow::Result<Option<FastPath>> {
     Ok(f)
 }
 
-/// Test hooks are read from the environment so that they stay out of `--help`.
-fn env_u64(name: &str) -> Option<u64> {
+/// Test hooks are read from the environment so that they stay out of `--help`, and only in
+/// a build with the `test-hooks` feature (which only the tests enable).
+#[cfg(feature = "test-hooks")]
+fn test_hook(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-fn parse_fault(s: &str) -> anyhow::Result<Fault> {
+/// Without the `test-hooks` feature the environment cannot inject faults.
+#[cfg(not(feature = "test-hooks"))]
+fn test_hook(_name: &str) -> Option<u64> {
+    None
+}
+
+#[cfg(feature = "test-hooks")]
+fn parse_fault(s: &str) -> anyhow::Result<disksync::session::Fault> {
+    use disksync::session::Fault;
     let (kind, n) = s.split_once('=').context("--fault KIND=N")?;
     let n: u64 = n.parse().context("--fault KIND=N")?;
     Ok(match kind {

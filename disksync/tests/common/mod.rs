@@ -130,11 +130,14 @@ pub fn assert_identical(a: &Path, b: &Path) {
     }
 }
 
-/// A certificate directory with identities `server` and `client` (and any extra names).
+/// A certificate directory with node identities `server` and `client` (and any extra names)
+/// of pair `vm1`.
 pub fn certs(dir: &Path, extra: &[&str]) -> PathBuf {
     let mut names = vec!["server", "client"];
     names.extend_from_slice(extra);
-    ftvm_tls::init_dir(dir, &names).unwrap();
+    let vm1 = ftvm_tls::CertKind::node("vm1");
+    let ids: Vec<(&str, ftvm_tls::CertKind)> = names.iter().map(|n| (*n, vm1.clone())).collect();
+    ftvm_tls::init_dir_with(dir, &ids, false).unwrap();
     dir.to_owned()
 }
 
@@ -143,21 +146,20 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
     /// Starts a server on an ephemeral loopback port and waits (by reading its output, not
     /// by sleeping) until it listens.
     pub fn start(disk: &Path, tls: &Path, extra: &[&str]) -> Server {
+        Self::start_as(disk, tls, "server", extra)
+    }
+
+    /// [`Server::start`] with identity `node`.
+    pub fn start_as(disk: &Path, tls: &Path, node: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--node",
-                "server",
-                "--disk",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--node", node, "--disk"])
             .arg(disk)
             .arg("--tls")
             .arg(tls)
@@ -187,7 +189,7 @@ impl Server {
         };
         let stderr = Arc::new(Mutex::new(seen));
         let s2 = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut rest = String::new();
             let _ = r.read_to_string(&mut rest);
             s2.lock().unwrap().push_str(&rest);
@@ -196,7 +198,19 @@ impl Server {
             child,
             addr,
             stderr,
+            reader: Some(reader),
         }
+    }
+
+    /// Stops the server and returns everything it wrote to stderr.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let s = self.stderr.lock().unwrap().clone();
+        s
     }
 
     /// Waits for the server process to exit and returns its status code.

@@ -28,16 +28,19 @@ struct Cli {
 enum Command {
     /// Run a VM in the foreground until the guest exits.
     ///
-    /// The guest's console goes to stdout. Every option can also come from a TOML config file
-    /// (--config) with the same names (guest, mem, guest_args, disk, disk_size, tap, mac, ip,
-    /// gateway, rng); options on the command line win. The exit status is the guest's status
+    /// The guest's console goes to stdout. The VM's options can also come from a TOML config
+    /// file (--config) with the same names (solo, guest, mem, guest_args, disk, disk_size, tap,
+    /// mac, ip, gateway, rng); options on the command line win. --record and --digest-every
+    /// are command-line only. The exit status is the guest's status
     /// (0-63; 64 if larger), 65 for a bad image, size or configuration, 70 if the guest
     /// crashed, 71 for a VMM failure, 128+N if signal N stopped the node.
     Run(RunArgs),
     /// Replay a recorded log against a guest and check that it runs identically.
     ///
     /// The console goes to stdout as in the recorded run, and a one-line summary to stderr.
-    /// Transmitted frames are dropped. The exit status is the guest's, as for `run`; 69 if the
+    /// Transmitted frames are dropped. The summary's `ending=` says how the recorded run ended
+    /// (exit:STATUS, crash, or signal:N). The exit status is the guest's, as for `run` (0 when
+    /// the recording was stopped by a signal and the replay stopped at the same point); 69 if the
     /// replay diverged (the report names the first boundary that differs and what differs);
     /// 66 if the log is malformed, truncated, or was recorded from a different guest image,
     /// memory size or machine.
@@ -56,7 +59,7 @@ enum Command {
         #[arg(long, value_name = "IMG")]
         disk: Option<PathBuf>,
     },
-    /// List the bundled guests.
+    /// List the bundled guests, with what each is for (most are test guests).
     Guests,
     /// Show a running pair member's state: role, generation, boundary, peer, lag, log rate,
     /// held frames, witness reachability and the last failover.
@@ -128,10 +131,10 @@ struct RunArgs {
     #[serde(skip)]
     record: Option<PathBuf>,
     /// With --record: log a blake3 digest of guest memory every N boundaries (0: only at the
-    /// end).
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    /// end). Default 1000.
+    #[arg(long, value_name = "N", requires = "record")]
     #[serde(skip)]
-    digest_every: u64,
+    digest_every: Option<u64>,
 }
 
 impl RunArgs {
@@ -165,7 +168,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Guests => {
             for n in vmm::guests::names() {
-                println!("{n}");
+                println!("{n:<10} {}", vmm::guests::purpose(n));
             }
             ExitCode::SUCCESS
         }
@@ -187,8 +190,14 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn summary(what: &str, s: &vmm::solo::RunSummary) {
+    use vmm::machine::Outcome;
+    let ending = match &s.outcome {
+        Outcome::Exited { status } => format!("exit:{status}"),
+        Outcome::Crashed(_) => "crash".to_string(),
+        Outcome::Stopped { signal } => format!("signal:{signal}"),
+    };
     eprintln!(
-        "{what}: boundaries={} records={} events={} digests={} log_bytes={} elapsed={:.3}s",
+        "{what}: boundaries={} records={} events={} digests={} log_bytes={} elapsed={:.3}s ending={ending}",
         s.boundaries,
         s.log.boundary_records,
         s.log.events,
@@ -323,7 +332,7 @@ fn render(v: &serde_json::Value) -> String {
 fn run(a: RunArgs) -> ExitCode {
     let record = a.record.clone().map(|path| RecordOptions {
         path,
-        digest_every: a.digest_every,
+        digest_every: a.digest_every.unwrap_or(1000),
     });
     let mut p = match plan(a) {
         Ok(p) => p,
@@ -415,7 +424,14 @@ fn replay(
     ) {
         Ok(s) => {
             summary("replay: identical", &s);
-            exit_for(s.outcome)
+            match s.outcome {
+                // The replay reached the point where a signal stopped the recording: a match.
+                vmm::machine::Outcome::Stopped { signal } => {
+                    eprintln!("replay: the recorded run was stopped here by signal {signal}");
+                    ExitCode::SUCCESS
+                }
+                outcome => exit_for(outcome),
+            }
         }
         Err(VmmError::Input(InputError::Divergence { boundary, what })) => fail(
             69,

@@ -57,9 +57,10 @@ impl GuestMemory {
             memory_size: self.size,
             userspace_addr: host as u64,
         };
-        // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives the VM
-        // (both are dropped together in `KvmVm`, the VM first since it is declared first
-        // and holds no reference back), and it does not overlap any other slot.
+        // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives every fd
+        // through which KVM can reach it: `KvmVm` declares its vCPU, then its VM, then this
+        // memory, so it drops the vCPU fd (which keeps the VM alive in the kernel) and the VM
+        // fd before unmapping. It does not overlap any other slot.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         self.dirty_logging

@@ -14,14 +14,20 @@ use memory::GuestMemory;
 use vcpu::Vcpu;
 
 /// A KVM virtual machine with its memory and its single vCPU, booted and ready to run.
+///
+/// Fields drop in declaration order, and that order is what keeps guest memory mapped for as
+/// long as KVM can reach it: the vCPU fd first (it holds a reference to the VM in the kernel),
+/// then the VM fd (closing the last reference destroys the VM and its memory slot), and only
+/// then the mapping the slot pointed at. Keep `memory` last.
 pub struct KvmVm {
-    // Kept open for the VM's life; the vCPU and memory slot belong to it.
-    _kvm: Kvm,
-    vm: VmFd,
-    /// Guest memory (slot 0, from guest-physical address 0).
-    pub memory: GuestMemory,
-    /// The VM's only vCPU.
+    /// The VM's only vCPU (dropped first).
     pub vcpu: Vcpu,
+    vm: VmFd,
+    // Kept open for the VM's life.
+    _kvm: Kvm,
+    /// Guest memory (slot 0, from guest-physical address 0); dropped last, after every fd
+    /// that gives KVM access to it.
+    pub memory: GuestMemory,
 }
 
 impl KvmVm {

@@ -4,7 +4,9 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use super::codec::{inputs_hash, Encoder, End, Event, Header, Record};
+use super::codec::{
+    inputs_hash, Encoder, End, Event, Header, Record, MAX_EVENTS, MAX_EVENT_BYTES, MAX_PAYLOAD,
+};
 use super::LogStats;
 use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
 
@@ -35,6 +37,24 @@ struct Pending {
     fingerprint: Fingerprint,
     events: Vec<Event>,
     digest: Option<[u8; 32]>,
+    /// An upper bound of the encoded size of the boundary record so far.
+    bytes: u64,
+}
+
+/// Encoded size of a boundary record without its events, at most (boundary and event count
+/// varints, fingerprint, inputs hash).
+const RECORD_BOUND: u64 = 10 + 16 + 8 + 10;
+/// Encoded size of one received frame, at most.
+const FRAME_BOUND: u64 = 1 + 10 + MAX_EVENT_BYTES;
+
+/// Encoded size of `e` inside a boundary record, at most.
+fn event_bound(e: &Event) -> u64 {
+    match e {
+        Event::Clock(_) | Event::WaitEnded(_) => 1 + 10 + 10,
+        Event::Entropy(_) => 1 + 8,
+        Event::NetRx(b) | Event::Random(b) => 1 + 10 + b.len() as u64,
+        Event::DiskDone { .. } => 1 + 1 + 8,
+    }
 }
 
 /// Live inputs that record.
@@ -98,6 +118,20 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
             return Ok(());
         };
         if !p.events.is_empty() {
+            // Never write a record the decoder refuses (the frame cap in `net_rx` keeps every
+            // boundary within the limits; this catches an input source breaking its bounds).
+            let oversized = p.events.iter().any(|e| match e {
+                Event::NetRx(b) | Event::Random(b) => b.len() as u64 > MAX_EVENT_BYTES,
+                _ => false,
+            });
+            if p.bytes > MAX_PAYLOAD || p.events.len() as u64 > MAX_EVENTS || oversized {
+                return Err(InputError::Log(format!(
+                    "boundary {}: {} inputs ({} bytes at most) exceed what a log record may hold",
+                    p.boundary,
+                    p.events.len(),
+                    p.bytes
+                )));
+            }
             self.stats.boundary_records += 1;
             self.stats.events += p.events.len() as u64;
             let rec = Record::Boundary {
@@ -118,8 +152,22 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
         Ok(())
     }
 
+    /// Passes on a live answer. A stop interrupting the boundary being recorded drops that
+    /// boundary's inputs: the recorded run never completed it, and a replay stops at its first
+    /// question there as at a boundary without inputs (its memory digest, taken before anything
+    /// was applied, is still logged). Logging the inputs taken before the stop instead would
+    /// make the replay find the interrupted question unanswered and report a divergence.
+    fn passed<T>(&mut self, r: Result<T, InputError>) -> Result<T, InputError> {
+        if let (Err(InputError::Stopped(_)), Some(p)) = (&r, self.pending.as_mut()) {
+            p.events.clear();
+            p.bytes = RECORD_BOUND;
+        }
+        r
+    }
+
     fn push(&mut self, e: Event) {
         if let Some(p) = self.pending.as_mut() {
+            p.bytes += event_bound(&e);
             p.events.push(e);
         }
     }
@@ -144,18 +192,21 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
             fingerprint: fingerprint.unwrap_or_default(),
             events: Vec::new(),
             digest: None,
+            bytes: RECORD_BOUND,
         });
         self.live.boundary(b, fingerprint)
     }
 
     fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError> {
-        let c = self.live.clock(b)?;
+        let r = self.live.clock(b);
+        let c = self.passed(r)?;
         self.push(Event::Clock(c));
         Ok(c)
     }
 
     fn entropy(&mut self, b: Boundary) -> Result<u64, InputError> {
-        let v = self.live.entropy(b)?;
+        let r = self.live.entropy(b);
+        let v = self.passed(r)?;
         self.push(Event::Entropy(v));
         Ok(v)
     }
@@ -166,12 +217,17 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         deadline_ns: u64,
         rx_room: usize,
     ) -> Result<ClockValue, InputError> {
-        let c = self.live.wait(b, deadline_ns, rx_room)?;
+        let r = self.live.wait(b, deadline_ns, rx_room);
+        let c = self.passed(r)?;
         self.push(Event::WaitEnded(c));
         Ok(c)
     }
 
     fn net_rx(&mut self, b: Boundary, room: usize) -> Result<Vec<Vec<u8>>, InputError> {
+        // Take no more frames than the boundary's record can carry: the rest stay queued on
+        // the host and arrive at a later boundary (net_rx is the last question of a boundary).
+        let used = self.pending.as_ref().map_or(RECORD_BOUND, |p| p.bytes);
+        let room = room.min((MAX_PAYLOAD.saturating_sub(used) / FRAME_BOUND) as usize);
         let frames = self.live.net_rx(b, room)?;
         for f in &frames {
             self.push(Event::NetRx(f.clone()));
@@ -180,13 +236,15 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
     }
 
     fn random(&mut self, b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
-        let v = self.live.random(b, len)?;
+        let r = self.live.random(b, len);
+        let v = self.passed(r)?;
         self.push(Event::Random(v.clone()));
         Ok(v)
     }
 
     fn disk_done(&mut self, b: Boundary, status: u8, hash: u64) -> Result<(), InputError> {
-        self.live.disk_done(b, status, hash)?;
+        let r = self.live.disk_done(b, status, hash);
+        self.passed(r)?;
         self.push(Event::DiskDone { status, hash });
         Ok(())
     }

@@ -121,6 +121,12 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
         b[..n].copy_from_slice(&data[..n]);
         let v = u32::from_le_bytes(b);
         let setup = self.status & STATUS_DRIVER_OK == 0;
+        // A queue the driver stopped using (QueueReady = 0, virtio 1.1 §4.2.2.2) may be
+        // reconfigured even after DRIVER_OK; it is not taken from again.
+        let queue_off = self
+            .queues
+            .get(self.queue_sel as usize)
+            .is_some_and(|q| !q.ready());
         match offset {
             0x014 => self.device_features_sel = v,
             0x020 if setup => match self.driver_features_sel {
@@ -133,9 +139,15 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
             },
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
-            0x038 if setup => {
+            0x038 if setup || queue_off => {
                 if let Some(q) = self.queue() {
                     q.set_size(v as u16);
+                }
+            }
+            // Stopping a queue is allowed at any time (the driver then reads 0 back).
+            0x044 if !setup && v == 0 => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(false);
                 }
             }
             0x044 if setup => {
@@ -175,7 +187,7 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
                     self.status = v;
                 }
             }
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setup => {
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setup || queue_off => {
                 let (low, high) = if offset & 4 == 0 {
                     (Some(v), None)
                 } else {

@@ -13,6 +13,9 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 
+#[cfg(test)]
+mod tests;
+
 use virtio_queue::{Queue, QueueT};
 
 use crate::epoch::BoundaryCx;
@@ -41,9 +44,16 @@ pub struct Request {
     pub segments: Vec<Segment>,
 }
 
-/// Pops the next available request, if any.
+/// Pops the next available request, if any. An available-ring entry naming a descriptor
+/// beyond the table is skipped: it cannot be returned in the used ring (the guest only broke
+/// its own queue), and it must not fail the VMM.
 pub fn pop_request(queue: &mut Queue, mem: &GuestMemory) -> Option<Request> {
-    let chain = queue.pop_descriptor_chain(mem.mmap())?;
+    let chain = loop {
+        let chain = queue.pop_descriptor_chain(mem.mmap())?;
+        if chain.head_index() < queue.size() {
+            break chain;
+        }
+    };
     let head = chain.head_index();
     let segments = chain
         .map(|d| Segment {
