@@ -14,5 +14,6 @@ pub mod replay;
 pub mod signals;
 pub mod solo;
 pub mod spec;
+pub mod state;
 
 pub use error::VmmError;

@@ -17,7 +17,7 @@ use vcpu::Vcpu;
 pub struct KvmVm {
     // Kept open for the VM's life; the vCPU and memory slot belong to it.
     _kvm: Kvm,
-    vm: VmFd,
+    vm: std::sync::Arc<VmFd>,
     /// Guest memory (slot 0, from guest-physical address 0).
     pub memory: GuestMemory,
     /// The VM's only vCPU.
@@ -45,7 +45,7 @@ impl KvmVm {
         let vcpu = Vcpu::create(&kvm, &vm, loaded.entry)?;
         Ok(KvmVm {
             _kvm: kvm,
-            vm,
+            vm: std::sync::Arc::new(vm),
             memory,
             vcpu,
         })
@@ -54,5 +54,11 @@ impl KvmVm {
     /// The VM's file descriptor (for dirty-log queries).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm
+    }
+
+    /// A shared handle on the VM's file descriptor (for the dirty-page tracker, which may be
+    /// used from another thread).
+    pub fn vm_fd_shared(&self) -> std::sync::Arc<VmFd> {
+        self.vm.clone()
     }
 }
