@@ -113,6 +113,92 @@ fn copy_memory(from: &Machine, to: &Machine) -> u64 {
     n
 }
 
+/// Names the parts in which two states differ (empty when equal), without printing the
+/// kilobytes of a whole state.
+fn differences(a: &VmState, b: &VmState) -> Vec<String> {
+    let mut d = Vec::new();
+    let (x, y) = (&a.vcpu, &b.vcpu);
+    let mut check = |name: &str, same: bool, detail: String| {
+        if !same {
+            d.push(format!("{name}: {detail}"));
+        }
+    };
+    check(
+        "boundary",
+        a.boundary == b.boundary,
+        format!("{} vs {}", a.boundary, b.boundary),
+    );
+    check("memory size", a.mem_size == b.mem_size, String::new());
+    check("cpuid", a.cpuid_hash == b.cpuid_hash, String::new());
+    check(
+        "console digest",
+        a.console_digest == b.console_digest,
+        String::new(),
+    );
+    check(
+        "memory digest",
+        a.memory_digest == b.memory_digest,
+        String::new(),
+    );
+    check(
+        "regs",
+        x.regs == y.regs,
+        format!("{:x?} vs {:x?}", x.regs, y.regs),
+    );
+    check(
+        "sregs",
+        x.sregs == y.sregs,
+        format!("{:x?} vs {:x?}", x.sregs, y.sregs),
+    );
+    check(
+        "fpu",
+        x.fpu == y.fpu,
+        format!("{:x?} vs {:x?}", x.fpu, y.fpu),
+    );
+    let xs: Vec<usize> = (0..x.xsave.len().min(y.xsave.len()))
+        .filter(|&i| x.xsave[i] != y.xsave[i])
+        .collect();
+    check(
+        "xsave",
+        x.xsave == y.xsave,
+        format!("bytes {:?}", &xs[..xs.len().min(16)]),
+    );
+    check(
+        "xcrs",
+        x.xcrs == y.xcrs,
+        format!("{:x?} vs {:x?}", x.xcrs, y.xcrs),
+    );
+    check(
+        "debugregs",
+        x.debugregs == y.debugregs,
+        format!("{:x?} vs {:x?}", x.debugregs, y.debugregs),
+    );
+    check(
+        "events",
+        x.events == y.events,
+        format!("{:?} vs {:?}", x.events, y.events),
+    );
+    check("mp_state", x.mp_state == y.mp_state, String::new());
+    let ms: Vec<String> = x
+        .msrs
+        .iter()
+        .zip(&y.msrs)
+        .filter(|(p, q)| p != q)
+        .map(|(p, q)| format!("{:#x}={:#x} vs {:#x}={:#x}", p.0, p.1, q.0, q.1))
+        .collect();
+    check(
+        "msrs",
+        x.msrs == y.msrs,
+        format!("{} vs {} entries; {ms:?}", x.msrs.len(), y.msrs.len()),
+    );
+    check(
+        "devices",
+        a.devices == b.devices,
+        format!("{:?} vs {:?}", a.devices, b.devices),
+    );
+    d
+}
+
 /// The state of a machine that has ended, minus the host's TSC.
 fn final_state(m: &mut Machine) -> VmState {
     let mut s = m.save_state().unwrap();
@@ -172,7 +258,8 @@ fn save_at_and_compare(
     if !matches!(recorded.kind, vmm::replay::codec::EndKind::Stopped(_)) {
         assert_eq!(e1, *recorded, "k={k}: not the recorded end");
     }
-    assert_eq!(final_state(&mut m1), final_state(&mut m2), "k={k}");
+    let diff = differences(&final_state(&mut m1), &final_state(&mut m2));
+    assert!(diff.is_empty(), "k={k}: final states differ: {diff:#?}");
     if let (Some(a), Some(b)) = (disk1, disk2) {
         assert!(
             std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
@@ -521,4 +608,179 @@ fn kv_saved_inside_its_disk_and_network_phases_continues_exactly_as_the_original
     // The replays ended with the recording's disk.
     let vm1 = dir.path().join(format!("vm1-{}.img", ks[0]));
     assert!(std::fs::read(vm1).unwrap() == std::fs::read(&rec_disk).unwrap());
+}
+
+/// Records `rounds` rounds of clockwork; returns the setup's args, the log and its end.
+fn clockwork_log(dir: &Path, rounds: u32, digest_every: u64) -> (String, Vec<u8>, End) {
+    let log_path = dir.join(format!("clockwork-{rounds}.ftlog"));
+    let args = rounds.to_string();
+    let image = vmm::guests::bundled("clockwork").unwrap();
+    let setup = VmSetup::plain(image, 64 << 20, &args);
+    let end = record(
+        &setup,
+        None,
+        LiveInputs::new(stop(), 0),
+        &log_path,
+        digest_every,
+    );
+    (args, std::fs::read(&log_path).unwrap(), end)
+}
+
+#[test]
+fn every_field_of_a_state_lands_in_the_restored_vcpu() {
+    // The guest runs at ring 3 and cannot touch most of the vCPU's state (MSRs, debug
+    // registers); check at the KVM level that what the state carries is what the restored
+    // vCPU holds, with values the guest would never have set.
+    let dir = tempfile::tempdir().unwrap();
+    let (args, log, _) = clockwork_log(dir.path(), 100, 0);
+    let image = vmm::guests::bundled("clockwork").unwrap();
+    let setup = VmSetup::plain(image, 64 << 20, &args);
+    let mut m1 = replayer(&setup, &log, None, None);
+    assert!(m1.run_until(40).unwrap().is_none());
+    let mut s = m1.save_state().unwrap();
+    let set = |s: &mut VmState, index: u32, value: u64| {
+        let m = s.vcpu.msrs.iter_mut().find(|(i, _)| *i == index);
+        m.unwrap_or_else(|| panic!("MSR {index:#x} not saved")).1 = value;
+    };
+    set(&mut s, 0xc000_0102, 0x1234_5000); // KERNEL_GS_BASE
+    set(&mut s, 0x175, 0x8000); // SYSENTER_ESP
+    set(&mut s, 0xc000_0082, 0xffff_8000_0000_1000); // LSTAR
+    s.vcpu.debugregs.db = [0x1000, 0x2000, 0x3000, 0x4000];
+    s.vcpu.regs.r13 = 0xdead_beef;
+    // XMM15 byte 3, in the FPU and in the XSAVE area's legacy region (XMM0 at byte 160),
+    // with the SSE bit of XSTATE_BV (byte 512) set: otherwise XRSTOR takes SSE as in its
+    // initial state and ignores the registers in the area.
+    s.vcpu.fpu.xmm[15][3] ^= 0x5a;
+    s.vcpu.xsave[160 + 15 * 16 + 3] ^= 0x5a;
+    s.vcpu.xsave[512] |= 2;
+    let mut m2 = replayer(&setup, &log, None, Some(40));
+    copy_memory(&m1, &m2);
+    m2.restore_state(&s).unwrap();
+    let mut back = m2.save_state().unwrap();
+    for st in [&mut s, &mut back] {
+        st.vcpu.msrs.retain(|&(i, _)| i != MSR_TSC);
+    }
+    let diff = differences(&back, &s);
+    assert!(diff.is_empty(), "the restored vCPU differs: {diff:#?}");
+}
+
+#[test]
+fn pre_copy_from_another_thread_while_the_guest_runs_rebuilds_memory_exactly() {
+    // The way a join copies memory: a second thread takes dirty pages from the tracker and
+    // copies them while the guest runs; after the pause, the last dirty pages, then the state.
+    let dir = tempfile::tempdir().unwrap();
+    let (args, log, recorded) = clockwork_log(dir.path(), 1500, 113);
+    let image = vmm::guests::bundled("clockwork").unwrap();
+    let setup = VmSetup::plain(image, 64 << 20, &args);
+    let k = recorded.boundary * 2 / 3;
+    let mut m1 = replayer(&setup, &log, None, None);
+    let mut m2 = replayer(&setup, &log, None, Some(k));
+    let tracker = m1.dirty_tracker().expect("dirty logging").clone();
+    let consumer = tracker
+        .subscribe(vmm::state::dirty::Since::Everything)
+        .unwrap();
+    assert_eq!(tracker.consumers(), 2, "the digest and the pre-copy");
+    let (src, dst) = (m1.memory().pages_handle(), m2.memory().pages_handle());
+    let copy = move |c: &vmm::state::dirty::DirtyConsumer| -> u64 {
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        let d = c.take().unwrap();
+        for p in d.iter() {
+            src.read_page(p, &mut buf).unwrap();
+            dst.write_page(p, &buf).unwrap();
+        }
+        d.count()
+    };
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let copier = {
+        let running = running.clone();
+        let copy = copy.clone();
+        std::thread::spawn(move || {
+            let mut rounds = Vec::new();
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                rounds.push(copy(&consumer));
+                // Pacing only (the copy is correct at any speed): leave the vCPU its core.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            (rounds, consumer)
+        })
+    };
+    assert!(m1.run_until(k).unwrap().is_none());
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (rounds, consumer) = copier.join().unwrap();
+    assert!(!rounds.is_empty());
+    assert_eq!(
+        rounds[0],
+        m1.memory().pages(),
+        "the first round sends every page"
+    );
+    // The pause: the last dirty pages, then the state (whose memory digest the restore
+    // checks against the copy).
+    let last = copy(&consumer);
+    drop(consumer);
+    let state = m1.save_state().unwrap();
+    m2.restore_state(&state).unwrap();
+    assert_eq!(
+        m2.memory_digest().unwrap(),
+        Some(vmm::replay::digest::MemoryDigest::full(m1.memory()).unwrap())
+    );
+    eprintln!(
+        "pre-copy: {} rounds while running, pages {:?}…, {last} pages in the pause",
+        rounds.len(),
+        &rounds[..rounds.len().min(6)]
+    );
+    assert!(matches!(m1.run().unwrap(), Outcome::Exited { status: 0 }));
+    assert!(matches!(m2.run().unwrap(), Outcome::Exited { status: 0 }));
+    assert_eq!(m1.end().unwrap(), &recorded);
+    assert_eq!(m2.end().unwrap(), &recorded);
+}
+
+#[test]
+fn consumers_of_the_tracker_never_steal_each_others_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (args, log, _) = clockwork_log(dir.path(), 400, 0);
+    let image = vmm::guests::bundled("clockwork").unwrap();
+    let setup = VmSetup::plain(image, 64 << 20, &args);
+    let mut m = replayer(&setup, &log, None, None);
+    let tracker = m.dirty_tracker().unwrap().clone();
+    let a = tracker.subscribe(vmm::state::dirty::Since::Now).unwrap();
+    let b = tracker.subscribe(vmm::state::dirty::Since::Now).unwrap();
+    let snapshot = |m: &Machine| -> Vec<[u8; PAGE_SIZE as usize]> {
+        let h = m.memory().pages_handle();
+        (0..h.pages())
+            .map(|p| {
+                let mut buf = [0u8; PAGE_SIZE as usize];
+                h.read_page(p, &mut buf).unwrap();
+                buf
+            })
+            .collect()
+    };
+    assert!(m.run_until(100).unwrap().is_none());
+    let _ = a.take().unwrap();
+    let _ = b.take().unwrap();
+    let before = snapshot(&m);
+    assert!(m.run_until(400).unwrap().is_none());
+    // The digest consumer takes its pages in between: a and b must still see theirs.
+    let digest = m.memory_digest().unwrap().unwrap();
+    assert_eq!(
+        digest,
+        vmm::replay::digest::MemoryDigest::full(m.memory()).unwrap()
+    );
+    let da = a.take().unwrap();
+    let after = snapshot(&m);
+    let changed: Vec<u64> = (0..before.len() as u64)
+        .filter(|&p| before[p as usize] != after[p as usize])
+        .collect();
+    assert!(
+        !changed.is_empty(),
+        "the guest wrote nothing in 300 boundaries"
+    );
+    for &p in &changed {
+        assert!(da.contains(p), "page {p} changed but was not reported");
+    }
+    // a took its pages; b still has them all (and a has none left).
+    let db = b.take().unwrap();
+    assert_eq!(db, da);
+    assert!(a.take().unwrap().is_empty(), "the machine is paused");
+    drop(a);
+    assert_eq!(tracker.consumers(), 2, "the digest and b");
 }
