@@ -130,6 +130,28 @@ pub struct Machine {
     dirty: Option<Arc<DirtyTracker>>,
     digest: Option<(MemoryDigest, DirtyConsumer)>,
     end: Option<End>,
+    pause: PauseHandle,
+}
+
+/// Asks a running machine, from any thread, to pause at its next exit: its
+/// [`run_until`](Machine::run_until) then returns `None` with the guest paused, ready for
+/// [`save_state`](Machine::save_state). A guest that computes without exits is paused at its
+/// next one (the guest contract asks for one every few milliseconds).
+#[derive(Clone, Debug, Default)]
+pub struct PauseHandle(Arc<std::sync::atomic::AtomicBool>);
+
+impl PauseHandle {
+    /// Requests a pause (kept until the machine pauses).
+    pub fn request(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Whether a pause is requested and not yet taken.
+    pub fn requested(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Machine {
@@ -166,7 +188,13 @@ impl Machine {
             dirty,
             digest,
             end: None,
+            pause: PauseHandle::default(),
         }
+    }
+
+    /// A handle to pause this machine from another thread.
+    pub fn pause_handle(&self) -> PauseHandle {
+        self.pause.clone()
     }
 
     /// The final state, once [`run`](Self::run) has returned an outcome.
@@ -227,7 +255,7 @@ impl Machine {
         match self.run_until(Boundary::MAX)? {
             Some(outcome) => Ok(outcome),
             None => Err(VmmError::Config(
-                "the run passed the last boundary number".into(),
+                "the machine paused (a pause request, or the last boundary number)".into(),
             )),
         }
     }
@@ -235,7 +263,10 @@ impl Machine {
     /// Runs the guest until boundary `until` has been handled, then returns `None` with the
     /// guest paused there (the vCPU out of guest mode; [`save_state`](Self::save_state) or
     /// another `run_until`/[`run`](Self::run) may follow), or until the run ends first
-    /// (`Some(outcome)`). Returns `None` at once if the machine is already at or past `until`.
+    /// (`Some(outcome)`). Returns `None` at once if the machine is already at or past `until`,
+    /// and at the next exit when a pause is requested through a [`PauseHandle`] (where pauses
+    /// are expected, use `run_until(Boundary::MAX)` rather than [`run`](Self::run), which
+    /// fails on a pause).
     pub fn run_until(&mut self, until: Boundary) -> Result<Option<Outcome>, VmmError> {
         let kick = self.vm.vcpu.kick_handle();
         let _registration = signals::register_vcpu(kick);
@@ -246,7 +277,9 @@ impl Machine {
                     self.finish(&outcome)?;
                     return Ok(Some(outcome));
                 }
-                RunState::Running if self.boundary >= until => return Ok(None),
+                RunState::Running if self.boundary >= until || self.pause.take() => {
+                    return Ok(None)
+                }
                 RunState::Running => {
                     if let Some(signal) = self.stop.signalled() {
                         RunState::Finishing(Outcome::Stopped { signal })

@@ -784,3 +784,45 @@ fn consumers_of_the_tracker_never_steal_each_others_pages() {
     drop(a);
     assert_eq!(tracker.consumers(), 2, "the digest and b");
 }
+
+#[test]
+fn a_machine_paused_from_another_thread_is_saved_and_continues_in_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (args, log, recorded) = clockwork_log(dir.path(), 600, 71);
+    let image = vmm::guests::bundled("clockwork").unwrap();
+    let setup = VmSetup::plain(image, 64 << 20, &args);
+    let mut m1 = replayer(&setup, &log, None, None);
+    let pause = m1.pause_handle();
+    // Requested before the run: it pauses at once.
+    pause.request();
+    assert!(m1.run_until(Boundary::MAX).unwrap().is_none());
+    assert_eq!(m1.boundaries(), 0);
+    assert!(!pause.requested());
+    // Requested from another thread once the guest has written memory (so it has run).
+    let watcher = {
+        let tracker = m1.dirty_tracker().unwrap().clone();
+        let pause = pause.clone();
+        std::thread::spawn(move || {
+            let c = tracker.subscribe(vmm::state::dirty::Since::Now).unwrap();
+            while c.take().unwrap().count() < 64 {
+                std::thread::yield_now();
+            }
+            pause.request();
+        })
+    };
+    assert!(
+        m1.run_until(Boundary::MAX).unwrap().is_none(),
+        "paused, not ended"
+    );
+    watcher.join().unwrap();
+    let k = m1.boundaries();
+    assert!(k > 0 && k < recorded.boundary, "paused at {k}");
+    let state = m1.save_state().unwrap();
+    let mut m2 = replayer(&setup, &log, None, Some(k));
+    copy_memory(&m1, &m2);
+    m2.restore_state(&state).unwrap();
+    assert!(matches!(m1.run().unwrap(), Outcome::Exited { status: 0 }));
+    assert!(matches!(m2.run().unwrap(), Outcome::Exited { status: 0 }));
+    assert_eq!(m1.end().unwrap(), &recorded);
+    assert_eq!(m2.end().unwrap(), &recorded);
+}

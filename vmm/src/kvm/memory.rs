@@ -58,9 +58,11 @@ impl GuestMemory {
             memory_size: self.size,
             userspace_addr: host as u64,
         };
-        // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives the VM
-        // (both are dropped together in `KvmVm`, the VM first since it is declared first
-        // and holds no reference back), and it does not overlap any other slot.
+        // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives the VM:
+        // both are dropped together in `KvmVm`, the VM first since it is declared first and
+        // holds no reference back; the dirty tracker, which may keep the VM's fd longer,
+        // holds a clone of the mapping too and drops the fd first. It does not overlap any
+        // other slot.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         self.dirty_logging
