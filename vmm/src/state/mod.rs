@@ -21,6 +21,7 @@
 
 pub mod codec;
 pub mod dirty;
+pub mod pages;
 
 use kvm_bindings::{kvm_debugregs, kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events};
 use thiserror::Error;
