@@ -5,6 +5,7 @@ use thiserror::Error;
 
 use crate::epoch::BoundaryCx;
 use crate::error::VmmError;
+use crate::state::{DeviceKind, DeviceState, StateError};
 
 /// A device reachable over MMIO. Both methods run at an epoch boundary, with the vCPU stopped;
 /// `offset` is relative to the device's base. Data comes from an untrusted guest: a device
@@ -32,6 +33,18 @@ pub trait MmioDevice: Send {
     /// How many received frames the device could deliver to the guest now.
     fn rx_room(&self, _mem: &crate::kvm::memory::GuestMemory) -> usize {
         0
+    }
+    /// The device's guest-visible state, for saving the VM; `None` if it cannot be saved.
+    fn save_state(&self) -> Option<DeviceKind> {
+        None
+    }
+    /// Restores what [`save_state`](Self::save_state) returned (on a device built with the same
+    /// configuration), at a boundary, with the vCPU stopped.
+    fn restore_state(&mut self, _state: &DeviceKind) -> Result<(), StateError> {
+        Err(StateError::Unsupported(format!(
+            "device {} has no saved state",
+            self.name()
+        )))
     }
 }
 
@@ -150,6 +163,57 @@ impl MmioBus {
     ) -> Result<(), VmmError> {
         let (offset, dev) = self.find(addr, data.len())?;
         dev.write(offset, data, cx)
+    }
+
+    /// The state of every device, in address order.
+    pub fn save_state(&self) -> Result<Vec<DeviceState>, StateError> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let kind = s.device.save_state().ok_or_else(|| {
+                    StateError::Unsupported(format!(
+                        "device {} at {:#x} cannot be saved",
+                        s.device.name(),
+                        s.base
+                    ))
+                })?;
+                Ok(DeviceState { base: s.base, kind })
+            })
+            .collect()
+    }
+
+    /// Restores every device from `states`, which must name exactly the devices of this bus
+    /// (same addresses, same kinds).
+    pub fn restore_state(&mut self, states: &[DeviceState]) -> Result<(), StateError> {
+        if states.len() != self.slots.len()
+            || states
+                .iter()
+                .zip(&self.slots)
+                .any(|(d, s)| d.base != s.base)
+        {
+            let want: Vec<String> = states.iter().map(|d| format!("{:#x}", d.base)).collect();
+            let have: Vec<String> = self
+                .slots
+                .iter()
+                .map(|s| format!("{}@{:#x}", s.device.name(), s.base))
+                .collect();
+            return Err(StateError::Mismatch(format!(
+                "the state has devices at [{}], this machine at [{}]",
+                want.join(", "),
+                have.join(", ")
+            )));
+        }
+        for (d, s) in states.iter().zip(&mut self.slots) {
+            s.device.restore_state(&d.kind).map_err(|e| match e {
+                StateError::Mismatch(m) => StateError::Mismatch(format!(
+                    "device {} at {:#x}: {m}",
+                    s.device.name(),
+                    s.base
+                )),
+                other => other,
+            })?;
+        }
+        Ok(())
     }
 
     /// Lets every device take new requests from its queues (step 1 of a boundary).

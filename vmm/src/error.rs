@@ -58,6 +58,9 @@ pub enum VmmError {
     /// The node's configuration is inconsistent.
     #[error("configuration: {0}")]
     Config(String),
+    /// A VM state cannot be saved, decoded or restored.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// An input source failed (live sources, a log).
     #[error(transparent)]
     Input(#[from] crate::epoch::InputError),

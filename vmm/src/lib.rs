@@ -17,5 +17,6 @@ pub mod replay;
 pub mod signals;
 pub mod solo;
 pub mod spec;
+pub mod state;
 
 pub use error::VmmError;

@@ -17,10 +17,13 @@ use crate::kvm::KvmVm;
 use crate::replay::codec::{End, EndKind};
 use crate::replay::digest::MemoryDigest;
 use crate::signals;
+use crate::state::dirty::{DirtyConsumer, DirtyTracker};
+use crate::state::{StateError, VmState};
+use std::sync::Arc;
 
 impl ConsoleSink for HashingConsole {
     fn write(&mut self, bytes: &[u8]) {
-        self.hasher.update(bytes);
+        self.digest = *blake3::keyed_hash(&self.digest, bytes).as_bytes();
         self.inner.write(bytes);
     }
 }
@@ -107,10 +110,13 @@ enum RunState {
     Finishing(Outcome),
 }
 
-/// Console output passed on and hashed (the replayer compares the hash).
+/// Console output passed on and hashed (the replayer compares the hash). The digest is a
+/// chain that fits in 32 bytes, so that it can be saved with the VM state: it starts as
+/// blake3 of nothing, and each console write replaces it with blake3 keyed by it over the
+/// bytes written.
 struct HashingConsole {
     inner: Box<dyn ConsoleSink>,
-    hasher: blake3::Hasher,
+    digest: [u8; 32],
 }
 
 /// A complete VM ready to run.
@@ -121,9 +127,32 @@ pub struct Machine {
     console: HashingConsole,
     boundary: Boundary,
     stop: std::sync::Arc<signals::StopSignal>,
-    digest: Option<MemoryDigest>,
+    dirty: Option<Arc<DirtyTracker>>,
+    digest: Option<(MemoryDigest, DirtyConsumer)>,
     end: Option<End>,
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    pause: PauseHandle,
+}
+
+/// Asks a running machine, from any thread, to pause at its next exit: its
+/// [`run_until`](Machine::run_until) then returns `None` with the guest paused, ready for
+/// [`save_state`](Machine::save_state). A guest that computes without exits is paused at its
+/// next one (the guest contract asks for one every few milliseconds).
+#[derive(Clone, Debug, Default)]
+pub struct PauseHandle(Arc<std::sync::atomic::AtomicBool>);
+
+impl PauseHandle {
+    /// Requests a pause (kept until the machine pauses).
+    pub fn request(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Whether a pause is requested and not yet taken.
+    pub fn requested(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn take(&self) -> bool {
+        self.0.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Machine {
@@ -135,29 +164,44 @@ impl Machine {
         console: Box<dyn ConsoleSink>,
         stop: std::sync::Arc<signals::StopSignal>,
     ) -> Self {
-        let digest = vm
-            .memory
-            .dirty_logging()
-            .then(|| MemoryDigest::new_zeroed(&vm.memory));
+        let (dirty, digest) = if vm.memory.dirty_logging() {
+            // The digest is the tracker's first consumer: it sees every page written since the
+            // slot was registered, which is what a digest of zeroed memory needs.
+            let (tracker, consumer) =
+                DirtyTracker::with_first_consumer(vm.vm_fd_shared(), &vm.memory);
+            (
+                Some(tracker),
+                Some((MemoryDigest::new_zeroed(&vm.memory), consumer)),
+            )
+        } else {
+            (None, None)
+        };
         Machine {
             vm,
             bus,
             inputs,
             console: HashingConsole {
                 inner: console,
-                hasher: blake3::Hasher::new(),
+                digest: *blake3::hash(b"").as_bytes(),
             },
             boundary: 0,
             stop,
+            dirty,
             digest,
             end: None,
             progress: None,
+            pause: PauseHandle::default(),
         }
     }
 
     /// Publishes every boundary the machine passes in `progress` (for `status`).
     pub fn set_progress(&mut self, progress: std::sync::Arc<std::sync::atomic::AtomicU64>) {
         self.progress = Some(progress);
+    }
+
+    /// A handle to pause this machine from another thread.
+    pub fn pause_handle(&self) -> PauseHandle {
+        self.pause.clone()
     }
 
     /// The final state, once [`run`](Self::run) has returned an outcome.
@@ -168,7 +212,7 @@ impl Machine {
     /// The digest of guest memory now (requires dirty logging).
     pub fn memory_digest(&mut self) -> Result<Option<[u8; 32]>, VmmError> {
         match self.digest.as_mut() {
-            Some(d) => Ok(Some(d.update(&self.vm.memory, self.vm.vm_fd())?)),
+            Some((d, consumer)) => Ok(Some(d.update(&self.vm.memory, &consumer.take()?)?)),
             None => Ok(None),
         }
     }
@@ -185,7 +229,7 @@ impl Machine {
             kind,
             fingerprint: self.fingerprint()?,
             memory_digest: self.memory_digest()?.unwrap_or([0; 32]),
-            console_digest: *self.console.hasher.finalize().as_bytes(),
+            console_digest: self.console.digest,
         };
         self.end = Some(end.clone());
         self.inputs.finish(&end)?;
@@ -215,6 +259,22 @@ impl Machine {
 
     /// Runs the guest until it exits, crashes or a signal stops the node.
     pub fn run(&mut self) -> Result<Outcome, VmmError> {
+        match self.run_until(Boundary::MAX)? {
+            Some(outcome) => Ok(outcome),
+            None => Err(VmmError::Config(
+                "the machine paused (a pause request, or the last boundary number)".into(),
+            )),
+        }
+    }
+
+    /// Runs the guest until boundary `until` has been handled, then returns `None` with the
+    /// guest paused there (the vCPU out of guest mode; [`save_state`](Self::save_state) or
+    /// another `run_until`/[`run`](Self::run) may follow), or until the run ends first
+    /// (`Some(outcome)`). Returns `None` at once if the machine is already at or past `until`,
+    /// and at the next exit when a pause is requested through a [`PauseHandle`] (where pauses
+    /// are expected, use `run_until(Boundary::MAX)` rather than [`run`](Self::run), which
+    /// fails on a pause).
+    pub fn run_until(&mut self, until: Boundary) -> Result<Option<Outcome>, VmmError> {
         let kick = self.vm.vcpu.kick_handle();
         let _registration = signals::register_vcpu(kick);
         let mut state = RunState::Running;
@@ -222,7 +282,10 @@ impl Machine {
             state = match state {
                 RunState::Finishing(outcome) => {
                     self.finish(&outcome)?;
-                    return Ok(outcome);
+                    return Ok(Some(outcome));
+                }
+                RunState::Running if self.boundary >= until || self.pause.take() => {
+                    return Ok(None)
                 }
                 RunState::Running => {
                     if let Some(signal) = self.stop.signalled() {
@@ -345,6 +408,80 @@ impl Machine {
             }
         }
         Ok(request)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &crate::kvm::memory::GuestMemory {
+        &self.vm.memory
+    }
+
+    /// The VM's one dirty-page tracker (when its memory has dirty logging): subscribe to it for
+    /// pre-copy; the memory digest is already one of its consumers.
+    pub fn dirty_tracker(&self) -> Option<&Arc<DirtyTracker>> {
+        self.dirty.as_ref()
+    }
+
+    /// Saves everything the guest can observe besides memory. The machine must be paused
+    /// between runs (after [`run_until`](Self::run_until) returned `None`, or before the first
+    /// run): the access of the last boundary is completed inside KVM first, without running
+    /// guest code, so the state is complete. Guest memory is not included: copy it page by
+    /// page (with the dirty tracker for pre-copy) while or after saving; the state's memory
+    /// digest lets the restored machine check the copy.
+    pub fn save_state(&mut self) -> Result<VmState, VmmError> {
+        self.vm.vcpu.complete_pending()?;
+        let vcpu = self.vm.vcpu.save_state()?;
+        let devices = self.bus.save_state()?;
+        Ok(VmState {
+            boundary: self.boundary,
+            mem_size: self.vm.memory.size(),
+            cpuid_hash: crate::kvm::cpuid::baseline_hash(),
+            console_digest: self.console.digest,
+            memory_digest: self.memory_digest()?,
+            vcpu,
+            devices,
+        })
+    }
+
+    /// Makes this machine continue from `state`: a machine assembled from the same setup
+    /// (image, memory size, devices) that has not run, whose guest memory already holds the
+    /// saved machine's memory. Checks that the state fits (memory size, CPUID table, devices)
+    /// and, when both machines keep memory digests, that the memory is the saved one.
+    /// Afterwards the machine's next boundary is `state.boundary + 1`; give it inputs that
+    /// start there (e.g. a replayer after `skip_through(state.boundary)`).
+    pub fn restore_state(&mut self, state: &VmState) -> Result<(), VmmError> {
+        if self.boundary != 0 || self.end.is_some() {
+            return Err(StateError::Mismatch(format!(
+                "the machine has already run ({} boundaries)",
+                self.boundary
+            ))
+            .into());
+        }
+        if state.mem_size != self.vm.memory.size() {
+            return Err(StateError::Mismatch(format!(
+                "the state has {} bytes of memory, this machine {}",
+                state.mem_size,
+                self.vm.memory.size()
+            ))
+            .into());
+        }
+        if state.cpuid_hash != crate::kvm::cpuid::baseline_hash() {
+            return Err(
+                StateError::Mismatch("the state has a different CPUID table".into()).into(),
+            );
+        }
+        if let (Some(want), Some(have)) = (state.memory_digest, self.memory_digest()?) {
+            if want != have {
+                return Err(StateError::Mismatch(
+                    "guest memory differs from the saved machine's (memory digest)".into(),
+                )
+                .into());
+            }
+        }
+        self.bus.restore_state(&state.devices)?;
+        self.vm.vcpu.restore_state(&state.vcpu)?;
+        self.console.digest = state.console_digest;
+        self.boundary = state.boundary;
+        Ok(())
     }
 
     fn crash_report(&self, reason: String) -> Result<CrashReport, VmmError> {

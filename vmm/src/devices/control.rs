@@ -11,10 +11,13 @@ use super::ratelimit::RateLimit;
 use crate::bus::MmioDevice;
 use crate::epoch::{BoundaryCx, ClockValue, MachineRequest};
 use crate::error::VmmError;
+use crate::state::{DeviceKind, StateError};
 
 /// The control device.
 pub struct ControlDevice {
     warnings: RateLimit,
+    /// The last clock value handed to the guest (its only state outside guest memory).
+    last_clock: ClockValue,
 }
 
 impl Default for ControlDevice {
@@ -43,6 +46,7 @@ impl ControlDevice {
     pub fn new() -> Self {
         ControlDevice {
             warnings: RateLimit::default(),
+            last_clock: ClockValue::default(),
         }
     }
 
@@ -76,6 +80,7 @@ impl MmioDevice for ControlDevice {
             reg::CLOCK_MONO | reg::CLOCK_WALL => {
                 let c = cx.inputs.clock(cx.boundary)?;
                 publish_clock(cx, c)?;
+                self.last_clock = c;
                 if offset == reg::CLOCK_MONO {
                     c.mono_ns
                 } else {
@@ -115,11 +120,13 @@ impl MmioDevice for ControlDevice {
             reg::WAIT => {
                 let c = cx.inputs.wait(cx.boundary, v, cx.rx_room)?;
                 publish_clock(cx, c)?;
+                self.last_clock = c;
                 cx.doorbell = true;
             }
             reg::POLL => {
                 let c = cx.inputs.clock(cx.boundary)?;
                 publish_clock(cx, c)?;
+                self.last_clock = c;
                 cx.doorbell = true;
             }
             reg::EXIT => *cx.request = Some(MachineRequest::Exit(v)),
@@ -128,6 +135,24 @@ impl MmioDevice for ControlDevice {
             )),
         }
         Ok(())
+    }
+
+    fn save_state(&self) -> Option<DeviceKind> {
+        Some(DeviceKind::Control {
+            last_clock: self.last_clock,
+        })
+    }
+
+    fn restore_state(&mut self, state: &DeviceKind) -> Result<(), StateError> {
+        match state {
+            DeviceKind::Control { last_clock } => {
+                self.last_clock = *last_clock;
+                Ok(())
+            }
+            other => Err(StateError::Mismatch(format!(
+                "the state holds {other:?}, not a control device"
+            ))),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! The VMM writes guest memory only through [`GuestMemory::write`], which also records the
 //! pages it touched, so a memory digest can be kept up to date from KVM's dirty log (pages the
-//! guest wrote) plus this record (pages the VMM wrote).
+//! guest wrote) plus this record (pages the VMM wrote). Both logs are destructive to read, so
+//! only the VM's one [`DirtyTracker`](crate::state::dirty::DirtyTracker) reads them.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -60,7 +61,8 @@ impl GuestMemory {
         // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives every fd
         // through which KVM can reach it: `KvmVm` declares its vCPU, then its VM, then this
         // memory, so it drops the vCPU fd (which keeps the VM alive in the kernel) and the VM
-        // fd before unmapping. It does not overlap any other slot.
+        // fd before unmapping; the dirty tracker, which may keep the VM's fd longer, holds a
+        // clone of the mapping too and drops the fd first. It does not overlap any other slot.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         self.dirty_logging
@@ -119,6 +121,7 @@ impl GuestMemory {
     }
 
     /// The underlying mapping, for code that works on vm-memory's traits (virtio queues).
+    /// Its dirty bitmap is read only by [`DirtyTracker`](crate::state::dirty::DirtyTracker).
     /// Writes through it are tracked like [`write`](Self::write)'s.
     pub fn mmap(&self) -> &Mmap {
         &self.mmap
@@ -139,28 +142,85 @@ impl GuestMemory {
         self.size.div_ceil(PAGE_SIZE)
     }
 
-    /// Takes the bitmap of pages written since the last call, by the guest (from KVM's dirty
-    /// log; requires dirty logging) and by the VMM. Bit `p % 64` of word `p / 64` is page `p`.
-    pub fn take_dirty(&self, vm: &VmFd) -> Result<Vec<u64>, VmmError> {
-        let mut bitmap = vm
-            .get_dirty_log(RAM_SLOT, self.size as usize)
-            .map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e))?;
-        let region = self
-            .mmap
-            .iter()
-            .next()
-            .ok_or_else(|| VmmError::Memory("guest memory has no region".into()))?;
-        let vmm = region.bitmap().get_and_reset();
-        bitmap.resize(vmm.len().max(bitmap.len()), 0);
-        for (word, v) in bitmap.iter_mut().zip(vmm) {
-            *word |= v;
+    /// Writes one whole page (`page` below [`pages`](Self::pages)); the page is recorded as
+    /// written by the VMM like any [`write`](Self::write). For restoring a machine's memory
+    /// (pre-copy): never while the guest runs.
+    pub fn write_page(&self, page: u64, data: &[u8; PAGE_SIZE as usize]) -> Result<(), VmmError> {
+        let addr = page.checked_mul(PAGE_SIZE).ok_or(VmmError::GuestAddress {
+            addr: u64::MAX,
+            len: PAGE_SIZE,
+        })?;
+        self.write(addr, data)
+    }
+
+    /// A handle on the same memory that can be sent to another thread, to read pages while the
+    /// vCPU runs (pre-copy) or to write them into a machine that does not run yet.
+    pub fn pages_handle(&self) -> GuestPages {
+        GuestPages {
+            mmap: self.mmap.clone(),
+            size: self.size,
         }
-        Ok(bitmap)
     }
 
     /// True when the slot was registered with dirty-page logging.
     pub fn dirty_logging(&self) -> bool {
         self.dirty_logging
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Takes the bitmap of pages the VMM wrote through `mmap` since the last call (bit `p % 64` of
+/// word `p / 64` is page `p`). Only the dirty tracker calls this.
+pub(crate) fn take_vmm_dirty(mmap: &Mmap) -> Result<Vec<u64>, VmmError> {
+    let region = mmap
+        .iter()
+        .next()
+        .ok_or_else(|| VmmError::Memory("guest memory has no region".into()))?;
+    Ok(region.bitmap().get_and_reset())
+}
+
+/// A shareable handle on guest memory for whole-page access (see
+/// [`GuestMemory::pages_handle`]). Reading a page while the guest runs may see it half
+/// written: pre-copy reads a page after taking its dirty bit, so a page written meanwhile is
+/// dirty again and sent again.
+#[derive(Clone)]
+pub struct GuestPages {
+    mmap: Mmap,
+    size: u64,
+}
+
+impl GuestPages {
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.size.div_ceil(PAGE_SIZE)
+    }
+
+    fn check(&self, page: u64) -> Result<GuestAddress, VmmError> {
+        match page.checked_mul(PAGE_SIZE) {
+            Some(a) if a.checked_add(PAGE_SIZE).is_some_and(|e| e <= self.size) => {
+                Ok(GuestAddress(a))
+            }
+            _ => Err(VmmError::GuestAddress {
+                addr: page.saturating_mul(PAGE_SIZE),
+                len: PAGE_SIZE,
+            }),
+        }
+    }
+
+    /// Reads page `page`.
+    pub fn read_page(&self, page: u64, buf: &mut [u8; PAGE_SIZE as usize]) -> Result<(), VmmError> {
+        let at = self.check(page)?;
+        self.mmap
+            .read_slice(buf, at)
+            .map_err(|e| VmmError::Memory(format!("reading guest page {page}: {e}")))
+    }
+
+    /// Writes page `page` (recorded as written by the VMM). Only into a machine whose vCPU is
+    /// not running: the epoch invariant (DESIGN §3) allows no other writes.
+    pub fn write_page(&self, page: u64, data: &[u8; PAGE_SIZE as usize]) -> Result<(), VmmError> {
+        let at = self.check(page)?;
+        self.mmap
+            .write_slice(data, at)
+            .map_err(|e| VmmError::Memory(format!("writing guest page {page}: {e}")))
     }
 }

@@ -22,7 +22,7 @@ use vcpu::Vcpu;
 pub struct KvmVm {
     /// The VM's only vCPU (dropped first).
     pub vcpu: Vcpu,
-    vm: VmFd,
+    vm: std::sync::Arc<VmFd>,
     // Kept open for the VM's life.
     _kvm: Kvm,
     /// Guest memory (slot 0, from guest-physical address 0); dropped last, after every fd
@@ -51,7 +51,7 @@ impl KvmVm {
         let vcpu = Vcpu::create(&kvm, &vm, loaded.entry)?;
         Ok(KvmVm {
             _kvm: kvm,
-            vm,
+            vm: std::sync::Arc::new(vm),
             memory,
             vcpu,
         })
@@ -60,5 +60,11 @@ impl KvmVm {
     /// The VM's file descriptor (for dirty-log queries).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm
+    }
+
+    /// A shared handle on the VM's file descriptor (for the dirty-page tracker, which may be
+    /// used from another thread).
+    pub fn vm_fd_shared(&self) -> std::sync::Arc<VmFd> {
+        self.vm.clone()
     }
 }

@@ -4,11 +4,15 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use kvm_bindings::{kvm_fpu, kvm_regs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::{boot, cpuid};
 use crate::error::VmmError;
+use crate::state::{StateError, VcpuState, XSAVE_BYTES};
 use ftvm_abi::layout::BOOT_INFO_ADDR;
 
 /// Why the vCPU stopped running guest code.
@@ -195,6 +199,173 @@ impl Vcpu {
         self.fd
             .get_sregs()
             .map_err(|e| VmmError::Kvm("KVM_GET_SREGS", e))
+    }
+}
+
+/// The MSRs saved with a vCPU: those in KVM's index list (`KVM_GET_MSR_INDEX_LIST`), read
+/// once per process.
+fn msr_indices() -> Result<&'static [u32], VmmError> {
+    static LIST: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    if let Some(l) = LIST.get() {
+        return Ok(l);
+    }
+    let kvm = Kvm::new().map_err(|e| VmmError::Kvm("open /dev/kvm", e))?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(|e| VmmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    Ok(LIST.get_or_init(|| list.as_slice().to_vec()))
+}
+
+fn msrs_of(entries: &[(u32, u64)]) -> Result<Msrs, VmmError> {
+    let e: Vec<kvm_msr_entry> = entries
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&e)
+        .map_err(|e| VmmError::State(StateError::Unsupported(format!("MSR list: {e:?}"))))
+}
+
+impl Vcpu {
+    /// Completes the exit the vCPU stopped at (the MMIO access of the last boundary) inside
+    /// KVM without running any guest instruction: `KVM_RUN` with `immediate_exit` set. KVM
+    /// keeps an unfinished access in state userspace cannot read, so this must come before
+    /// [`save_state`](Self::save_state). Invisible to the guest.
+    pub fn complete_pending(&mut self) -> Result<(), VmmError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Ok(VcpuExit::Intr) => Ok(()),
+            Err(e) => Err(VmmError::Kvm("KVM_RUN (completing the pending exit)", e)),
+            Ok(other) => Err(VmmError::State(StateError::Unsupported(format!(
+                "completing the pending exit ran the guest to another exit: {other:?}"
+            )))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
+    /// Reads everything KVM keeps of the vCPU (call [`complete_pending`](Self::complete_pending)
+    /// first). Every MSR of KVM's list is read; one KVM cannot read here is an error.
+    pub fn save_state(&self) -> Result<VcpuState, VmmError> {
+        let fd = &self.fd;
+        let regs = self.regs()?;
+        let sregs = self.sregs()?;
+        let fpu = fd.get_fpu().map_err(|e| VmmError::Kvm("KVM_GET_FPU", e))?;
+        let xsave = fd
+            .get_xsave()
+            .map_err(|e| VmmError::Kvm("KVM_GET_XSAVE", e))?;
+        let xsave: Vec<u8> = xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        debug_assert_eq!(xsave.len(), XSAVE_BYTES);
+        let x = fd
+            .get_xcrs()
+            .map_err(|e| VmmError::Kvm("KVM_GET_XCRS", e))?;
+        let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+        let xcrs = x.xcrs[..n].iter().map(|c| (c.xcr, c.value)).collect();
+        let debugregs = fd
+            .get_debug_regs()
+            .map_err(|e| VmmError::Kvm("KVM_GET_DEBUGREGS", e))?;
+        let events = fd
+            .get_vcpu_events()
+            .map_err(|e| VmmError::Kvm("KVM_GET_VCPU_EVENTS", e))?;
+        let mp_state = fd
+            .get_mp_state()
+            .map_err(|e| VmmError::Kvm("KVM_GET_MP_STATE", e))?
+            .mp_state;
+        let indices = msr_indices()?;
+        let mut m = msrs_of(&indices.iter().map(|&i| (i, 0)).collect::<Vec<_>>())?;
+        let n = fd
+            .get_msrs(&mut m)
+            .map_err(|e| VmmError::Kvm("KVM_GET_MSRS", e))?;
+        if n != indices.len() {
+            return Err(VmmError::State(StateError::Unsupported(format!(
+                "KVM_GET_MSRS read {n} of {} MSRs: MSR {:#x} cannot be read",
+                indices.len(),
+                indices[n]
+            ))));
+        }
+        let msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
+        Ok(VcpuState {
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            debugregs,
+            events,
+            mp_state,
+            msrs,
+        })
+    }
+
+    /// Puts `s` into the vCPU (a fresh one, created with the same CPUID table). An MSR KVM
+    /// refuses to set is accepted only if the vCPU already holds the saved value (KVM refuses
+    /// to write some MSRs back even with their own value, e.g. MSR_KVM_ASYNC_PF_INT 0);
+    /// otherwise the restore fails naming it.
+    pub fn restore_state(&mut self, s: &VcpuState) -> Result<(), VmmError> {
+        let fd = &self.fd;
+        let mut rest: &[(u32, u64)] = &s.msrs;
+        while !rest.is_empty() {
+            let n = fd
+                .set_msrs(&msrs_of(rest)?)
+                .map_err(|e| VmmError::Kvm("KVM_SET_MSRS", e))?;
+            if n == rest.len() {
+                break;
+            }
+            let (index, want) = rest[n];
+            let mut one = msrs_of(&[(index, 0)])?;
+            let have = match fd.get_msrs(&mut one) {
+                Ok(1) => Some(one.as_slice()[0].data),
+                _ => None,
+            };
+            if have != Some(want) {
+                return Err(VmmError::State(StateError::Mismatch(format!(
+                    "KVM refuses MSR {index:#x} = {want:#x} (the vCPU holds {have:x?})"
+                ))));
+            }
+            rest = &rest[n + 1..];
+        }
+        fd.set_sregs(&s.sregs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_SREGS", e))?;
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: s.xcrs.len() as u32,
+            ..Default::default()
+        };
+        for (slot, &(xcr, value)) in xcrs.xcrs.iter_mut().zip(&s.xcrs) {
+            slot.xcr = xcr;
+            slot.value = value;
+        }
+        fd.set_xcrs(&xcrs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_XCRS", e))?;
+        fd.set_fpu(&s.fpu)
+            .map_err(|e| VmmError::Kvm("KVM_SET_FPU", e))?;
+        if s.xsave.len() != XSAVE_BYTES {
+            return Err(VmmError::State(StateError::Mismatch(format!(
+                "an XSAVE area of {} bytes (expected {XSAVE_BYTES})",
+                s.xsave.len()
+            ))));
+        }
+        let mut xsave = kvm_xsave::default();
+        for (w, b) in xsave.region.iter_mut().zip(s.xsave.chunks_exact(4)) {
+            *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+        // SAFETY: `xsave` is a plain 4096-byte kvm_xsave with no extra (FAM) part, which is
+        // what KVM_SET_XSAVE reads; it lives across the call.
+        unsafe { fd.set_xsave(&xsave) }.map_err(|e| VmmError::Kvm("KVM_SET_XSAVE", e))?;
+        fd.set_debug_regs(&s.debugregs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_DEBUGREGS", e))?;
+        fd.set_mp_state(kvm_mp_state {
+            mp_state: s.mp_state,
+        })
+        .map_err(|e| VmmError::Kvm("KVM_SET_MP_STATE", e))?;
+        fd.set_regs(&s.regs)
+            .map_err(|e| VmmError::Kvm("KVM_SET_REGS", e))?;
+        fd.set_vcpu_events(&s.events)
+            .map_err(|e| VmmError::Kvm("KVM_SET_VCPU_EVENTS", e))?;
+        Ok(())
     }
 }
 

@@ -1,12 +1,11 @@
-//! blake3 digests of guest memory kept up to date from the dirty log: each update rehashes only
-//! the pages written since the last one (by the guest, from KVM's dirty log, or by the VMM),
+//! blake3 digests of guest memory kept up to date from the dirty-page tracker: each update
+//! rehashes only the pages written since the last one (by the guest or by the VMM),
 //! then the chunks of 256 page hashes that contain them, then the root over the chunk hashes.
-
-use ftvm_abi::layout::PAGE_SIZE;
-use kvm_ioctls::VmFd;
 
 use crate::error::VmmError;
 use crate::kvm::memory::GuestMemory;
+use crate::state::dirty::DirtyPages;
+use ftvm_abi::layout::PAGE_SIZE;
 
 const PAGES_PER_CHUNK: u64 = 256;
 
@@ -47,29 +46,24 @@ impl MemoryDigest {
         self.chunk_hashes[c as usize] = *h.finalize().as_bytes();
     }
 
-    /// Brings the digest up to date with the pages written since the last update and returns
-    /// it. Requires the memory to be registered with dirty logging.
-    pub fn update(&mut self, mem: &GuestMemory, vm: &VmFd) -> Result<[u8; 32], VmmError> {
-        let dirty = mem.take_dirty(vm)?;
+    /// Brings the digest up to date with `dirty`, the pages written since the last update (the
+    /// digest's consumer of the VM's [`DirtyTracker`](crate::state::dirty::DirtyTracker)), and
+    /// returns it.
+    pub fn update(&mut self, mem: &GuestMemory, dirty: &DirtyPages) -> Result<[u8; 32], VmmError> {
         let mut page = [0u8; PAGE_SIZE as usize];
         let mut touched_chunks = Vec::new();
         let mut n = 0;
-        for (w, &word) in dirty.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let p = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                if p >= mem.pages() {
-                    break;
-                }
-                mem.page(p, &mut page)?;
-                self.page_hashes[p as usize] = *blake3::hash(&page).as_bytes();
-                let c = p / PAGES_PER_CHUNK;
-                if touched_chunks.last() != Some(&c) {
-                    touched_chunks.push(c);
-                }
-                n += 1;
+        for p in dirty.iter() {
+            if p >= mem.pages() {
+                break;
             }
+            mem.page(p, &mut page)?;
+            self.page_hashes[p as usize] = *blake3::hash(&page).as_bytes();
+            let c = p / PAGES_PER_CHUNK;
+            if touched_chunks.last() != Some(&c) {
+                touched_chunks.push(c);
+            }
+            n += 1;
         }
         for c in touched_chunks {
             self.rehash_chunk(c);

@@ -153,6 +153,23 @@ impl Replayer {
         self.end.as_ref()
     }
 
+    /// Drops the records of boundaries up to and including `k`, for a machine restored from a
+    /// state saved after boundary `k` (its next boundary is `k + 1`).
+    pub fn skip_through(&mut self, k: Boundary) {
+        self.current = None;
+        while let Some(
+            Record::Boundary { boundary: b, .. }
+            | Record::Digest { boundary: b, .. }
+            | Record::Watermark(b),
+        ) = self.records.front()
+        {
+            if *b > k {
+                break;
+            }
+            self.records.pop_front();
+        }
+    }
+
     fn diverge(boundary: Boundary, what: impl Into<String>) -> InputError {
         InputError::Divergence {
             boundary,

@@ -9,6 +9,7 @@ use crate::devices::ratelimit::RateLimit;
 use crate::epoch::BoundaryCx;
 use crate::error::VmmError;
 use crate::kvm::memory::GuestMemory;
+use crate::state::{DeviceKind, StateError, VirtioState, CONFIG_ID_BYTES};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x4654_564d; // "FTVM"
@@ -59,6 +60,13 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.status = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
+    }
+
+    /// The first bytes of the configuration space, which identify the device (MAC, capacity).
+    fn config_id(&self) -> [u8; CONFIG_ID_BYTES] {
+        let mut c = [0u8; CONFIG_ID_BYTES];
+        self.device.read_config(0, &mut c);
+        c
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
@@ -228,5 +236,60 @@ impl<D: VirtioDevice> MmioDevice for VirtioMmio<D> {
         } else {
             0
         }
+    }
+
+    fn save_state(&self) -> Option<DeviceKind> {
+        Some(DeviceKind::Virtio(VirtioState {
+            device_type: self.device.device_type(),
+            device_features: self.device.features(),
+            config: self.config_id(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(Queue::state).collect(),
+        }))
+    }
+
+    fn restore_state(&mut self, state: &DeviceKind) -> Result<(), StateError> {
+        let DeviceKind::Virtio(v) = state else {
+            return Err(StateError::Mismatch(format!(
+                "the state holds {state:?}, not a virtio device"
+            )));
+        };
+        let mine = (
+            self.device.device_type(),
+            self.device.features(),
+            self.config_id(),
+        );
+        if (v.device_type, v.device_features, v.config) != mine {
+            return Err(StateError::Mismatch(format!(
+                "saved from virtio type {} (features {:#x}, config {:02x?}), this is type {} (features {:#x}, config {:02x?})",
+                v.device_type, v.device_features, v.config, mine.0, mine.1, mine.2
+            )));
+        }
+        let max: Vec<u16> = self.queues.iter().map(|q| q.max_size()).collect();
+        let saved: Vec<u16> = v.queues.iter().map(|q| q.max_size).collect();
+        if max != saved {
+            return Err(StateError::Mismatch(format!(
+                "queue maximum sizes {saved:?} saved, {max:?} here"
+            )));
+        }
+        let queues = v
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                Queue::try_from(*q).map_err(|e| StateError::Mismatch(format!("queue {i}: {e:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.status = v.status;
+        self.device_features_sel = v.device_features_sel;
+        self.driver_features_sel = v.driver_features_sel;
+        self.driver_features = v.driver_features;
+        self.queue_sel = v.queue_sel;
+        Ok(())
     }
 }
