@@ -174,6 +174,8 @@ pub trait Platform {
 enum Role {
     /// Waiting for a SYN.
     Listening,
+    /// Just took a connection; admitted or refused once the step's departures are known.
+    New,
     /// A client being served.
     Client,
     /// Past the limit: gets the error reply, then is closed.
@@ -189,6 +191,8 @@ struct Slot {
     out: Vec<u8>,
     /// Bytes of `out` already sent.
     sent: usize,
+    /// Counted in `Server::clients` (a client whose peer has not closed).
+    counted: bool,
     last_active_ms: u64,
 }
 
@@ -297,6 +301,7 @@ impl Server {
                 conn: Connection::new(self.cfg.limits),
                 out: Vec::new(),
                 sent: 0,
+                counted: false,
                 last_active_ms: 0,
             });
             self.listening += 1;
@@ -323,35 +328,39 @@ impl Server {
         self.poll(dev, platform.now());
         let now_ms = platform.now_ms();
 
-        // Accept, read and run requests.
-        for slot in self.slots.iter_mut() {
+        // Read and run requests; note new connections and departures.
+        let mut new = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             self.stats.socket_visits += 1;
             let s = self.sockets.get_mut::<tcp::Socket>(slot.handle);
             match slot.role {
                 Role::Listening if s.state() != tcp::State::Listen => {
                     self.listening -= 1;
+                    slot.role = Role::New;
+                    new.push(i);
                     busy = true;
-                    if self.clients < self.cfg.max_clients {
-                        slot.role = Role::Client;
-                        slot.last_active_ms = now_ms;
-                        self.clients += 1;
-                        self.stats.accepted += 1;
-                    } else {
-                        slot.role = Role::Rejected;
-                        slot.out.extend_from_slice(MAX_CLIENTS_REPLY);
-                        self.stats.rejected += 1;
-                    }
+                    continue;
                 }
                 // A reset during the handshake puts a socket back to listening.
-                Role::Client | Role::Rejected if s.state() == tcp::State::Listen => {
-                    if slot.role == Role::Client {
+                Role::Client | Role::Rejected | Role::New if s.state() == tcp::State::Listen => {
+                    if slot.counted {
                         self.clients -= 1;
+                        slot.counted = false;
                     }
                     slot.role = Role::Listening;
                     slot.conn = Connection::new(self.cfg.limits);
                     slot.out.clear();
                     slot.sent = 0;
                     self.listening += 1;
+                }
+                // A client that sent its FIN (or reset) no longer counts against the limit,
+                // as in Redis, which frees a client at EOF; what it sent before is still
+                // answered.
+                Role::Client
+                    if slot.counted && (s.state() == tcp::State::CloseWait || !s.is_open()) =>
+                {
+                    self.clients -= 1;
+                    slot.counted = false;
                 }
                 _ => {}
             }
@@ -386,7 +395,24 @@ impl Server {
                         }
                     }
                 }
-                Role::Listening => {}
+                Role::Listening | Role::New => {}
+            }
+        }
+        // Admit the new connections once departures are counted (clients that leave and
+        // others that arrive in one batch must not be refused); their requests are read at
+        // the next step.
+        for i in new {
+            let slot = &mut self.slots[i];
+            if self.clients < self.cfg.max_clients {
+                slot.role = Role::Client;
+                slot.counted = true;
+                slot.last_active_ms = now_ms;
+                self.clients += 1;
+                self.stats.accepted += 1;
+            } else {
+                slot.role = Role::Rejected;
+                slot.out.extend_from_slice(MAX_CLIENTS_REPLY);
+                self.stats.rejected += 1;
             }
         }
         store.set_connected_clients(self.clients as u64);
@@ -447,11 +473,12 @@ impl Server {
                             || (peer_done && slot.conn.pending_output() == 0))
                 }
                 Role::Rejected => flushed && s.state() != tcp::State::SynReceived,
-                Role::Listening | Role::Closing => false,
+                Role::Listening | Role::New | Role::Closing => false,
             };
             if close || (slot.role == Role::Client && !s.is_open()) {
-                if slot.role == Role::Client {
+                if slot.counted {
                     self.clients -= 1;
+                    slot.counted = false;
                 }
                 slot.role = Role::Closing;
                 slot.last_active_ms = now_ms;

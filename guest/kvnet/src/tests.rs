@@ -290,6 +290,28 @@ fn clients_past_the_limit_get_the_error_and_are_closed() {
     );
 }
 
+/// redis-benchmark between two tests: every client closes and as many new ones connect at
+/// once. At the limit, none of the new ones may be refused.
+#[test]
+fn clients_leaving_and_arriving_together_at_the_limit() {
+    let mut lab = Lab::new(cfg(5));
+    let old: Vec<_> = (0..5).map(|_| lab.connect()).collect();
+    lab.until("5 connected", |l| old.iter().all(|&h| l.established(h)));
+    for &h in &old {
+        assert_eq!(lab.ask(h, b"PING\r\n", 7), b"+PONG\r\n");
+    }
+    for &h in &old {
+        lab.sock(h).close();
+    }
+    let new: Vec<_> = (0..5).map(|_| lab.connect()).collect();
+    lab.until("5 new connected", |l| new.iter().all(|&h| l.established(h)));
+    for &h in &new {
+        assert_eq!(lab.ask(h, b"PING\r\n", 7), b"+PONG\r\n");
+    }
+    assert_eq!(lab.server.stats.rejected, 0);
+    assert_eq!(lab.server.clients(), 5);
+}
+
 #[test]
 fn a_thousand_idle_clients_do_not_lock_a_new_one_out() {
     let mut lab = Lab::new(Config {
