@@ -16,9 +16,11 @@
 //! then optional guest arguments (`maxclients=N` …). Prints the work counters at the end;
 //! divide by the requests redis-benchmark made for per-request figures.
 
+use std::alloc::{GlobalAlloc, Layout};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
 use linked_list_allocator::LockedHeap;
@@ -27,9 +29,41 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TunTapInterface,
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 
-#[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+/// The guest's allocator, set up on first use (the std runtime allocates before `main`).
+struct GuestHeap {
+    heap: LockedHeap,
+    ready: AtomicBool,
+}
+
 const HEAP_SIZE: usize = 64 << 20;
+static mut HEAP_MEM: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
+
+// SAFETY: delegates to linked_list_allocator's LockedHeap, initialised exactly once (under
+// its lock) over a static buffer nothing else uses.
+unsafe impl GlobalAlloc for GuestHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !self.ready.load(Ordering::Acquire) {
+            let mut h = self.heap.lock();
+            if !self.ready.load(Ordering::Relaxed) {
+                // SAFETY: HEAP_MEM is used only here, once, as the heap's memory.
+                unsafe { h.init(core::ptr::addr_of_mut!(HEAP_MEM).cast(), HEAP_SIZE) };
+                self.ready.store(true, Ordering::Release);
+            }
+        }
+        // SAFETY: the caller's layout contract is passed on.
+        unsafe { self.heap.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` with this layout.
+        unsafe { self.heap.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static HEAP: GuestHeap = GuestHeap {
+    heap: LockedHeap::empty(),
+    ready: AtomicBool::new(false),
+};
 
 /// Counts frames both ways and copies each received frame out, as the guest's virtio-net
 /// driver does.
@@ -96,11 +130,6 @@ impl kvnet::Platform for Host {
 }
 
 fn main() -> std::io::Result<()> {
-    let heap: &'static mut [u8] = Box::leak(vec![0u8; HEAP_SIZE].into_boxed_slice());
-    // SAFETY: the leaked buffer is ours alone and lives for the rest of the process; it is
-    // handed to the allocator once, before anything allocates from it. (Allocations made
-    // before this line came from the empty heap and failed over to... nothing: none are made.)
-    unsafe { HEAP.lock().init(heap.as_mut_ptr(), heap.len()) };
     run()
 }
 
@@ -171,6 +200,18 @@ fn run() -> std::io::Result<()> {
     let st = server.stats;
     let wall = t0.elapsed().as_secs_f64();
     println!("{st:#?}");
+    // SAFETY: getrusage fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    println!(
+        "cpu user={:.2}s sys={:.2}s",
+        secs(ru.ru_utime),
+        secs(ru.ru_stime)
+    );
     println!(
         "frames_rx={} frames_tx={} disk_writes={} poll_exits={polls} wait_exits={waits} wall={wall:.1}s",
         dev.rx, dev.tx, host.disk_writes
