@@ -7,7 +7,7 @@
 //! - the same engine (kvcore) running natively there, with the same durability (one
 //!   `fdatasync` per group commit).
 //!
-//! Each figure is the median of three rounds; the order of the three servers rotates from
+//! Each figure is the median of five rounds; the order of the three servers rotates from
 //! round to round, so load from elsewhere on the machine falls on all of them alike.
 //!
 //! `cargo bench -p ftvm-benches --bench kv_redis` (needs root, iproute2, redis-tools,
@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use ftvm_tests::netns::{Host, Lab};
 use ftvm_tests::node::{in_netns, redis_text, RunningNode};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// Keys SET before a GET run, so that GETs find values.
 const PRELOAD: u32 = 10_000;
 
@@ -316,7 +316,7 @@ fn main() -> Result<()> {
                 vm / before
             );
         }
-        println!("           rounds (VM, redis, native[, before]): {raw}");
+        println!("           each round, per server (VM, redis, native[, before]): {raw}");
     }
     Ok(())
 }

@@ -53,14 +53,13 @@ impl kvnet::Platform for Guest {
 }
 
 fn main(boot: &ftvm_guest::Boot) -> i32 {
-    let mut cfg = match Config::from_args(boot.args()) {
+    let cfg = match Config::from_args(boot.args()) {
         Ok(c) => c,
         Err(e) => {
             println!("kv: {e}");
             return 2;
         }
     };
-    cfg.listeners = net::RX_BUFS;
     let heap = (boot.info().heap_end - boot.info().heap_start) as usize;
     if cfg.peak_socket_bytes() > heap / 2 {
         println!(

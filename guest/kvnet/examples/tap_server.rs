@@ -1,6 +1,6 @@
 //! The kv guest's loop (kvnet + kvcore + smoltcp) on a host TAP, for profiling its network
 //! path with `perf` (time in guest mode is invisible to host `perf`, DESIGN §1). It uses the
-//! guest's allocator (`linked_list_allocator` over a 64 MiB heap) and the guest's loop
+//! guest SDK's allocator (its source file, over a 64 MiB heap) and the guest's loop
 //! structure; "exits" are counted where the guest would make one (a POLL or WAIT per step, a
 //! POLL per disk write). Run as root inside a network namespace that owns the TAP:
 //!
@@ -23,45 +23,71 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
-use linked_list_allocator::LockedHeap;
 use smoltcp::iface::{Config as IfConfig, Interface};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TunTapInterface, TxToken};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 
-/// The guest's allocator, set up on first use (the std runtime allocates before `main`).
-struct GuestHeap {
-    heap: LockedHeap,
+/// The guest SDK's allocator itself (size classes over linked_list_allocator).
+#[path = "../../sdk/src/heap/classes.rs"]
+#[allow(dead_code)]
+mod classes;
+
+/// The guest's allocator behind a lock (it assumes a single thread), set up on first use
+/// (the std runtime allocates before `main`).
+struct HostHeap {
+    heap: classes::GuestHeap,
+    lock: AtomicBool,
     ready: AtomicBool,
 }
 
 const HEAP_SIZE: usize = 64 << 20;
 static mut HEAP_MEM: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
 
-// SAFETY: delegates to linked_list_allocator's LockedHeap, initialised exactly once (under
-// its lock) over a static buffer nothing else uses.
-unsafe impl GlobalAlloc for GuestHeap {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !self.ready.load(Ordering::Acquire) {
-            let mut h = self.heap.lock();
-            if !self.ready.load(Ordering::Relaxed) {
-                // SAFETY: HEAP_MEM is used only here, once, as the heap's memory.
-                unsafe { h.init(core::ptr::addr_of_mut!(HEAP_MEM).cast(), HEAP_SIZE) };
-                self.ready.store(true, Ordering::Release);
-            }
+impl HostHeap {
+    fn with<R>(&self, f: impl FnOnce(&classes::GuestHeap) -> R) -> R {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
         }
+        if !self.ready.load(Ordering::Relaxed) {
+            // SAFETY: HEAP_MEM is used only here, once (under the lock), as the heap's memory.
+            unsafe {
+                self.heap
+                    .init(core::ptr::addr_of_mut!(HEAP_MEM).cast(), HEAP_SIZE)
+            };
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        let r = f(&self.heap);
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+}
+
+// SAFETY: every call goes to the guest allocator under the lock, so it is entered by one
+// thread at a time, as it requires.
+unsafe impl GlobalAlloc for HostHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's layout contract is passed on.
-        unsafe { self.heap.alloc(layout) }
+        self.with(|h| unsafe { h.alloc(layout) })
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` came from `alloc` with this layout.
-        unsafe { self.heap.dealloc(ptr, layout) }
+        self.with(|h| unsafe { h.dealloc(ptr, layout) })
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's realloc contract is passed on.
+        self.with(|h| unsafe { h.realloc(ptr, layout, new_size) })
     }
 }
 
 #[global_allocator]
-static HEAP: GuestHeap = GuestHeap {
-    heap: LockedHeap::empty(),
+static HEAP: HostHeap = HostHeap {
+    heap: classes::GuestHeap::empty(),
+    lock: AtomicBool::new(false),
     ready: AtomicBool::new(false),
 };
 

@@ -8,21 +8,22 @@
 //!
 //! # Accepting connections
 //!
-//! A smoltcp socket in the listen state takes one connection. The server keeps a pool of
-//! [`Config::listeners`] listening sockets, refilled before every `Interface::poll`, and turns
-//! each one that took a connection into a client (or a rejected client past the limit). The
-//! pool must hold at least as many sockets as SYNs can arrive between two polls — the number
-//! of receive buffers the device keeps posted — or a SYN would find no listener and be reset.
-//! Client sockets are created on demand and dropped when closed, so memory follows the
-//! number of connections: [`Config::socket_bytes`] each.
+//! A smoltcp socket in the listen state takes one connection. The server keeps a small pool of
+//! [`Config::listeners`] listening sockets and takes frames in one at a time
+//! (`poll_ingress_single`), refilling the pool after every `listeners` frames — so however
+//! many SYNs arrive together, each finds a listener — and turns each listener that took a
+//! connection into a client (or a refused client past the limit). Client sockets are created
+//! on demand and dropped (or returned to the pool) when closed, so memory follows the number
+//! of connections: [`Config::socket_bytes`] each. The pool stays small because every socket
+//! costs time in every poll (smoltcp visits each one per frame and per transmit pass).
 //!
 //! # One iteration ([`Server::step`])
 //!
-//! poll the interface; accept; read every client and run its complete requests; write the
-//! iteration's log records to the disk (group commit: replies that depend on them are held
-//! until then); send the released replies; close what is finished, rejected or idle; poll
-//! again to transmit. The caller then ends the iteration with a POLL (busy) or a WAIT of at
-//! most [`Server::poll_delay`].
+//! Take in the received frames; accept; read every client and run its complete requests;
+//! write the iteration's log records to the disk (group commit: replies that depend on them
+//! are held until then); send the released replies; close what is finished, rejected or
+//! idle; transmit (and run smoltcp's timers). The caller then ends the iteration with a POLL
+//! (busy) or a WAIT of at most [`Server::poll_delay`].
 #![no_std]
 #![warn(missing_docs)]
 extern crate alloc;
@@ -44,6 +45,10 @@ use smoltcp::time::Instant;
 /// `tcp_fin_timeout` is the same 60 s).
 pub const CLOSE_TIMEOUT_MS: u64 = 60_000;
 
+/// Connections being refused or closing that the memory bound allows for beyond the clients
+/// (see [`Config::peak_socket_bytes`]).
+pub const CLOSING_RESERVE: usize = 128;
+
 /// The reply to a client past the limit (Redis's wording).
 pub const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 
@@ -58,7 +63,8 @@ pub struct Config {
     pub max_clients: usize,
     /// Close a client idle this long, in milliseconds (`timeout=SECONDS`; 0: never).
     pub idle_timeout_ms: u64,
-    /// Listening sockets kept ready: at least the frames a poll can meet (receive buffers).
+    /// Listening sockets kept ready; the pool is refilled every this many received frames,
+    /// so any number of SYNs at once finds listeners.
     pub listeners: usize,
     /// Receive buffer of each socket, bytes (the TCP window it offers).
     pub rx_buffer: usize,
@@ -67,7 +73,7 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// Port 6379, default limits, 1024 clients, no idle timeout, 128 listeners, 8 KiB
+    /// Port 6379, default limits, 1024 clients, no idle timeout, 8 listeners, 8 KiB
     /// receive and 8 KiB transmit buffers (so 1024 clients hold 8 MiB of socket buffers
     /// each way).
     fn default() -> Self {
@@ -76,7 +82,7 @@ impl Default for Config {
             limits: Limits::default(),
             max_clients: 1024,
             idle_timeout_ms: 0,
-            listeners: 128,
+            listeners: 8,
             rx_buffer: 8 * 1024,
             tx_buffer: 8 * 1024,
         }
@@ -144,17 +150,18 @@ impl Config {
         self.rx_buffer + self.tx_buffer
     }
 
-    /// Socket buffer bytes at the limit: every client, plus a full listener pool, plus as
-    /// many again for connections being refused or closing. This is what bounds `maxclients`
-    /// (a guest refuses a limit whose sockets would take more than half its heap).
+    /// Socket buffer bytes at the limit: every client, the listener pool, and
+    /// [`CLOSING_RESERVE`] connections being refused or closing. This is what bounds
+    /// `maxclients` (a guest refuses a limit whose sockets would take more than half its
+    /// heap).
     pub fn peak_socket_bytes(&self) -> usize {
-        (self.max_clients + 2 * self.listeners).saturating_mul(self.socket_bytes())
+        (self.max_clients + self.listeners + CLOSING_RESERVE).saturating_mul(self.socket_bytes())
     }
 
     /// The largest `maxclients` whose [`peak_socket_bytes`](Self::peak_socket_bytes) fit in
     /// half of a heap of `heap_bytes`.
     pub fn max_clients_for(&self, heap_bytes: usize) -> usize {
-        (heap_bytes / 2 / self.socket_bytes()).saturating_sub(2 * self.listeners)
+        (heap_bytes / 2 / self.socket_bytes()).saturating_sub(self.listeners + CLOSING_RESERVE)
     }
 }
 
@@ -172,8 +179,6 @@ pub trait Platform {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
-    /// Waiting for a SYN.
-    Listening,
     /// Just took a connection; admitted or refused once the step's departures are known.
     New,
     /// A client being served.
@@ -232,8 +237,10 @@ pub struct Server {
     cfg: Config,
     iface: Interface,
     sockets: SocketSet<'static>,
+    /// Listening sockets.
+    pool: Vec<SocketHandle>,
+    /// Connections (every socket not in the pool).
     slots: Vec<Slot>,
-    listening: usize,
     clients: usize,
     /// Work counters.
     pub stats: Stats,
@@ -253,8 +260,8 @@ impl Server {
             cfg,
             iface,
             sockets: SocketSet::new(Vec::new()),
+            pool: Vec::new(),
             slots: Vec::new(),
-            listening: 0,
             clients: 0,
             stats: Stats::default(),
         }
@@ -272,7 +279,7 @@ impl Server {
 
     /// Open sockets (clients, listeners, refused and closing connections).
     pub fn sockets(&self) -> usize {
-        self.slots.len()
+        self.slots.len() + self.pool.len()
     }
 
     /// The interface (for its addresses and routes).
@@ -280,38 +287,90 @@ impl Server {
         &mut self.iface
     }
 
-    fn new_socket(&self) -> tcp::Socket<'static> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.cfg.rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.cfg.tx_buffer]),
-        );
-        s.set_nagle_enabled(false);
-        s
-    }
-
-    /// Tops the listener pool up to [`Config::listeners`].
-    fn refill_listeners(&mut self) {
-        while self.listening < self.cfg.listeners {
-            let mut s = self.new_socket();
-            let _ = s.listen(self.cfg.port);
-            let handle = self.sockets.add(s);
-            self.slots.push(Slot {
-                handle,
-                role: Role::Listening,
-                conn: Connection::new(self.cfg.limits),
-                out: Vec::new(),
-                sent: 0,
-                counted: false,
-                last_active_ms: 0,
-            });
-            self.listening += 1;
+    fn new_slot(&self, handle: SocketHandle, role: Role) -> Slot {
+        Slot {
+            handle,
+            role,
+            conn: Connection::new(self.cfg.limits),
+            out: Vec::new(),
+            sent: 0,
+            counted: false,
+            last_active_ms: 0,
         }
     }
 
-    fn poll<D: Device>(&mut self, dev: &mut D, now: Instant) {
-        self.refill_listeners();
-        self.iface.poll(now, dev, &mut self.sockets);
+    /// Tops the listener pool up to [`Config::listeners`].
+    fn refill_pool(&mut self) {
+        while self.pool.len() < self.cfg.listeners {
+            let mut s = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; self.cfg.rx_buffer]),
+                tcp::SocketBuffer::new(vec![0; self.cfg.tx_buffer]),
+            );
+            s.set_nagle_enabled(false);
+            let _ = s.listen(self.cfg.port);
+            self.pool.push(self.sockets.add(s));
+        }
+    }
+
+    /// Moves the listeners that took a connection to the connections, as new ones.
+    fn harvest_pool(&mut self) {
+        let mut i = 0;
+        while i < self.pool.len() {
+            let h = self.pool[i];
+            if self.sockets.get::<tcp::Socket>(h).state() != tcp::State::Listen {
+                self.pool.swap_remove(i);
+                let slot = self.new_slot(h, Role::New);
+                self.slots.push(slot);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Takes in every received frame. The pool is refilled every `listeners` frames, so
+    /// however many SYNs arrive at once, each finds a listener.
+    fn ingress<D: Device>(&mut self, dev: &mut D, now: Instant) {
+        use smoltcp::iface::PollIngressSingleResult as R;
         self.stats.polls += 1;
+        loop {
+            self.refill_pool();
+            let mut frames = 0;
+            while frames < self.cfg.listeners {
+                if self.iface.poll_ingress_single(now, dev, &mut self.sockets) == R::None {
+                    break;
+                }
+                frames += 1;
+            }
+            self.harvest_pool();
+            if frames < self.cfg.listeners {
+                break;
+            }
+        }
+    }
+
+    /// Transmits what the sockets have to send (and runs their timers).
+    fn egress<D: Device>(&mut self, dev: &mut D, now: Instant) {
+        use smoltcp::iface::PollResult;
+        self.stats.polls += 1;
+        while self.iface.poll_egress(now, dev, &mut self.sockets) == PollResult::SocketStateChanged
+        {
+        }
+    }
+
+    /// Puts a closed connection's socket back in the pool, or frees it.
+    fn release(&mut self, i: usize) {
+        let slot = self.slots.swap_remove(i);
+        if slot.counted {
+            self.clients -= 1;
+        }
+        if self.pool.len() < self.cfg.listeners {
+            let s = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            s.abort();
+            let _ = s.listen(self.cfg.port);
+            self.pool.push(slot.handle);
+        } else {
+            self.sockets.remove(slot.handle);
+        }
     }
 
     /// One iteration of the loop (see the crate docs). Returns whether it did any work (the
@@ -325,33 +384,26 @@ impl Server {
     ) -> Result<bool, StepError<P::Error>> {
         self.stats.steps += 1;
         let mut busy = false;
-        self.poll(dev, platform.now());
         let now_ms = platform.now_ms();
+        self.ingress(dev, platform.now());
 
         // Read and run requests; note new connections and departures.
         let mut new = Vec::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
+        let mut i = 0;
+        while i < self.slots.len() {
             self.stats.socket_visits += 1;
+            let slot = &mut self.slots[i];
             let s = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            if s.state() == tcp::State::Listen {
+                // A reset during the handshake put the socket back to listening: released
+                // below (not here, where `new` holds indices).
+                i += 1;
+                continue;
+            }
             match slot.role {
-                Role::Listening if s.state() != tcp::State::Listen => {
-                    self.listening -= 1;
-                    slot.role = Role::New;
+                Role::New => {
                     new.push(i);
                     busy = true;
-                    continue;
-                }
-                // A reset during the handshake puts a socket back to listening.
-                Role::Client | Role::Rejected | Role::New if s.state() == tcp::State::Listen => {
-                    if slot.counted {
-                        self.clients -= 1;
-                        slot.counted = false;
-                    }
-                    slot.role = Role::Listening;
-                    slot.conn = Connection::new(self.cfg.limits);
-                    slot.out.clear();
-                    slot.sent = 0;
-                    self.listening += 1;
                 }
                 // A client that sent its FIN (or reset) no longer counts against the limit,
                 // as in Redis, which frees a client at EOF; what it sent before is still
@@ -395,8 +447,9 @@ impl Server {
                         }
                     }
                 }
-                Role::Listening | Role::New => {}
+                Role::New => {}
             }
+            i += 1;
         }
         // Admit the new connections once departures are counted (clients that leave and
         // others that arrive in one batch must not be refused); their requests are read at
@@ -439,6 +492,10 @@ impl Server {
             self.stats.socket_visits += 1;
             let slot = &mut self.slots[i];
             let s = self.sockets.get_mut::<tcp::Socket>(slot.handle);
+            if s.state() == tcp::State::Listen {
+                self.release(i);
+                continue;
+            }
             if slot.role == Role::Client {
                 slot.conn.take_output(log, &mut slot.out);
             }
@@ -473,7 +530,7 @@ impl Server {
                             || (peer_done && slot.conn.pending_output() == 0))
                 }
                 Role::Rejected => flushed && s.state() != tcp::State::SynReceived,
-                Role::Listening | Role::New | Role::Closing => false,
+                Role::New | Role::Closing => false,
             };
             if close || (slot.role == Role::Client && !s.is_open()) {
                 if slot.counted {
@@ -490,26 +547,15 @@ impl Server {
             {
                 s.abort();
             }
-            if slot.role != Role::Listening && !s.is_open() {
+            if slot.role != Role::New && !s.is_open() {
                 // Closed (or in TIME-WAIT): reuse as a listener, or free it.
-                if self.listening < self.cfg.listeners {
-                    s.abort();
-                    let _ = s.listen(self.cfg.port);
-                    slot.role = Role::Listening;
-                    slot.conn = Connection::new(self.cfg.limits);
-                    slot.out = Vec::new();
-                    slot.sent = 0;
-                    self.listening += 1;
-                } else {
-                    self.sockets.remove(slot.handle);
-                    self.slots.swap_remove(i);
-                    continue;
-                }
+                self.release(i);
+                continue;
             }
             i += 1;
         }
         store.set_connected_clients(self.clients as u64);
-        self.poll(dev, platform.now());
+        self.egress(dev, platform.now());
         Ok(busy)
     }
 
