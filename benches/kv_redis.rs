@@ -7,12 +7,15 @@
 //! - the same engine (kvcore) running natively there, with the same durability (one
 //!   `fdatasync` per group commit).
 //!
-//! Each figure is the median of five rounds; the order of the three servers rotates from
+//! Besides throughput it prints each server's CPU time per request (user + system, for the VM
+//! the whole ftvm-node process including guest mode), which load from elsewhere on the
+//! machine disturbs much less than throughput. Each figure is the median of five rounds; the order of the three servers rotates from
 //! round to round, so load from elsewhere on the machine falls on all of them alike.
 //!
 //! `cargo bench -p ftvm-benches --bench kv_redis` (needs root, iproute2, redis-tools,
 //! redis-server, KVM). With `FTVM_KV_BEFORE=path/to/kv.elf` a second kv guest image (e.g. one
-//! built from an older commit) is measured in the same rounds, for before/after tables.
+//! built from an older commit) is measured in the same rounds, for before/after tables (its
+//! ratios in the `before` rows are against the same baselines).
 
 use std::net::TcpListener;
 use std::process::{Child, Stdio};
@@ -149,7 +152,45 @@ impl Drop for RedisServer {
     }
 }
 
-/// One measurement: requests per second, and for the VM the boundaries (exits) per request.
+/// CPU time (user + system, including a vCPU's time in guest mode) `pid` has used, in µs.
+fn cpu_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz * 1e6)
+}
+
+/// The process whose command line has `arg` as one of its arguments.
+fn pid_with_arg(arg: &str) -> Result<u32> {
+    for e in std::fs::read_dir("/proc")? {
+        let e = e?;
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if cmd.split(|&b| b == 0).any(|a| a == arg.as_bytes()) {
+                return Ok(pid);
+            }
+        }
+    }
+    bail!("no process with argument {arg}")
+}
+
+/// What one run measured.
+struct Figures {
+    rps: f64,
+    /// The server's CPU time per request, µs.
+    cpu_us: f64,
+    /// For a VM: boundaries (exits) per request.
+    exits: Option<f64>,
+}
+
+/// One measurement: requests per second, the server's CPU per request, and for the VM the
+/// boundaries (exits) per request.
 fn measure(
     server: Server,
     node: &Host,
@@ -157,13 +198,16 @@ fn measure(
     dir: &std::path::Path,
     run: usize,
     (t, p, n): (&str, u32, u32),
-) -> Result<(f64, Option<f64>)> {
+) -> Result<Figures> {
     let preload = t == "get";
-    let bench = |ip| -> Result<f64> {
+    // Requests per second and the server's CPU µs per request of the measured test.
+    let bench = |ip, pid: u32| -> Result<(f64, f64)> {
         if preload {
             redis_benchmark(client, ip, "set", PRELOAD, 16)?;
         }
-        redis_benchmark(client, ip, t, n, p)
+        let cpu0 = cpu_us(pid)?;
+        let rps = redis_benchmark(client, ip, t, n, p)?;
+        Ok((rps, (cpu_us(pid)? - cpu0) / n as f64))
     };
     match server {
         Server::Vm | Server::Before => {
@@ -194,7 +238,8 @@ fn measure(
                 RunningNode::start(&node.ns, &args)?
             };
             vm.expect_line("kv: listening on", Duration::from_secs(60))?;
-            let rps = bench(node.guest_ip.context("a node")?)?;
+            let pid = pid_with_arg(&disk.display().to_string())?;
+            let (rps, cpu) = bench(node.guest_ip.context("a node")?, pid)?;
             vm.signal(libc::SIGTERM);
             let (_, err) = vm.wait(Duration::from_secs(10))?;
             let bounds: f64 = err
@@ -204,13 +249,22 @@ fn measure(
                 .and_then(|s| s.parse().ok())
                 .context("boundary count")?;
             let requests = n as f64 + if preload { PRELOAD as f64 } else { 0.0 };
-            Ok((rps, Some(bounds / requests)))
+            Ok(Figures {
+                rps,
+                cpu_us: cpu,
+                exits: Some(bounds / requests),
+            })
         }
         Server::Redis => {
             let d = dir.join(format!("redis-{run}"));
             std::fs::create_dir_all(&d)?;
-            let _r = RedisServer::start(node, &d)?;
-            Ok((bench(node.ip)?, None))
+            let r = RedisServer::start(node, &d)?;
+            let (rps, cpu) = bench(node.ip, r.child.id())?;
+            Ok(Figures {
+                rps,
+                cpu_us: cpu,
+                exits: None,
+            })
         }
         Server::Native => {
             let disk_path = dir.join(format!("native-{run}.img"));
@@ -228,11 +282,17 @@ fn measure(
             let s2 = stop.clone();
             let th =
                 std::thread::spawn(move || kvcore::host::serve(listener, &disk, store, log, &s2));
-            let rps = bench(node.ip);
+            // The server is a thread of this otherwise idle process.
+            let r = bench(node.ip, std::process::id());
             stop.store(true, Ordering::Relaxed);
             th.join()
                 .map_err(|_| anyhow::anyhow!("native server panicked"))??;
-            Ok((rps?, None))
+            let (rps, cpu) = r?;
+            Ok(Figures {
+                rps,
+                cpu_us: cpu,
+                exits: None,
+            })
         }
     }
 }
@@ -259,8 +319,9 @@ fn main() -> Result<()> {
     if std::env::var_os("FTVM_KV_BEFORE").is_some() {
         servers.push(Server::Before);
     }
-    // rps[case][server]: one figure per round.
+    // rps[case][server]: one figure per round; the same for CPU per request and exits.
     let mut rps = vec![vec![Vec::new(); servers.len()]; cases.len()];
+    let mut cpu = vec![vec![Vec::new(); servers.len()]; cases.len()];
     let mut exits = vec![vec![Vec::new(); servers.len()]; cases.len()];
     let mut run = 0;
     for round in 0..ROUNDS {
@@ -268,9 +329,10 @@ fn main() -> Result<()> {
             for k in 0..servers.len() {
                 let si = (k + round) % servers.len();
                 run += 1;
-                let (r, e) = measure(servers[si], &node, &client, dir.path(), run, *case)?;
-                rps[ci][si].push(r);
-                if let Some(e) = e {
+                let f = measure(servers[si], &node, &client, dir.path(), run, *case)?;
+                rps[ci][si].push(f.rps);
+                cpu[ci][si].push(f.cpu_us);
+                if let Some(e) = f.exits {
                     exits[ci][si].push(e);
                 }
             }
@@ -283,40 +345,59 @@ fn main() -> Result<()> {
          same engine natively, both in the node's namespace on the same bridge"
     );
     println!(
-        "{:<10} {:>10} {:>13} {:>13} {:>9} {:>10} {:>14}",
-        "test", "VM req/s", "redis req/s", "native req/s", "vs redis", "vs native", "exits/request"
+        "{:<10} {:>10} {:>12} {:>12} {:>9} {:>10} {:>8} {:>8} {:>8} {:>10}",
+        "test",
+        "VM req/s",
+        "redis req/s",
+        "native req/s",
+        "vs redis",
+        "vs native",
+        "VM cpu",
+        "redis",
+        "native",
+        "exits/req"
     );
-    for (ci, (t, p, _)) in cases.iter().enumerate() {
-        let name = format!("{} -P {p}", t.to_uppercase());
-        let raw = format!("{:?}", rps[ci]);
-        let vm = median(&mut rps[ci][0]);
-        let redis = median(&mut rps[ci][1]);
-        let native = median(&mut rps[ci][2]);
+    println!(
+        "{:<10} {:>10} {:>12} {:>12} {:>9} {:>10} {:>8} {:>8} {:>8}",
+        "", "", "", "", "", "", "µs/req", "µs/req", "µs/req"
+    );
+    let row = |name: &str, rps: f64, base: (f64, f64), cpu: [f64; 3], exits: f64| {
         println!(
-            "{:<10} {:>10.0} {:>13.0} {:>13.0} {:>9.2} {:>10.2} {:>14.3}",
+            "{:<10} {:>10.0} {:>12.0} {:>12.0} {:>9.2} {:>10.2} {:>8.1} {:>8.1} {:>8.1} {:>10.3}",
             name,
-            vm,
-            redis,
-            native,
-            vm / redis,
-            vm / native,
-            median(&mut exits[ci][0])
+            rps,
+            base.0,
+            base.1,
+            rps / base.0,
+            rps / base.1,
+            cpu[0],
+            cpu[1],
+            cpu[2],
+            exits
+        )
+    };
+    for (ci, (t, p, _)) in cases.iter().enumerate() {
+        let raw = format!("{:?}", rps[ci]);
+        let m = |v: &mut Vec<f64>| median(v);
+        let base = (m(&mut rps[ci][1]), m(&mut rps[ci][2]));
+        let (cr, cn) = (m(&mut cpu[ci][1]), m(&mut cpu[ci][2]));
+        row(
+            &format!("{} -P {p}", t.to_uppercase()),
+            m(&mut rps[ci][0]),
+            base,
+            [m(&mut cpu[ci][0]), cr, cn],
+            m(&mut exits[ci][0]),
         );
         if servers.len() > 3 {
-            let before = median(&mut rps[ci][3]);
-            println!(
-                "{:<10} {:>10.0} {:>13} {:>13} {:>9.2} {:>10.2} {:>14.3}   (FTVM_KV_BEFORE; VM/before {:.2})",
+            row(
                 "  before",
-                before,
-                "",
-                "",
-                before / redis,
-                before / native,
-                median(&mut exits[ci][3]),
-                vm / before
+                m(&mut rps[ci][3]),
+                base,
+                [m(&mut cpu[ci][3]), cr, cn],
+                m(&mut exits[ci][3]),
             );
         }
-        println!("           each round, per server (VM, redis, native[, before]): {raw}");
+        println!("           req/s each round, per server (VM, redis, native[, before]): {raw}");
     }
     Ok(())
 }
