@@ -377,3 +377,184 @@ fn kv_records_and_replays_identically() {
     // Both disks went through the same writes.
     assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&copy).unwrap());
 }
+
+/// Raises the soft open-file limit to the hard one (1,000+ sockets in one process).
+fn raise_fd_limit(want: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        if r.rlim_cur < want {
+            r.rlim_cur = r.rlim_max.max(want);
+            r.rlim_max = r.rlim_cur;
+            assert_eq!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r),
+                0,
+                "setrlimit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn connected_clients(ns: &netns::Netns, ip: Ipv4Addr) -> u64 {
+    let info = redis_text(ns, ip, &["INFO", "clients"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{info}"))
+}
+
+/// 1,000 idle clients do not lock a new one out; one past `maxclients` gets Redis's error and
+/// is closed; then `redis-benchmark -c 1000` runs without an error.
+#[test]
+fn a_thousand_idle_clients_then_one_past_the_limit() {
+    raise_fd_limit(4096);
+    let (_lab, node, client) = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let _n = start(
+        &node,
+        &dir.path().join("disk.img"),
+        &["--guest-args", "maxclients=1001"],
+    );
+    let ip = gip(&node);
+    let addr = SocketAddr::from((ip, 6379));
+    let (idle, fresh, refused) = in_netns(&client.ns, move || {
+        let connect = || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s
+        };
+        let mut idle: Vec<TcpStream> = (0..1000).map(|_| connect()).collect();
+        // Every idle one is a client being served (not a connection parked somewhere).
+        for i in [0, 499, 999] {
+            idle[i].write_all(b"PING\r\n").unwrap();
+            let mut b = [0u8; 7];
+            idle[i].read_exact(&mut b).unwrap();
+            assert_eq!(&b, b"+PONG\r\n", "idle client {i}");
+        }
+        // The 1001st is served...
+        let mut fresh = connect();
+        fresh.write_all(b"PING\r\nINFO clients\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("blocked_clients") {
+            let n = fresh.read(&mut buf).expect("reply");
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        // ...the 1002nd is told why and closed.
+        let mut past = connect();
+        let _ = past.write_all(b"PING\r\n");
+        let mut refused = Vec::new();
+        loop {
+            match past.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => refused.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("the refused client was not closed: {e}"),
+            }
+        }
+        drop(idle);
+        (String::from_utf8_lossy(&got).into_owned(), fresh, refused)
+    })
+    .unwrap();
+    assert!(idle.starts_with("+PONG\r\n"), "{idle}");
+    assert!(idle.contains("connected_clients:1001\r\n"), "{idle}");
+    assert_eq!(refused, b"-ERR max number of clients reached\r\n");
+    drop(fresh);
+    // Wait (with a deadline) until the server has seen the thousand close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while connected_clients(&client.ns, ip) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed clients never left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = benchmark(
+        &client,
+        ip,
+        &["-c", "1000", "-n", "20000", "-t", "ping,set,get"],
+    );
+    for t in ["PING_INLINE", "SET", "GET"] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{t}:"))),
+            "{t} missing:\n{out}"
+        );
+    }
+}
+
+/// `timeout=SECONDS` closes idle clients (Redis's `timeout`); a client that keeps talking
+/// stays.
+#[test]
+fn idle_clients_are_closed_after_the_timeout() {
+    let (_lab, node, client) = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let _n = start(
+        &node,
+        &dir.path().join("disk.img"),
+        &["--guest-args", "timeout=1"],
+    );
+    let addr = SocketAddr::from((gip(&node), 6379));
+    let (quiet_closed, busy_ok) = in_netns(&client.ns, move || {
+        // Before the connect: the server cannot have accepted it earlier than this.
+        let start = std::time::Instant::now();
+        let mut quiet = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        let mut busy = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        busy.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        quiet.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 64];
+        // The busy client talks every 200 ms until the quiet one has been closed.
+        let quiet_closed = loop {
+            busy.write_all(b"PING\r\n").unwrap();
+            let mut r = [0u8; 7];
+            busy.read_exact(&mut r).unwrap();
+            assert_eq!(&r, b"+PONG\r\n");
+            match quiet.read(&mut b) {
+                Ok(0) => break true,
+                Ok(n) => panic!("unexpected data: {:?}", &b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(1),
+            "closed after {elapsed:?}"
+        );
+        busy.write_all(b"PING\r\n").unwrap();
+        let mut r = [0u8; 7];
+        busy.read_exact(&mut r).unwrap();
+        (quiet_closed, &r == b"+PONG\r\n")
+    })
+    .unwrap();
+    assert!(quiet_closed, "the idle client was never closed");
+    assert!(busy_ok);
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let (_lab, node, _client) = lab();
+    let dir = tempfile::tempdir().unwrap();
+    for (args, says) in [
+        ("sockets=10", "unknown argument"),
+        ("maxclients=0", "bad value"),
+        ("maxclients=100000", "more than half"),
+    ] {
+        let mut n =
+            RunningNode::kv(&node, &dir.path().join("disk.img"), &["--guest-args", args]).unwrap();
+        n.expect_line(says, BOOT)
+            .unwrap_or_else(|e| panic!("{args}: {e:#}"));
+        let (status, _) = n.wait(Duration::from_secs(20)).unwrap();
+        assert_eq!(status.code(), Some(2), "{args}");
+    }
+}

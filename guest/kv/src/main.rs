@@ -4,54 +4,73 @@
 //! on the disk (one group commit per loop iteration; the VMM's disk is write-through). At boot
 //! the data is rebuilt from the disk; a torn or corrupt tail is cut off and reported.
 //!
+//! The network loop (accepting up to `maxclients` clients, refusing one more with Redis's
+//! `-ERR max number of clients reached`, closing idle clients) is the `kvnet` crate.
+//!
 //! Arguments (space separated, all optional): `max-request=BYTES` (largest request a client
-//! may send; larger ones close that connection), `sockets=N` (listening sockets, i.e. the most
-//! concurrent clients, default 128).
+//! may send; larger ones close that connection), `maxclients=N` (most concurrent clients,
+//! default 1024; bounded by memory: each connection holds 16 KiB of socket buffers, and a
+//! limit whose buffers would take more than half the heap is refused), `timeout=SECONDS`
+//! (close clients idle that long; default 0, never).
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
 use alloc::vec;
-use alloc::vec::Vec;
 
 use ftvm_guest::disk::Disk;
-use ftvm_guest::net::Stack;
-use ftvm_guest::smoltcp::iface::SocketHandle;
-use ftvm_guest::smoltcp::socket::tcp;
+use ftvm_guest::net::{self, GuestNet};
 use ftvm_guest::{control, println, time, virtio};
-use kvcore::{aof, Connection, Limits, LogWriter, Store};
+use kvcore::{aof, LogWriter, Store};
+use kvnet::{Config, Server, StepError};
 
 ftvm_guest::entry!(main);
 
-const PORT: u16 = 6379;
 /// Longest the loop sleeps when idle (smoltcp's timers usually ask for less).
 const MAX_IDLE_NS: u64 = 500_000_000;
-
-struct Client {
-    handle: SocketHandle,
-    conn: Connection,
-    out: Vec<u8>,
-}
-
-fn option(args: &str, key: &str) -> Option<u64> {
-    args.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
 
 fn now_ms() -> u64 {
     time::wall_now_ns() / 1_000_000
 }
 
-fn main(boot: &ftvm_guest::Boot) -> i32 {
-    let mut limits = Limits::default();
-    if let Some(n) = option(boot.args(), "max-request") {
-        limits.max_request_len = n as usize;
-        limits.max_bulk_len = limits.max_bulk_len.min(n as usize);
-        limits.max_inline_len = limits.max_inline_len.min(n as usize);
+/// The VMM's clock and the virtio-blk disk.
+struct Guest {
+    disk: Disk,
+}
+
+impl kvnet::Platform for Guest {
+    type Error = ftvm_guest::disk::DiskError;
+    fn now(&self) -> ftvm_guest::smoltcp::time::Instant {
+        net::now()
     }
-    let nsockets = option(boot.args(), "sockets").unwrap_or(128) as usize;
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+    fn write_disk(&mut self, offset: u64, bytes: &[u8]) -> Result<(), Self::Error> {
+        self.disk.write(offset, bytes)
+    }
+}
+
+fn main(boot: &ftvm_guest::Boot) -> i32 {
+    let cfg = match Config::from_args(boot.args()) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("kv: {e}");
+            return 2;
+        }
+    };
+    let heap = (boot.info().heap_end - boot.info().heap_start) as usize;
+    if cfg.peak_socket_bytes() > heap / 2 {
+        println!(
+            "kv: maxclients={} needs up to {} MiB of socket buffers, more than half the {} MiB heap: at most {} fit (give the VM more --mem)",
+            cfg.max_clients,
+            cfg.peak_socket_bytes() >> 20,
+            heap >> 20,
+            cfg.max_clients_for(heap)
+        );
+        return 2;
+    }
     let Some(netcfg) = boot.net() else {
         println!("kv: no network configured (run with --tap, --mac and --ip)");
         return 2;
@@ -108,101 +127,47 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
     println!("kv: {} keys", store.len());
 
     // The network.
-    let mut net = match Stack::new(net, &netcfg, control::entropy()) {
-        Ok(n) => n,
+    let mut dev = match GuestNet::new(net) {
+        Ok(d) => d,
         Err(e) => {
             println!("kv: virtio-net: {e:?}");
             return 1;
         }
     };
+    let iface = net::interface(&mut dev, &netcfg, control::entropy());
+    let mut server = Server::new(cfg, iface);
+    let mut guest = Guest { disk };
     let [a, b, c, d] = netcfg.ipv4;
-    let mut clients: Vec<Client> = (0..nsockets)
-        .map(|_| {
-            let mut s = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; 16 * 1024]),
-                tcp::SocketBuffer::new(vec![0; 64 * 1024]),
-            );
-            s.set_nagle_enabled(false);
-            let _ = s.listen(PORT);
-            Client {
-                handle: net.sockets.add(s),
-                conn: Connection::new(limits),
-                out: Vec::new(),
-            }
-        })
-        .collect();
     println!(
-        "kv: listening on {a}.{b}.{c}.{d}:{PORT} ({nsockets} sockets, requests up to {} bytes)",
-        limits.max_request_len
+        "kv: listening on {a}.{b}.{c}.{d}:{} (up to {} clients, idle timeout {} s, requests up to {} bytes)",
+        cfg.port,
+        cfg.max_clients,
+        cfg.idle_timeout_ms / 1000,
+        cfg.limits.max_request_len
     );
-
-    let mut rx = vec![0u8; 16 * 1024];
     loop {
-        let mut busy = false;
-        net.poll();
-        let now = now_ms();
-        let mut connected = 0;
-        for cl in clients.iter_mut() {
-            let s = net.sockets.get_mut::<tcp::Socket>(cl.handle);
-            while s.can_recv() {
-                match s.recv_slice(&mut rx) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        cl.conn.feed(&rx[..n]);
-                        busy = true;
-                    }
-                }
-            }
-            if s.is_active() {
-                connected += 1;
-            }
-            cl.conn.process(&mut store, &mut log, now);
-        }
-        store.set_connected_clients(connected);
-        // Group commit: the iteration's writes reach the disk before any reply leaves.
-        if let Some(batch) = log.seal() {
-            if let Err(e) = disk.write(batch.offset, &batch.bytes) {
+        let before = server.stats;
+        let busy = match server.step(&mut dev, &mut guest, &mut store, &mut log) {
+            Ok(b) => b,
+            Err(StepError::Disk(e)) => {
                 println!("kv: disk write failed: {e:?}; stopping");
                 return 1;
             }
-            log.mark_durable();
-            if log.should_compact() && !log.has_unsealed() {
-                match log.compact(&store, now) {
-                    Ok(()) => println!("kv: compacting the log ({} keys)", store.len()),
-                    Err(e) => println!("kv: cannot compact the log: {e:?}"),
-                }
-            }
-            busy = true;
+        };
+        if server.stats.compactions != before.compactions {
+            println!("kv: compacting the log ({} keys)", store.len());
         }
-        for cl in clients.iter_mut() {
-            let s = net.sockets.get_mut::<tcp::Socket>(cl.handle);
-            cl.conn.take_output(&log, &mut cl.out);
-            while !cl.out.is_empty() && s.can_send() {
-                match s.send_slice(&cl.out) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        cl.out.drain(..n);
-                        busy = true;
-                    }
-                }
-            }
-            let peer_done = matches!(s.state(), tcp::State::CloseWait);
-            if (cl.conn.finished() || peer_done)
-                && cl.out.is_empty()
-                && s.is_open()
-                && s.state() != tcp::State::Listen
-            {
-                s.close();
-            }
-            if !s.is_open() {
-                // Closed (or timed out): listen again with a fresh connection state.
-                s.abort();
-                let _ = s.listen(PORT);
-                cl.conn = Connection::new(limits);
-                cl.out.clear();
-            }
+        if server.stats.compaction_failures != before.compaction_failures {
+            println!("kv: cannot compact the log");
         }
-        net.poll();
-        net.idle(busy, MAX_IDLE_NS);
+        // End the iteration: POLL while there is work, else WAIT for a frame or a timer.
+        if busy || dev.has_rx() {
+            control::poll();
+        } else {
+            let delay = server
+                .poll_delay(net::now(), now_ms())
+                .map_or(MAX_IDLE_NS, |d| d.min(MAX_IDLE_NS));
+            time::wait_until(time::now_ns().saturating_add(delay.max(1)));
+        }
     }
 }

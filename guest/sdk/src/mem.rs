@@ -50,13 +50,28 @@ pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
     dest
 }
 
-/// Compares `n` bytes.
+/// Compares `n` bytes, eight at a time while it can.
 ///
 /// # Safety
 /// Both ranges valid for `n` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n and the caller guarantees n readable bytes on both sides.
+        let (x, y) = unsafe {
+            (
+                a.add(i).cast::<u64>().read_unaligned(),
+                b.add(i).cast::<u64>().read_unaligned(),
+            )
+        };
+        if x != y {
+            // The first differing byte is the lowest one that differs (little-endian).
+            let k = ((x ^ y).trailing_zeros() / 8) as usize;
+            return ((x >> (8 * k)) as u8) as i32 - ((y >> (8 * k)) as u8) as i32;
+        }
+        i += 8;
+    }
     while i < n {
         // SAFETY: i < n and the caller guarantees n readable bytes on both sides; volatile
         // reads keep the loop from being turned back into a memcmp call.

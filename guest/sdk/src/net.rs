@@ -14,7 +14,8 @@ use crate::virtio::{GuestHal, Mmio};
 /// Descriptors per queue.
 pub const QUEUE_SIZE: usize = 256;
 const BUF_LEN: usize = 2048;
-const RX_BUFS: usize = 128;
+/// Receive buffers kept posted: the most frames that can wait for one `Interface::poll`.
+pub const RX_BUFS: usize = 128;
 const TX_BUFS: usize = 128;
 
 /// A virtio-net device for smoltcp.
@@ -173,6 +174,36 @@ pub struct Stack {
     pub sockets: smoltcp::iface::SocketSet<'static>,
 }
 
+/// A smoltcp interface on `dev` with the address, prefix and gateway in `cfg`; `seed` seeds
+/// smoltcp (take it from the VMM's entropy).
+pub fn interface(
+    dev: &mut GuestNet,
+    cfg: &ftvm_abi::NetConfig,
+    seed: u64,
+) -> smoltcp::iface::Interface {
+    use smoltcp::iface::{Config, Interface};
+    use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&cfg.mac[..6]);
+    let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    config.random_seed = seed;
+    let mut iface = Interface::new(config, dev, now());
+    let [a, b, c, d] = cfg.ipv4;
+    iface.update_ip_addrs(|addrs| {
+        let _ = addrs.push(IpCidr::new(
+            Ipv4Address::new(a, b, c, d).into(),
+            cfg.prefix_len as u8,
+        ));
+    });
+    if cfg.gateway != [0; 4] {
+        let [a, b, c, d] = cfg.gateway;
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
+    }
+    iface
+}
+
 /// smoltcp's notion of now, from the VMM's clock as of the last exit.
 pub fn now() -> Instant {
     Instant::from_micros((crate::time::now_ns() / 1000) as i64)
@@ -186,31 +217,12 @@ impl Stack {
         cfg: &ftvm_abi::NetConfig,
         seed: u64,
     ) -> Result<Self, virtio_drivers::Error> {
-        use smoltcp::iface::{Config, Interface, SocketSet};
-        use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
         let mut dev = GuestNet::new(transport)?;
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&cfg.mac[..6]);
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-        config.random_seed = seed;
-        let mut iface = Interface::new(config, &mut dev, now());
-        let [a, b, c, d] = cfg.ipv4;
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(
-                Ipv4Address::new(a, b, c, d).into(),
-                cfg.prefix_len as u8,
-            ));
-        });
-        if cfg.gateway != [0; 4] {
-            let [a, b, c, d] = cfg.gateway;
-            let _ = iface
-                .routes_mut()
-                .add_default_ipv4_route(Ipv4Address::new(a, b, c, d));
-        }
+        let iface = interface(&mut dev, cfg, seed);
         Ok(Stack {
             dev,
             iface,
-            sockets: SocketSet::new(Vec::new()),
+            sockets: smoltcp::iface::SocketSet::new(Vec::new()),
         })
     }
 

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -20,11 +21,17 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// Largest frame a read can return (a TAP never delivers more than 64 KiB at once).
+const READ_BUF: usize = 65_536;
+
 /// An open TAP device.
 #[derive(Debug)]
 pub struct Tap {
     file: File,
     name: String,
+    /// Scratch space for reads, reused so that a read costs no 64 KiB allocation and zeroing
+    /// (one per frame, and one more per empty poll, before).
+    scratch: Mutex<Box<[u8]>>,
 }
 
 impl Tap {
@@ -60,6 +67,7 @@ impl Tap {
         Ok(Tap {
             file,
             name: name.to_string(),
+            scratch: Mutex::new(vec![0u8; READ_BUF].into_boxed_slice()),
         })
     }
 
@@ -75,12 +83,9 @@ impl Tap {
 
     /// Reads one frame if one is waiting.
     pub fn try_read(&self) -> std::io::Result<Option<Vec<u8>>> {
-        let mut buf = vec![0u8; 65_536];
-        match (&self.file).read(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                Ok(Some(buf))
-            }
+        let mut buf = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        match (&self.file).read(&mut buf[..]) {
+            Ok(n) => Ok(Some(buf[..n].to_vec())),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(None),
             Err(e) => Err(e),
