@@ -19,6 +19,7 @@ const GUESTS: &[&str] = &[
     "kv",
     "badvirtio",
     "diskwait",
+    "timecheck",
 ];
 
 fn main() {

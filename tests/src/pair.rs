@@ -41,6 +41,8 @@ pub struct PairOptions {
     pub disk_size: String,
     /// Extra lines for every node.toml.
     pub extra: String,
+    /// The guest (default `kv`).
+    pub guest: String,
 }
 
 impl Default for PairOptions {
@@ -53,6 +55,7 @@ impl Default for PairOptions {
             digest_every: 200,
             disk_size: "16M".into(),
             extra: String::new(),
+            guest: "kv".into(),
         }
     }
 }
@@ -126,7 +129,7 @@ heartbeat = "{hb}"
 failure_timeout = "{ft}"
 max_lag = "{lag}"
 digest_every = {de}
-guest = "kv"
+guest = "{guest}"
 mem = "64M"
 disk = "{dir}/{me_name}.img"
 disk_size = "{ds}"
@@ -147,6 +150,7 @@ ip = "{guest_ip}/24"
                 ds = opts.disk_size,
                 tap = me.tap.clone().context("node")?,
                 extra = opts.extra,
+                guest = opts.guest,
             );
             std::fs::write(dir.path().join(format!("{}.toml", me.role)), text)?;
         }

@@ -104,3 +104,185 @@ fn kill_9_of_the_backup_under_load_the_primary_goes_on_alone() {
     assert_eq!(s["generation"], 2, "{s}");
     finish_load(&lab, load);
 }
+
+/// The exit status of a node (waiting at most 20 s).
+fn exit_code(n: RunningNode) -> Option<i32> {
+    n.wait(Duration::from_secs(20)).unwrap().0.code()
+}
+
+/// `unix ns` of the last frame node `name` released, from its exit log line.
+fn last_release(lab: &PairLab, name: &str) -> u64 {
+    let log = std::fs::read_to_string(lab.log(name)).unwrap();
+    let line = log.lines().rev().find(|l| l.contains("node exiting")).expect("exit line");
+    let v = line.split("last_release_unix_ns=").nth(1).expect("field");
+    v.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[test]
+fn a_cut_channel_leaves_exactly_one_node_running_and_the_other_halts_66() {
+    for delay_ms in [300u64, 1100] {
+        let mut lab = pair(PairOptions::default());
+        let (pn, primary, bn, backup) = start_pair(&mut lab);
+        let load = start_load(&lab);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        lab.lab.cut_link(lab.host(&pn), true).unwrap();
+        // Both reach the witness: one is granted, the other denied and halts.
+        let (mut p, mut b) = (Some(primary), Some(backup));
+        let deadline = std::time::Instant::now() + ROLE;
+        let mut halted = None;
+        while halted.is_none() && std::time::Instant::now() < deadline {
+            if p.as_mut().is_some_and(|n| !n.is_running()) {
+                halted = Some((pn.clone(), p.take().unwrap(), bn.clone()));
+            } else if b.as_mut().is_some_and(|n| !n.is_running()) {
+                halted = Some((bn.clone(), b.take().unwrap(), pn.clone()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (hname, h, survivor) = halted.expect("one node halted");
+        assert_eq!(exit_code(h), Some(66), "{} (cut at {delay_ms} ms): {}", hname, lab.logs(30));
+        let s = lab.wait_role(&survivor, "alone", ROLE).unwrap();
+        assert_eq!(s["generation"], 2, "{s}");
+        finish_load(&lab, load);
+        lab.lab.cut_link(lab.host(&pn), false).unwrap();
+        eprintln!("cut at {delay_ms} ms: {survivor} runs, {hname} halted with 66");
+    }
+}
+
+#[test]
+fn with_the_witness_down_nobody_goes_live_until_it_returns() {
+    let mut lab = pair(PairOptions::default());
+    let (_pn, primary, bn, _backup) = start_pair(&mut lab);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = start_writer(&lab.client.ns, lab.guest_ip, "w", stop.clone(), Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.kill_witness();
+    primary.kill9();
+    // The backup caught up and wants to claim, but cannot: it says so and serves nothing.
+    let deadline = std::time::Instant::now() + ROLE;
+    let s = loop {
+        let s = lab.status(&bn).unwrap();
+        if s["witness_reachable"] == false && s["role"] == "claiming" {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never reported the witness unreachable: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(s["witness_error"].is_string(), "{s}");
+    let released = s["released_frames"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let s2 = lab.status(&bn).unwrap();
+    assert_eq!(s2["role"], "claiming", "{s2}");
+    assert_eq!(s2["released_frames"].as_u64().unwrap(), released, "nothing reached a client: {s2}");
+    let log = std::fs::read_to_string(lab.log(&bn)).unwrap();
+    assert!(log.contains("WITNESS UNREACHABLE"), "the node says so loudly");
+    lab.start_witness().unwrap();
+    let s = lab.wait_role(&bn, "alone", ROLE).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let hist = writer.join().unwrap();
+    assert_eq!(hist.client_error, None);
+    let v = verify(&lab.client.ns, lab.guest_ip, &hist).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert!(hist.max_gap >= Duration::from_secs(2), "the client waited for the witness: {:?}", hist.max_gap);
+}
+
+#[test]
+fn a_primary_stopped_past_the_timeout_is_fenced_and_releases_nothing_after() {
+    let mut lab = pair(PairOptions::default());
+    let (pn, primary, bn, _backup) = start_pair(&mut lab);
+    let load = start_load(&lab);
+    std::thread::sleep(Duration::from_millis(600));
+    primary.signal(libc::SIGSTOP);
+    let s = lab.wait_role(&bn, "alone", ROLE).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    std::thread::sleep(Duration::from_millis(300));
+    let resumed = unix_ns();
+    primary.signal(libc::SIGCONT);
+    assert_eq!(exit_code(primary), Some(66), "the old primary finds itself fenced: {}", lab.logs(20));
+    let last = last_release(&lab, &pn);
+    assert!(last < resumed, "the fenced primary released a frame {} ms after it resumed", (last - resumed) / 1_000_000);
+    finish_load(&lab, load);
+}
+
+#[test]
+fn a_primary_stalled_just_past_the_timeout_loses_no_acknowledged_write() {
+    let mut lab = pair(PairOptions::default());
+    let (_pn, primary, bn, _backup) = start_pair(&mut lab);
+    let load = start_load(&lab);
+    std::thread::sleep(Duration::from_millis(600));
+    primary.signal(libc::SIGSTOP);
+    // failure_timeout is 200 ms: resume it while the backup's claim is in flight.
+    std::thread::sleep(Duration::from_millis(215));
+    primary.signal(libc::SIGCONT);
+    let s = lab.wait_role(&bn, "alone", ROLE).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(exit_code(primary), Some(66), "{}", lab.logs(20));
+    finish_load(&lab, load);
+}
+
+#[test]
+fn restarted_nodes_do_not_claim_while_the_other_runs_the_vm() {
+    let mut lab = pair(PairOptions::default());
+    let (pn, primary, bn, backup) = start_pair(&mut lab);
+    // A former backup restarted while the primary (now alone) runs: it waits, runs nothing.
+    backup.kill9();
+    lab.wait_role(&pn, "alone", ROLE).unwrap();
+    let again = lab.start_node(&bn, &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let s = lab.status(&bn).unwrap();
+    assert_eq!(s["role"], "starting", "{s}");
+    assert_eq!(s["boundary"], 0, "{s}");
+    assert_eq!(s["peer_role"], "alone", "{s}");
+    assert_eq!(lab.status(&pn).unwrap()["generation"], 2);
+    drop(again);
+    drop(primary);
+}
+
+#[test]
+fn a_former_primary_restarted_during_the_takeover_does_not_claim() {
+    let mut lab = pair(PairOptions::default());
+    let (pn, primary, bn, _backup) = start_pair(&mut lab);
+    primary.kill9();
+    let again = lab.start_node(&pn, &[]).unwrap();
+    let s = lab.wait_role(&bn, "alone", ROLE).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    std::thread::sleep(Duration::from_secs(1));
+    let s = lab.status(&pn).unwrap();
+    assert_eq!(s["role"], "starting", "{s}");
+    assert_eq!(s["boundary"], 0, "the restarted primary runs no guest: {s}");
+    drop(again);
+}
+
+#[test]
+fn guest_time_never_goes_backwards_across_a_failover() {
+    let mut lab = pair(PairOptions {
+        guest: "timecheck".into(),
+        ..PairOptions::default()
+    });
+    lab.start_witness().unwrap();
+    let mut a = lab.start_node("a", &[]).unwrap();
+    let mut b = lab.start_node("b", &[]).unwrap();
+    a.expect_line("timecheck: ok round 1000", BOOT).unwrap();
+    b.expect_line("timecheck: ok round 1000", BOOT).unwrap();
+    let (primary, mut backup, bn) = if lab.status("a").unwrap()["role"] == "primary" {
+        (a, b, "b")
+    } else {
+        (b, a, "a")
+    };
+    primary.kill9();
+    lab.wait_role(bn, "alone", ROLE).unwrap();
+    let before = backup.console.len();
+    backup.expect_line("timecheck: ok round 3000", Duration::from_secs(30)).unwrap();
+    assert!(backup.console.len() > before);
+    backup.signal(libc::SIGTERM);
+    let (st, _) = backup.wait(Duration::from_secs(10)).unwrap();
+    assert_eq!(st.code(), Some(128 + 15), "the guest did not stop on its own (BACKWARDS exits 1)");
+}

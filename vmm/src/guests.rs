@@ -24,6 +24,7 @@ pub fn purpose(name: &str) -> &'static str {
         "clockwork" => "test guest: diverges at once if any input is not replayed faithfully",
         "badvirtio" => "test guest: malformed virtio requests the VMM must survive",
         "diskwait" => "test guest: block reads taken at WAITs (needs --disk)",
+        "timecheck" => "test guest: checks its clocks never go backwards (across failovers)",
         _ => "",
     }
 }

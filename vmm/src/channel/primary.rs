@@ -375,6 +375,7 @@ pub async fn output_task(
             .store(l > cfg.max_lag.as_nanos() as u64, Ordering::Relaxed);
         for (b, f) in gate.release(now) {
             ChannelStats::add(&stats.frames_released, 1);
+            ChannelStats::set(&stats.last_release_unix_ns, unix_ns());
             stats.released_boundary.fetch_max(b, Ordering::Relaxed);
             if let Some(t) = &tap {
                 if let Err(e) = t.write_frame(&f) {
@@ -393,6 +394,12 @@ pub async fn output_task(
     }
     let _ = events.send(OutputEvent::Finished);
     gate
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn lose(

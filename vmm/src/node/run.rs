@@ -31,7 +31,7 @@ use crate::channel::primary::{
     output_task, ChannelLog, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle,
     ToChannel,
 };
-use crate::channel::now_ns;
+use crate::channel::{now_ns, ChannelStats};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::net::FrameSink;
 use crate::epoch::{Boundary, InputError};
@@ -355,6 +355,13 @@ async fn main(node: Arc<Node>) -> NodeExit {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
     }
+    let st = &node.shared.stats;
+    tracing::info!(
+        released_frames = ChannelStats::get(&st.frames_released),
+        last_release_unix_ns = ChannelStats::get(&st.last_release_unix_ns),
+        generation = node.generation(),
+        "node exiting: {r:?}"
+    );
     ep.close(quinn::VarInt::from_u32(0), b"node stopping");
     let _ = std::fs::remove_file(&node.cfg.control);
     r
