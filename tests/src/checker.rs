@@ -87,7 +87,10 @@ fn resp(args: &[&str]) -> Vec<u8> {
 fn read_reply(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
     }
     let line = line.trim_end().to_string();
     if let Some(n) = line.strip_prefix('$') {
@@ -135,13 +138,14 @@ pub fn start_writer(
 
 fn writer(addr: Ipv4Addr, prefix: &str, stop: &AtomicBool, reply_timeout: Duration) -> History {
     let mut h = History::default();
-    let conn = match TcpStream::connect_timeout(&SocketAddr::from((addr, 6379)), Duration::from_secs(5)) {
-        Ok(c) => c,
-        Err(e) => {
-            h.client_error = Some(format!("connect: {e}"));
-            return h;
-        }
-    };
+    let conn =
+        match TcpStream::connect_timeout(&SocketAddr::from((addr, 6379)), Duration::from_secs(5)) {
+            Ok(c) => c,
+            Err(e) => {
+                h.client_error = Some(format!("connect: {e}"));
+                return h;
+            }
+        };
     let _ = conn.set_nodelay(true);
     let _ = conn.set_read_timeout(Some(reply_timeout));
     let mut w = conn.try_clone().expect("clone");
@@ -151,14 +155,29 @@ fn writer(addr: Ipv4Addr, prefix: &str, stop: &AtomicBool, reply_timeout: Durati
     let ctr = format!("{prefix}:ctr");
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let (kind, key, value) = if i % 2 == 0 {
+        let (kind, key, value) = if i.is_multiple_of(2) {
             ("INCR", ctr.clone(), String::new())
         } else {
-            ("SET", format!("{prefix}:{i}"), format!("v{i}-{}", i.wrapping_mul(2654435761) % 1_000_003))
+            (
+                "SET",
+                format!("{prefix}:{i}"),
+                format!("v{i}-{}", i.wrapping_mul(2654435761) % 1_000_003),
+            )
         };
-        let req = if kind == "SET" { resp(&["SET", &key, &value]) } else { resp(&["INCR", &key]) };
+        let req = if kind == "SET" {
+            resp(&["SET", &key, &value])
+        } else {
+            resp(&["INCR", &key])
+        };
         let invoked = Instant::now();
-        h.ops.push(Op { kind, key, value, invoked, completed: None, reply: None });
+        h.ops.push(Op {
+            kind,
+            key,
+            value,
+            invoked,
+            completed: None,
+            reply: None,
+        });
         if let Err(e) = w.write_all(&req) {
             h.client_error = Some(format!("write: {e}"));
             break;
@@ -185,7 +204,8 @@ fn writer(addr: Ipv4Addr, prefix: &str, stop: &AtomicBool, reply_timeout: Durati
 pub fn verify(ns: &Netns, addr: Ipv4Addr, hist: &History) -> Result<Verdict> {
     let ops = hist.ops.clone();
     let joined = spawn_in_netns(ns, move || -> Result<Verdict> {
-        let conn = TcpStream::connect_timeout(&SocketAddr::from((addr, 6379)), Duration::from_secs(10))?;
+        let conn =
+            TcpStream::connect_timeout(&SocketAddr::from((addr, 6379)), Duration::from_secs(10))?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut w = conn.try_clone()?;
         let mut r = BufReader::new(conn);
@@ -204,7 +224,8 @@ pub fn verify(ns: &Netns, addr: Ipv4Addr, hist: &History) -> Result<Verdict> {
                     w.write_all(&resp(&["GET", &op.key]))?;
                     let got = read_reply(&mut r)?;
                     if got != op.value {
-                        v.lost.push(format!("{} = {:?}, read {got:?}", op.key, op.value));
+                        v.lost
+                            .push(format!("{} = {:?}, read {got:?}", op.key, op.value));
                     }
                 }
                 _ => {
@@ -223,7 +244,9 @@ pub fn verify(ns: &Netns, addr: Ipv4Addr, hist: &History) -> Result<Verdict> {
             w.write_all(&resp(&["GET", &k]))?;
             let got: i64 = read_reply(&mut r)?.parse().unwrap_or(-1);
             if got < last {
-                v.incr_anomalies.push(format!("counter reads {got}, below the acknowledged {last}"));
+                v.incr_anomalies.push(format!(
+                    "counter reads {got}, below the acknowledged {last}"
+                ));
             }
         }
         Ok(v)

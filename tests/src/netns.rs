@@ -598,8 +598,8 @@ impl Lab {
         let ky = y.ns.name.rsplit('-').nth(1).unwrap_or("y").to_string();
         let (ix, iy) = (format!("{}c{kx}", self.id), format!("{}c{ky}", self.id));
         ip(&[
-            "link", "add", &ix, "netns", &x.ns.name, "type", "veth", "peer", "name", &iy,
-            "netns", &y.ns.name,
+            "link", "add", &ix, "netns", &x.ns.name, "type", "veth", "peer", "name", &iy, "netns",
+            &y.ns.name,
         ])?;
         let (ax, ay) = (Ipv4Addr::new(10, 204, 0, 1), Ipv4Addr::new(10, 204, 0, 2));
         for (h, i, a) in [(x, &ix, ax), (y, &iy, ay)] {

@@ -144,6 +144,11 @@ impl RunningNode {
         }
     }
 
+    /// The process id (0 once waited for).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {

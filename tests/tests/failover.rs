@@ -46,17 +46,38 @@ struct Load {
 
 fn start_load(lab: &PairLab) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(&lab.client.ns, lab.guest_ip, "w", stop.clone(), Duration::from_secs(20)).unwrap();
+    let writer = start_writer(
+        &lab.client.ns,
+        lab.guest_ip,
+        "w",
+        stop.clone(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     let bench = lab
         .client
         .ns
         .command("redis-benchmark")
-        .args(["-h", &lab.guest_ip.to_string(), "-q", "-n", "40000", "-c", "8", "-t", "set,get"])
+        .args([
+            "-h",
+            &lab.guest_ip.to_string(),
+            "-q",
+            "-n",
+            "40000",
+            "-c",
+            "8",
+            "-t",
+            "set,get",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("redis-benchmark (scripts/setup installs redis-tools)");
-    Load { stop, writer, bench }
+    Load {
+        stop,
+        writer,
+        bench,
+    }
 }
 
 /// Stops the load and checks everything the clients were told.
@@ -65,11 +86,25 @@ fn finish_load(lab: &PairLab, load: Load) {
     load.stop.store(true, Ordering::Relaxed);
     let hist = load.writer.join().unwrap();
     let out = load.bench.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n") + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "redis-benchmark failed across the failover: {text}");
-    assert!(!text.to_lowercase().contains("error"), "redis-benchmark saw an error: {text}");
-    assert_eq!(hist.client_error, None, "the checker's connection broke (it must carry on)");
-    assert!(hist.acked() > 20, "the checker got only {} replies", hist.acked());
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n")
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "redis-benchmark failed across the failover: {text}"
+    );
+    assert!(
+        !text.to_lowercase().contains("error"),
+        "redis-benchmark saw an error: {text}"
+    );
+    assert_eq!(
+        hist.client_error, None,
+        "the checker's connection broke (it must carry on)"
+    );
+    assert!(
+        hist.acked() > 20,
+        "the checker got only {} replies",
+        hist.acked()
+    );
     let v = verify(&lab.client.ns, lab.guest_ip, &hist).unwrap();
     assert!(v.ok(), "lost or wrong: {v:?}");
     eprintln!(
@@ -113,7 +148,11 @@ fn exit_code(n: RunningNode) -> Option<i32> {
 /// `unix ns` of the last frame node `name` released, from its exit log line.
 fn last_release(lab: &PairLab, name: &str) -> u64 {
     let log = std::fs::read_to_string(lab.log(name)).unwrap();
-    let line = log.lines().rev().find(|l| l.contains("node exiting")).expect("exit line");
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("node exiting"))
+        .expect("exit line");
     let v = line.split("last_release_unix_ns=").nth(1).expect("field");
     v.split_whitespace().next().unwrap().parse().unwrap()
 }
@@ -146,7 +185,13 @@ fn a_cut_channel_leaves_exactly_one_node_running_and_the_other_halts_66() {
             std::thread::sleep(Duration::from_millis(20));
         }
         let (hname, h, survivor) = halted.expect("one node halted");
-        assert_eq!(exit_code(h), Some(66), "{} (cut at {delay_ms} ms): {}", hname, lab.logs(30));
+        assert_eq!(
+            exit_code(h),
+            Some(66),
+            "{} (cut at {delay_ms} ms): {}",
+            hname,
+            lab.logs(30)
+        );
         let s = lab.wait_role(&survivor, "alone", ROLE).unwrap();
         assert_eq!(s["generation"], 2, "{s}");
         finish_load(&lab, load);
@@ -160,7 +205,14 @@ fn with_the_witness_down_nobody_goes_live_until_it_returns() {
     let mut lab = pair(PairOptions::default());
     let (_pn, primary, bn, _backup) = start_pair(&mut lab);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(&lab.client.ns, lab.guest_ip, "w", stop.clone(), Duration::from_secs(30)).unwrap();
+    let writer = start_writer(
+        &lab.client.ns,
+        lab.guest_ip,
+        "w",
+        stop.clone(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     lab.kill_witness();
     primary.kill9();
@@ -171,7 +223,10 @@ fn with_the_witness_down_nobody_goes_live_until_it_returns() {
         if s["witness_reachable"] == false && s["role"] == "claiming" {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "never reported the witness unreachable: {s}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reported the witness unreachable: {s}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(s["witness_error"].is_string(), "{s}");
@@ -179,9 +234,16 @@ fn with_the_witness_down_nobody_goes_live_until_it_returns() {
     std::thread::sleep(Duration::from_secs(2));
     let s2 = lab.status(&bn).unwrap();
     assert_eq!(s2["role"], "claiming", "{s2}");
-    assert_eq!(s2["released_frames"].as_u64().unwrap(), released, "nothing reached a client: {s2}");
+    assert_eq!(
+        s2["released_frames"].as_u64().unwrap(),
+        released,
+        "nothing reached a client: {s2}"
+    );
     let log = std::fs::read_to_string(lab.log(&bn)).unwrap();
-    assert!(log.contains("WITNESS UNREACHABLE"), "the node says so loudly");
+    assert!(
+        log.contains("WITNESS UNREACHABLE"),
+        "the node says so loudly"
+    );
     lab.start_witness().unwrap();
     let s = lab.wait_role(&bn, "alone", ROLE).unwrap();
     assert_eq!(s["generation"], 2, "{s}");
@@ -191,7 +253,11 @@ fn with_the_witness_down_nobody_goes_live_until_it_returns() {
     assert_eq!(hist.client_error, None);
     let v = verify(&lab.client.ns, lab.guest_ip, &hist).unwrap();
     assert!(v.ok(), "{v:?}");
-    assert!(hist.max_gap >= Duration::from_secs(2), "the client waited for the witness: {:?}", hist.max_gap);
+    assert!(
+        hist.max_gap >= Duration::from_secs(2),
+        "the client waited for the witness: {:?}",
+        hist.max_gap
+    );
 }
 
 #[test]
@@ -206,9 +272,18 @@ fn a_primary_stopped_past_the_timeout_is_fenced_and_releases_nothing_after() {
     std::thread::sleep(Duration::from_millis(300));
     let resumed = unix_ns();
     primary.signal(libc::SIGCONT);
-    assert_eq!(exit_code(primary), Some(66), "the old primary finds itself fenced: {}", lab.logs(20));
+    assert_eq!(
+        exit_code(primary),
+        Some(66),
+        "the old primary finds itself fenced: {}",
+        lab.logs(20)
+    );
     let last = last_release(&lab, &pn);
-    assert!(last < resumed, "the fenced primary released a frame {} ms after it resumed", (last - resumed) / 1_000_000);
+    assert!(
+        last < resumed,
+        "the fenced primary released a frame {} ms after it resumed",
+        (last - resumed) / 1_000_000
+    );
     finish_load(&lab, load);
 }
 
@@ -280,9 +355,15 @@ fn guest_time_never_goes_backwards_across_a_failover() {
     primary.kill9();
     lab.wait_role(bn, "alone", ROLE).unwrap();
     let before = backup.console.len();
-    backup.expect_line("timecheck: ok round 3000", Duration::from_secs(30)).unwrap();
+    backup
+        .expect_line("timecheck: ok round 3000", Duration::from_secs(30))
+        .unwrap();
     assert!(backup.console.len() > before);
     backup.signal(libc::SIGTERM);
     let (st, _) = backup.wait(Duration::from_secs(10)).unwrap();
-    assert_eq!(st.code(), Some(128 + 15), "the guest did not stop on its own (BACKWARDS exits 1)");
+    assert_eq!(
+        st.code(),
+        Some(128 + 15),
+        "the guest did not stop on its own (BACKWARDS exits 1)"
+    );
 }

@@ -19,11 +19,17 @@ fn pair(opts: PairOptions) -> PairLab {
 
 fn benchmark(lab: &PairLab, extra: &[&str]) -> String {
     let mut cmd = lab.client.ns.command("redis-benchmark");
-    cmd.args(["-h", &lab.guest_ip.to_string(), "-q"]).args(extra);
-    let o = cmd.output().expect("redis-benchmark (scripts/setup installs redis-tools)");
+    cmd.args(["-h", &lab.guest_ip.to_string(), "-q"])
+        .args(extra);
+    let o = cmd
+        .output()
+        .expect("redis-benchmark (scripts/setup installs redis-tools)");
     let out = String::from_utf8_lossy(&o.stdout).replace('\r', "\n");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "redis-benchmark {extra:?} failed: {err}\n{out}");
+    assert!(
+        o.status.success(),
+        "redis-benchmark {extra:?} failed: {err}\n{out}"
+    );
     assert!(
         !out.to_lowercase().contains("error") && !err.to_lowercase().contains("error"),
         "{out}{err}"
@@ -41,27 +47,53 @@ fn a_pair_serves_redis_and_the_backup_ends_identical() {
     b.expect_line("kv: listening on", BOOT).unwrap();
     let sa = lab.status("a").unwrap();
     let sb = lab.status("b").unwrap();
-    let (primary, backup) = if sa["role"] == "primary" { ("a", "b") } else { ("b", "a") };
-    let (sp, sbk) = if primary == "a" { (&sa, &sb) } else { (&sb, &sa) };
+    let (primary, backup) = if sa["role"] == "primary" {
+        ("a", "b")
+    } else {
+        ("b", "a")
+    };
+    let (sp, sbk) = if primary == "a" {
+        (&sa, &sb)
+    } else {
+        (&sb, &sa)
+    };
     assert_eq!(sp["role"], "primary", "{sa} {sb}");
     assert_eq!(sbk["role"], "backup", "{sa} {sb}");
     assert_eq!(sp["generation"], 1);
-    assert_eq!(sbk["generation"], 1, "the backup adopted the primary's generation");
+    assert_eq!(
+        sbk["generation"], 1,
+        "the backup adopted the primary's generation"
+    );
 
     let ip = lab.guest_ip;
-    assert_eq!(redis_text(&lab.client.ns, ip, &["SET", "k", "v1"]).unwrap(), "OK");
+    assert_eq!(
+        redis_text(&lab.client.ns, ip, &["SET", "k", "v1"]).unwrap(),
+        "OK"
+    );
     assert_eq!(redis_text(&lab.client.ns, ip, &["GET", "k"]).unwrap(), "v1");
     assert_eq!(redis_text(&lab.client.ns, ip, &["INCR", "n"]).unwrap(), "1");
     benchmark(&lab, &["-n", "3000", "-c", "20", "-t", "set,get"]);
-    benchmark(&lab, &["-n", "3000", "-c", "20", "-P", "16", "-t", "set,get"]);
+    benchmark(
+        &lab,
+        &["-n", "3000", "-c", "20", "-P", "16", "-t", "set,get"],
+    );
     assert_eq!(redis_text(&lab.client.ns, ip, &["INCR", "n"]).unwrap(), "2");
 
     let st = lab.status(primary).unwrap();
-    let (acked, released) = (st["acked"].as_u64().unwrap(), st["released_boundary"].as_u64().unwrap());
+    let (acked, released) = (
+        st["acked"].as_u64().unwrap(),
+        st["released_boundary"].as_u64().unwrap(),
+    );
     assert!(st["released_frames"].as_u64().unwrap() > 1000, "{st}");
-    assert!(released <= acked + 1, "a frame left before the backup had its boundary: {st}");
+    assert!(
+        released <= acked + 1,
+        "a frame left before the backup had its boundary: {st}"
+    );
     let sb = lab.status(backup).unwrap();
-    assert!(sb["digests_checked"].as_u64().unwrap() > 0, "the backup compared memory digests: {sb}");
+    assert!(
+        sb["digests_checked"].as_u64().unwrap() > 0,
+        "the backup compared memory digests: {sb}"
+    );
 
     // Stop the primary: its end record reaches the backup, which stops at the same boundary.
     let (pn, bn) = if primary == "a" { (a, b) } else { (b, a) };
@@ -69,8 +101,15 @@ fn a_pair_serves_redis_and_the_backup_ends_identical() {
     let (ps, perr) = pn.wait(Duration::from_secs(20)).unwrap();
     let (bs, berr) = bn.wait(Duration::from_secs(20)).unwrap();
     assert_eq!(ps.code(), Some(128 + 15), "primary: {perr}");
-    assert_eq!(bs.code(), Some(128 + 15), "backup ended as the primary did: {berr}");
-    assert!(lab.disks_equal().unwrap(), "the backup's disk equals the primary's");
+    assert_eq!(
+        bs.code(),
+        Some(128 + 15),
+        "backup ended as the primary did: {berr}"
+    );
+    assert!(
+        lab.disks_equal().unwrap(),
+        "the backup's disk equals the primary's"
+    );
 }
 
 /// Starts both nodes and waits until one is primary and the other backup, both booted.
@@ -137,14 +176,24 @@ fn different_disk_sizes_are_refused_on_both_sides() {
 #[test]
 fn different_failure_timeouts_are_refused_on_both_sides() {
     let mut lab = pair(PairOptions::default());
-    edit(&lab, "b", "failure_timeout = \"200ms\"", "failure_timeout = \"250ms\"");
+    edit(
+        &lab,
+        "b",
+        "failure_timeout = \"200ms\"",
+        "failure_timeout = \"250ms\"",
+    );
     refused_on_both_sides(&mut lab, "failure_timeout differs");
 }
 
 #[test]
 fn a_different_guest_machine_is_refused_on_both_sides() {
     let mut lab = pair(PairOptions::default());
-    edit(&lab, "b", "guest = \"kv\"", "guest = \"kv\"\nguest_args = \"--other\"");
+    edit(
+        &lab,
+        "b",
+        "guest = \"kv\"",
+        "guest = \"kv\"\nguest_args = \"--other\"",
+    );
     refused_on_both_sides(&mut lab, "machine differs");
 }
 
@@ -179,7 +228,10 @@ fn a_backup_whose_disk_differs_is_refused_at_boundary_0() {
     let other = if rname == "a" { "b" } else { "a" };
     let s = lab.status(other).unwrap();
     assert_eq!(s["role"], "primary", "{s}");
-    assert_eq!(s["boundary"], 0, "the guest did not start without its backup: {s}");
+    assert_eq!(
+        s["boundary"], 0,
+        "the guest did not start without its backup: {s}"
+    );
     drop((a, b));
 }
 
@@ -194,7 +246,12 @@ fn a_certificate_of_another_ca_is_refused_and_nothing_runs() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    edit(&lab, "b", &format!("tls = \"{}\"", lab.tls().display()), &format!("tls = \"{}\"", other.display()));
+    edit(
+        &lab,
+        "b",
+        &format!("tls = \"{}\"", lab.tls().display()),
+        &format!("tls = \"{}\"", other.display()),
+    );
     lab.start_witness().unwrap();
     let mut a = lab.start_node("a", &[]).unwrap();
     let _b = lab.start_node("b", &[]).unwrap();
@@ -207,7 +264,9 @@ fn a_certificate_of_another_ca_is_refused_and_nothing_runs() {
     assert!(sb["role"] == "starting" || sb["role"] == "claiming", "{sb}");
     assert_eq!(sb["boundary"], 0, "{sb}");
     assert_eq!(lab.status("a").unwrap()["boundary"], 0);
-    assert!(a.expect_line("kv: listening", Duration::from_millis(10)).is_err());
+    assert!(a
+        .expect_line("kv: listening", Duration::from_millis(10))
+        .is_err());
 }
 
 #[test]
@@ -225,7 +284,10 @@ fn the_witness_certificate_cannot_act_as_a_node() {
         if log.contains("refused a connection from \"witness\": not a member of this pair") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "a never refused the witness identity: {log}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a never refused the witness identity: {log}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(lab.status("a").unwrap()["boundary"], 0, "no guest ran");
@@ -235,7 +297,13 @@ fn the_witness_certificate_cannot_act_as_a_node() {
 fn garbage_on_the_channel_port_changes_nothing() {
     let mut lab = pair(PairOptions::default());
     let (pn, _p, bn, _b) = start_pair(&mut lab);
-    let target: std::net::SocketAddr = if pn == "a" { "10.204.0.1:7300" } else { "10.204.0.2:7300" }.parse().unwrap();
+    let target: std::net::SocketAddr = if pn == "a" {
+        "10.204.0.1:7300"
+    } else {
+        "10.204.0.2:7300"
+    }
+    .parse()
+    .unwrap();
     let from = lab.host(&bn).ns.clone();
     ftvm_tests::node::in_netns(&from, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -254,8 +322,14 @@ fn garbage_on_the_channel_port_changes_nothing() {
         }
     })
     .unwrap();
-    assert_eq!(redis_text(&lab.client.ns, lab.guest_ip, &["SET", "after", "garbage"]).unwrap(), "OK");
-    assert_eq!(redis_text(&lab.client.ns, lab.guest_ip, &["GET", "after"]).unwrap(), "garbage");
+    assert_eq!(
+        redis_text(&lab.client.ns, lab.guest_ip, &["SET", "after", "garbage"]).unwrap(),
+        "OK"
+    );
+    assert_eq!(
+        redis_text(&lab.client.ns, lab.guest_ip, &["GET", "after"]).unwrap(),
+        "garbage"
+    );
     assert_eq!(lab.status(&pn).unwrap()["role"], "primary");
     assert_eq!(lab.status(&bn).unwrap()["role"], "backup");
 }
@@ -287,9 +361,13 @@ fn output_waits_for_the_backup_and_a_stopped_backup_holds_replies() {
     let before = lab.status(&pn).unwrap();
     backup.signal(libc::SIGSTOP);
     c.write_all(b"PING\r\n").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
     let r = c.read(&mut buf);
-    assert!(r.is_err(), "a reply left while the backup could not acknowledge it: {r:?}");
+    assert!(
+        r.is_err(),
+        "a reply left while the backup could not acknowledge it: {r:?}"
+    );
     let during = lab.status(&pn).unwrap();
     assert!(
         during["boundary"].as_u64() > before["boundary"].as_u64(),
@@ -299,7 +377,11 @@ fn output_waits_for_the_backup_and_a_stopped_backup_holds_replies() {
     backup.signal(libc::SIGCONT);
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let n = c.read(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"+PONG\r\n", "the held reply arrived after SIGCONT");
+    assert_eq!(
+        &buf[..n],
+        b"+PONG\r\n",
+        "the held reply arrived after SIGCONT"
+    );
     let after = lab.status(&pn).unwrap();
     assert!(
         after["released_boundary"].as_u64() <= after["acked"].as_u64().map(|a| a + 1),
@@ -321,7 +403,17 @@ fn a_slowed_backup_stays_within_the_lag_bound() {
         .client
         .ns
         .command("redis-benchmark")
-        .args(["-h", &lab.guest_ip.to_string(), "-q", "-n", "30000", "-c", "10", "-t", "set"])
+        .args([
+            "-h",
+            &lab.guest_ip.to_string(),
+            "-q",
+            "-n",
+            "30000",
+            "-c",
+            "10",
+            "-t",
+            "set",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -343,7 +435,13 @@ fn a_slowed_backup_stays_within_the_lag_bound() {
     // so the lag can pass it by one tick plus the work of one batch, and on these 2 shared
     // cores by a scheduling delay of the vCPU or the output task: 50 ms covers all three.
     let tolerance_ms = 50.0;
-    assert!(worst <= max_lag_ms + tolerance_ms, "lag reached {worst} ms (bound {max_lag_ms} ms): {s}");
-    assert!(s["throttle_waits"].as_u64().unwrap() > 0, "the bound was never exercised: {s}");
+    assert!(
+        worst <= max_lag_ms + tolerance_ms,
+        "lag reached {worst} ms (bound {max_lag_ms} ms): {s}"
+    );
+    assert!(
+        s["throttle_waits"].as_u64().unwrap() > 0,
+        "the bound was never exercised: {s}"
+    );
     eprintln!("worst lag {worst:.1} ms with max_lag {max_lag_ms} ms; {s}");
 }

@@ -172,7 +172,9 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Run(args) if !args.solo => run_pair(args),
+        Command::Run(args) if !args.solo && !config_says_solo(args.config.as_deref()) => {
+            run_pair(args)
+        }
         Command::Run(args) => run(args),
         Command::Status { config, json } => status(&config, json),
         Command::Replay {
@@ -233,6 +235,14 @@ fn plan(a: RunArgs) -> Result<vmm::plan::Plan, String> {
     .plan()
 }
 
+/// Whether a config file asks for a solo run (`solo = true`); a pair member's file does not.
+fn config_says_solo(path: Option<&std::path::Path>) -> bool {
+    path.and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| t.get("solo").and_then(|v| v.as_bool()))
+        .unwrap_or(false)
+}
+
 fn run_pair(a: RunArgs) -> ExitCode {
     let Some(path) = a.config.clone() else {
         return fail(
@@ -240,7 +250,12 @@ fn run_pair(a: RunArgs) -> ExitCode {
             "give --solo for an unreplicated VM, or --config node.toml for a pair member",
         );
     };
-    if a.guest.is_some() || a.mem.is_some() || a.disk.is_some() || a.tap.is_some() || a.record.is_some() {
+    if a.guest.is_some()
+        || a.mem.is_some()
+        || a.disk.is_some()
+        || a.tap.is_some()
+        || a.record.is_some()
+    {
         return fail(
             65,
             "a pair member takes its VM from the config file only (both members must agree): remove the VM options from the command line",

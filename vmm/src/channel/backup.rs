@@ -130,7 +130,7 @@ pub async fn receive_task(
         // Whole messages already buffered first.
         let mut got_any = false;
         loop {
-            let m = match reader.next() {
+            let m = match reader.next_msg() {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {

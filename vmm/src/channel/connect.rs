@@ -122,7 +122,7 @@ pub async fn accept(
             .await
             .map_err(|e| ConnectError::Connect(e.to_string()))?;
         let peer = ftvm_tls::peer_identity(&conn).unwrap_or_default();
-        if !members.iter().any(|m| *m == peer) {
+        if !members.contains(&peer) {
             conn.close(quinn::VarInt::from_u32(1), b"not a member of this pair");
             return Err(ConnectError::NotAPeer(peer));
         }
@@ -159,7 +159,7 @@ pub async fn recv_msg(
 ) -> Result<super::msg::Msg, String> {
     let fut = async {
         loop {
-            if let Some(m) = reader.next().map_err(|e| e.to_string())? {
+            if let Some(m) = reader.next_msg().map_err(|e| e.to_string())? {
                 return Ok(m);
             }
             match recv.read_chunk(64 << 10, true).await {

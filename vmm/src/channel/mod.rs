@@ -57,6 +57,8 @@ pub struct ChannelStats {
     /// Time the primary's vCPU spent not executing the guest (blocked in a WAIT, or held by
     /// the lag bound), in nanoseconds: the lag is measured in the rest, the primary's busy
     /// time, so an idle primary does not count as work the backup has to replay.
+    /// The channel's round-trip time as QUIC estimates it, in nanoseconds.
+    pub rtt_ns: AtomicU64,
     /// Wall-clock time (Unix ns) of the last frame released to the TAP (0: none yet).
     pub last_release_unix_ns: AtomicU64,
     /// `(idle time so far, start of the idle period in progress or 0)`.

@@ -332,10 +332,14 @@ impl<'a> P<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &str) -> Result<u16, MsgError> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64, MsgError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
     }
     fn h32(&mut self, what: &str) -> Result<[u8; 32], MsgError> {
         Ok(self.take(32, what)?.try_into().expect("32"))
@@ -405,9 +409,7 @@ pub fn decode(tag: u8, payload: &[u8]) -> Result<Msg, MsgError> {
             let bytes = std::mem::take(&mut p.b).to_vec();
             Msg::Log { seq, bytes }
         }
-        T_HEARTBEAT => Msg::Heartbeat {
-            seq: p.u64("seq")?,
-        },
+        T_HEARTBEAT => Msg::Heartbeat { seq: p.u64("seq")? },
         T_ACK => Msg::Ack {
             echo: p.u64("echo")?,
             watermark: p.u64("watermark")?,
@@ -446,7 +448,7 @@ impl MsgReader {
     }
 
     /// The next whole message, `Ok(None)` if more bytes are needed. An error is final.
-    pub fn next(&mut self) -> Result<Option<Msg>, MsgError> {
+    pub fn next_msg(&mut self) -> Result<Option<Msg>, MsgError> {
         let avail = &self.buf[self.pos..];
         if avail.len() < 5 {
             return Ok(None);
@@ -476,7 +478,11 @@ pub fn negotiate(a: (u16, u16), b: (u16, u16)) -> Option<u16> {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().take(8).map(|x| format!("{x:02x}")).collect::<String>() + "…"
+    b.iter()
+        .take(8)
+        .map(|x| format!("{x:02x}"))
+        .collect::<String>()
+        + "…"
 }
 
 /// The first configuration field in which `ours` and `theirs` differ, with both values as
@@ -508,7 +514,11 @@ pub fn mismatch(ours: &PairConfig, theirs: &PairConfig) -> Option<(String, Strin
         return f("cpuid", hex(&ours.cpuid_hash), hex(&theirs.cpuid_hash));
     }
     if ours.mem_size != theirs.mem_size {
-        return f("mem", ours.mem_size.to_string(), theirs.mem_size.to_string());
+        return f(
+            "mem",
+            ours.mem_size.to_string(),
+            theirs.mem_size.to_string(),
+        );
     }
     if ours.disk_size != theirs.disk_size {
         return f(
@@ -602,7 +612,7 @@ mod tests {
             let mut got = Vec::new();
             for c in bytes.chunks(step) {
                 r.push(c);
-                while let Some(m) = r.next().unwrap() {
+                while let Some(m) = r.next_msg().unwrap() {
                     got.push(m);
                 }
             }
@@ -614,13 +624,13 @@ mod tests {
     fn garbage_is_refused() {
         let mut r = MsgReader::new();
         r.push(&[99, 0, 0, 0, 0]);
-        assert_eq!(r.next(), Err(MsgError::UnknownTag(99)));
+        assert_eq!(r.next_msg(), Err(MsgError::UnknownTag(99)));
         let mut r = MsgReader::new();
         r.push(&[T_LOG, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(r.next(), Err(MsgError::Oversized(_))));
+        assert!(matches!(r.next_msg(), Err(MsgError::Oversized(_))));
         let mut r = MsgReader::new();
         r.push(&[T_ACK, 3, 0, 0, 0, 1, 2, 3]);
-        assert!(matches!(r.next(), Err(MsgError::Malformed { .. })));
+        assert!(matches!(r.next_msg(), Err(MsgError::Malformed { .. })));
         // Trailing bytes in a fixed-size message.
         let mut b = Vec::new();
         encode(&Msg::Heartbeat { seq: 1 }, &mut b);
@@ -628,7 +638,7 @@ mod tests {
         b.push(0);
         let mut r = MsgReader::new();
         r.push(&b);
-        assert!(matches!(r.next(), Err(MsgError::Malformed { .. })));
+        assert!(matches!(r.next_msg(), Err(MsgError::Malformed { .. })));
     }
 
     #[test]
@@ -659,7 +669,10 @@ mod tests {
         assert_eq!(mismatch(&a, &b), None);
         assert_eq!(negotiate((1, 2), (1, 3)), Some(2));
         for (field, edit) in [
-            ("guest", (|c: &mut PairConfig| c.image_hash[0] ^= 1) as fn(&mut PairConfig)),
+            (
+                "guest",
+                (|c: &mut PairConfig| c.image_hash[0] ^= 1) as fn(&mut PairConfig),
+            ),
             ("cpuid", |c| c.cpuid_hash[0] ^= 1),
             ("disk_size", |c| c.disk_size += 512),
             ("machine", |c| c.machine.push('x')),
@@ -675,7 +688,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut r = MsgReader::new();
             r.push(&b);
-            while let Ok(Some(_)) = r.next() {}
+            while let Ok(Some(_)) = r.next_msg() {}
         }
     }
 }

@@ -344,6 +344,7 @@ pub async fn output_task(
             _ = tick.tick() => {
                 let now = now_ns();
                 if let Some(a) = attached.as_mut() {
+                    ChannelStats::set(&stats.rtt_ns, a.conn.rtt().as_nanos() as u64);
                     if now.saturating_sub(a.last_receipt) >= ft {
                         gate.set_mode(GateMode::Holding);
                         let why = format!("no ack from the backup for {:?}", cfg.failure_timeout);
@@ -450,7 +451,7 @@ fn attach(link: super::connect::Link, mut reader: MsgReader) -> Attached {
     tokio::spawn(async move {
         loop {
             loop {
-                match reader.next() {
+                match reader.next_msg() {
                     Ok(Some(m)) => {
                         if in_tx.send(Ok(m)).is_err() {
                             return;

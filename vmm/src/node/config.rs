@@ -71,9 +71,31 @@ impl OneOrMany {
 
 /// Every key a node.toml may have.
 const KEYS: &[&str] = &[
-    "pair", "node", "tls", "listen", "peer", "peers", "witness", "control", "metrics",
-    "heartbeat", "failure_timeout", "max_lag", "wait_for_backup", "digest_every", "held_bytes",
-    "state", "guest", "mem", "guest_args", "disk", "disk_size", "tap", "mac", "ip", "gateway",
+    "pair",
+    "node",
+    "tls",
+    "listen",
+    "peer",
+    "peers",
+    "witness",
+    "control",
+    "metrics",
+    "heartbeat",
+    "failure_timeout",
+    "max_lag",
+    "wait_for_backup",
+    "digest_every",
+    "held_bytes",
+    "state",
+    "guest",
+    "mem",
+    "guest_args",
+    "disk",
+    "disk_size",
+    "tap",
+    "mac",
+    "ip",
+    "gateway",
     "rng",
 ];
 
@@ -145,8 +167,8 @@ pub fn default_control(pair: &str, node: &str) -> PathBuf {
 impl NodeConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<NodeConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("config {}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
@@ -155,10 +177,7 @@ impl NodeConfig {
         // serde's `flatten` cannot refuse unknown keys: check them here.
         let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
         if let Some(k) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            return Err(format!(
-                "unknown field `{k}` (known: {})",
-                KEYS.join(", ")
-            ));
+            return Err(format!("unknown field `{k}` (known: {})", KEYS.join(", ")));
         }
         let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
         ftvm_tls::validate_name(&f.pair).map_err(|e| format!("pair: {e}"))?;
@@ -278,13 +297,33 @@ ip = "10.0.0.100/24"
     #[test]
     fn bad_configs_are_refused_with_the_key_named() {
         let cases: &[(&str, &str, &str)] = &[
-            ("peer = \"b@10.0.0.2:7300\"", "peer = \"b@10.0.0.2\"", "no port"),
-            ("peer = \"b@10.0.0.2:7300\"", "peer = \"10.0.0.2:7300\"", "name@address"),
-            ("peer = \"b@10.0.0.2:7300\"", "peer = \"a@10.0.0.2:7300\"", "itself"),
+            (
+                "peer = \"b@10.0.0.2:7300\"",
+                "peer = \"b@10.0.0.2\"",
+                "no port",
+            ),
+            (
+                "peer = \"b@10.0.0.2:7300\"",
+                "peer = \"10.0.0.2:7300\"",
+                "name@address",
+            ),
+            (
+                "peer = \"b@10.0.0.2:7300\"",
+                "peer = \"a@10.0.0.2:7300\"",
+                "itself",
+            ),
             ("heartbeat = \"10ms\"", "heartbeat = \"ten\"", "heartbeat"),
-            ("failure_timeout = \"150ms\"", "failure_timeout = \"20ms\"", "3 heartbeats"),
+            (
+                "failure_timeout = \"150ms\"",
+                "failure_timeout = \"20ms\"",
+                "3 heartbeats",
+            ),
             ("mem = \"64M\"", "mem = \"64M\"\nbogus = 1", "unknown field"),
-            ("witness = \"witness@10.0.0.3:7200\"", "witness = []", "witness"),
+            (
+                "witness = \"witness@10.0.0.3:7200\"",
+                "witness = []",
+                "witness",
+            ),
         ];
         for (from, to, needle) in cases {
             let text = GOOD.replace(from, to);

@@ -42,7 +42,9 @@ impl GenerationFile {
     /// Persists `generation`: written to a temporary file, synced, renamed over the old one,
     /// and the directory synced, so a crash leaves the old or the new value, never neither.
     pub fn store(&self, generation: u64) -> Result<(), String> {
-        let err = |e: std::io::Error| format!("persisting the generation in {}: {e}", self.path.display());
+        let err = |e: std::io::Error| {
+            format!("persisting the generation in {}: {e}", self.path.display())
+        };
         let dir = self
             .path
             .parent()
@@ -51,13 +53,18 @@ impl GenerationFile {
         let tmp = self.path.with_extension("tmp");
         {
             let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            writeln!(f, "# written by ftvm-node: the generation this node last ran the VM in")
-                .map_err(err)?;
+            writeln!(
+                f,
+                "# written by ftvm-node: the generation this node last ran the VM in"
+            )
+            .map_err(err)?;
             writeln!(f, "generation = {generation}").map_err(err)?;
             f.sync_all().map_err(err)?;
         }
         std::fs::rename(&tmp, &self.path).map_err(err)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
         Ok(())
     }
 }

@@ -5,8 +5,8 @@
 
 pub mod config;
 pub mod follow;
-pub mod generation;
 pub mod garp;
+pub mod generation;
 pub mod rules;
 pub mod run;
 pub mod status;

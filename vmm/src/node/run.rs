@@ -28,8 +28,7 @@ use crate::channel::connect::{self, Link};
 use crate::channel::gate::GateMode;
 use crate::channel::msg::{self, Hello, Msg, MsgReader, PairConfig, Role};
 use crate::channel::primary::{
-    output_task, ChannelLog, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle,
-    ToChannel,
+    output_task, ChannelLog, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle, ToChannel,
 };
 use crate::channel::{now_ns, ChannelStats};
 use crate::devices::tap::Tap;
@@ -123,7 +122,8 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
     let mut devices = plan.devices.clone();
     let (disk, disk_root, disk_size) = match &plan.disk {
         Some(d) => {
-            let (f, sectors) = crate::solo::open_disk(d).map_err(|e| NodeExit::Config(e.to_string()))?;
+            let (f, sectors) =
+                crate::solo::open_disk(d).map_err(|e| NodeExit::Config(e.to_string()))?;
             devices.disk_sectors = Some(sectors);
             let root = disk_root(&f, &d.path).map_err(NodeExit::Config)?;
             (Some(f), root, sectors * 512)
@@ -134,8 +134,8 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
         Some(t) => Some(crate::solo::open_tap(t).map_err(|e| NodeExit::Config(e.to_string()))?),
         None => None,
     };
-    let identity = Identity::load(&cfg.tls, &cfg.node)
-        .map_err(|e| NodeExit::Config(format!("tls: {e}")))?;
+    let identity =
+        Identity::load(&cfg.tls, &cfg.node).map_err(|e| NodeExit::Config(format!("tls: {e}")))?;
     let gen_file = GenerationFile::new(&cfg.state);
     let persisted = gen_file.load().map_err(NodeExit::Config)?;
     let image: &'static [u8] = Box::leak(plan.image.bytes.to_vec().into_boxed_slice());
@@ -384,7 +384,9 @@ async fn listener(ep: quinn::Endpoint, node: Arc<Node>) {
                 }
             };
             let mut reader = MsgReader::new();
-            let hello = match connect::recv_msg(&mut link.recv, &mut reader, Duration::from_secs(3)).await {
+            let hello = match connect::recv_msg(&mut link.recv, &mut reader, Duration::from_secs(3))
+                .await
+            {
                 Ok(Msg::Hello(h)) => h,
                 Ok(other) => {
                     tracing::warn!("channel: {} opened with {other:?}, not a hello", link.peer);
@@ -430,7 +432,11 @@ async fn listener(ep: quinn::Endpoint, node: Arc<Node>) {
                 }
                 r => format!("{} (not running the VM as primary)", r.name()),
             };
-            tracing::debug!("channel: told {} (generation {}): {reason}", hello.node, hello.generation);
+            tracing::debug!(
+                "channel: told {} (generation {}): {reason}",
+                hello.node,
+                hello.generation
+            );
             let _ = connect::send_msg(
                 &mut link.send,
                 &Msg::Busy {
@@ -458,7 +464,12 @@ enum Probe {
     Unreachable(String),
 }
 
-async fn probe(ep: &quinn::Endpoint, node: &Node, addr: SocketAddr, name: &str) -> Result<Probe, NodeExit> {
+async fn probe(
+    ep: &quinn::Endpoint,
+    node: &Node,
+    addr: SocketAddr,
+    name: &str,
+) -> Result<Probe, NodeExit> {
     let mut link = match connect::connect(ep, addr, name, Duration::from_millis(500)).await {
         Ok(l) => l,
         Err(e) => return Ok(Probe::Unreachable(e.to_string())),
@@ -511,7 +522,11 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
                     return Ok(Start::Backup(link, reader));
                 }
                 Probe::Busy(role, g, reason) => {
-                    *node.shared.peer_role.lock().unwrap_or_else(|p| p.into_inner()) = Some(role);
+                    *node
+                        .shared
+                        .peer_role
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(role);
                     if counts_as_running(role, g, persisted) {
                         running_peer_seen = Some(Instant::now());
                     }
@@ -590,7 +605,11 @@ async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit
             theirs,
         };
         if let Some((field, ours, theirs)) = msg::mismatch(&node.pair_config, &hello.config) {
-            let _ = connect::send_msg(&mut link.send, &refuse(&field, ours.clone(), theirs.clone())).await;
+            let _ = connect::send_msg(
+                &mut link.send,
+                &refuse(&field, ours.clone(), theirs.clone()),
+            )
+            .await;
             let _ = link.send.finish();
             let _ = tokio::time::timeout(Duration::from_millis(500), link.send.stopped()).await;
             break Err(NodeExit::Refused(format!(
@@ -679,16 +698,23 @@ fn spawn_vcpu(
     rx
 }
 
-fn vm_result(r: Result<Result<Outcome, VmmError>, tokio::sync::oneshot::error::RecvError>) -> NodeExit {
+fn vm_result(
+    r: Result<Result<Outcome, VmmError>, tokio::sync::oneshot::error::RecvError>,
+) -> NodeExit {
     match r {
         Ok(Ok(o)) => NodeExit::Guest(o),
         Ok(Err(VmmError::Input(InputError::Divergence { boundary, what }))) => {
             NodeExit::Diverged(format!("diverged at boundary {boundary}: {what}"))
         }
         Ok(Err(VmmError::Input(InputError::Halted(why)))) => NodeExit::Denied(why),
-        Ok(Err(e @ (VmmError::BadImage(_) | VmmError::ImageTooLarge(_) | VmmError::MemSize { .. } | VmmError::Config(_) | VmmError::Disk { .. } | VmmError::Tap { .. }))) => {
-            NodeExit::Config(e.to_string())
-        }
+        Ok(Err(
+            e @ (VmmError::BadImage(_)
+            | VmmError::ImageTooLarge(_)
+            | VmmError::MemSize { .. }
+            | VmmError::Config(_)
+            | VmmError::Disk { .. }
+            | VmmError::Tap { .. }),
+        )) => NodeExit::Config(e.to_string()),
         Ok(Err(e)) => NodeExit::Failed(e.to_string()),
         Err(_) => NodeExit::Failed("the vCPU thread died".into()),
     }
@@ -705,8 +731,11 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
         None => None,
     };
     let replicated = link.is_some();
-    node.shared
-        .set_role(if replicated { Role::Primary } else { Role::Alone });
+    node.shared.set_role(if replicated {
+        Role::Primary
+    } else {
+        Role::Alone
+    });
     let (tx, rx) = mpsc::unbounded_channel::<ToChannel>();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -718,7 +747,11 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
         link,
         node.tap.clone(),
         output_config(&node.cfg),
-        if replicated { GateMode::Replicated } else { GateMode::Alone },
+        if replicated {
+            GateMode::Replicated
+        } else {
+            GateMode::Alone
+        },
         stats.clone(),
     ));
     let setup = node.setup();
@@ -730,10 +763,22 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
             if let Some(t) = &tap {
                 live = live.with_tap(t.clone());
             }
-            let rec = Recorder::new(live, ChannelLog::new(tx.clone()), setup.log_header(digest_every))?;
+            let rec = Recorder::new(
+                live,
+                ChannelLog::new(tx.clone()),
+                setup.log_header(digest_every),
+            )?;
             let inputs = Throttle::new(rec, stats, stop.clone());
             let sink: Box<dyn FrameSink> = Box::new(HeldFrames(tx));
-            assemble(&setup, disk, sink, Box::new(inputs), Box::new(StdoutConsole::default()), stop, true)
+            assemble(
+                &setup,
+                disk,
+                sink,
+                Box::new(inputs),
+                Box::new(StdoutConsole::default()),
+                stop,
+                true,
+            )
         },
         node.shared.boundary.clone(),
     );
@@ -860,7 +905,10 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
     let ours = setup.log_header(header.digest_every);
     if header != ours {
         let what = format!("the primary's log header differs from this node's machine (primary: {header:?}, here: {ours:?})");
-        let _ = report_tx.send(Msg::Divergence { boundary: 0, what: what.clone() });
+        let _ = report_tx.send(Msg::Divergence {
+            boundary: 0,
+            what: what.clone(),
+        });
         return NodeExit::Diverged(what);
     }
     let is_live = Arc::new(AtomicBool::new(false));
@@ -896,9 +944,21 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
         move || {
             let feed = ChannelFeed::new(feed_rx, stop.clone(), stats);
             let replayer = Replayer::streaming(header, Box::new(feed));
-            let follower = Follower::new(replayer, stop.clone(), tap, caught_tx, decide_rx, is_live);
-            let sink: Box<dyn FrameSink> = Box::new(LiveFrames { live: live_for_sink, tx });
-            assemble(&setup, disk, sink, Box::new(follower), Box::new(StdoutConsole::default()), stop, true)
+            let follower =
+                Follower::new(replayer, stop.clone(), tap, caught_tx, decide_rx, is_live);
+            let sink: Box<dyn FrameSink> = Box::new(LiveFrames {
+                live: live_for_sink,
+                tx,
+            });
+            assemble(
+                &setup,
+                disk,
+                sink,
+                Box::new(follower),
+                Box::new(StdoutConsole::default()),
+                stop,
+                true,
+            )
         },
         node.shared.boundary.clone(),
     );
@@ -922,22 +982,28 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
             }
             e = &mut recv, if !recv_done => {
                 recv_done = true;
-                match e {
-                    Ok(BackupEnd::PrimaryLost { why, last_receipt, acked }) => {
-                        tracing::warn!("primary lost: {why}; replaying what was acknowledged (through {acked})");
-                        node.shared.set_role(Role::Claiming);
-                        decided_at = Some(Instant::now());
-                        lost = Some((why, last_receipt, acked));
+                match on_stream_end(node, e) {
+                    Ok(l) => {
+                        if l.is_some() { decided_at = Some(Instant::now()); }
+                        lost = l;
                     }
-                    Ok(BackupEnd::BadLog { boundary, what }) => {
-                        tracing::error!("bad log from the primary at boundary {boundary}: {what}");
-                    }
-                    Ok(BackupEnd::Complete) | Ok(BackupEnd::Stopped) => {}
-                    Err(e) => return NodeExit::Failed(format!("receive task: {e}")),
+                    Err(e) => return e,
                 }
             }
             c = caught_rx.recv() => {
                 let Some(c) = c else { continue };
+                if !recv_done {
+                    // The replay ran out of stream before this loop saw the stream end: the
+                    // receive task is ending; take its report first.
+                    recv_done = true;
+                    match on_stream_end(node, (&mut recv).await) {
+                        Ok(l) => {
+                            if l.is_some() { decided_at = Some(Instant::now()); }
+                            lost = l;
+                        }
+                        Err(e) => return e,
+                    }
+                }
                 let Some((why, last_receipt, acked)) = lost.clone() else {
                     // The stream ended without a loss report (cannot happen: the feed closes
                     // only when the receive task ends).
@@ -952,6 +1018,33 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
                 }
             }
         }
+    }
+}
+
+/// What the end of the receive task means: `Some((why, last receipt, acked))` when the
+/// primary is lost (the node is then deciding to claim).
+fn on_stream_end(
+    node: &Node,
+    e: Result<BackupEnd, tokio::task::JoinError>,
+) -> Result<Option<(String, u64, Boundary)>, NodeExit> {
+    match e {
+        Ok(BackupEnd::PrimaryLost {
+            why,
+            last_receipt,
+            acked,
+        }) => {
+            tracing::warn!(
+                "primary lost: {why}; replaying what was acknowledged (through {acked})"
+            );
+            node.shared.set_role(Role::Claiming);
+            Ok(Some((why, last_receipt, acked)))
+        }
+        Ok(BackupEnd::BadLog { boundary, what }) => {
+            tracing::error!("bad log from the primary at boundary {boundary}: {what}");
+            Ok(None)
+        }
+        Ok(BackupEnd::Complete) | Ok(BackupEnd::Stopped) => Ok(None),
+        Err(e) => Err(NodeExit::Failed(format!("receive task: {e}"))),
     }
 }
 

@@ -150,6 +150,7 @@ impl Shared {
             throttle_waits: ChannelStats::get(&s.throttle_waits),
             digests_checked: ChannelStats::get(&s.digests_checked),
             heartbeats_missed: ChannelStats::get(&s.heartbeats_missed),
+            channel_rtt_ms: ChannelStats::get(&s.rtt_ns) as f64 / 1e6,
             witness_reachable: self.witness_reachable.load(Ordering::Relaxed),
             witness_error: self
                 .witness_error
@@ -217,6 +218,8 @@ pub struct Status {
     pub digests_checked: u64,
     /// Heartbeat intervals with nothing from the peer.
     pub heartbeats_missed: u64,
+    /// The channel's round trip (QUIC's estimate, ms; primary).
+    pub channel_rtt_ms: f64,
     /// Whether the witness answered the last request.
     pub witness_reachable: bool,
     /// The last witness problem.
@@ -250,9 +253,8 @@ pub async fn serve_control(path: &Path, shared: Arc<Shared>) -> std::io::Result<
             let mut r = BufReader::new(r);
             let read = tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await;
             let answer = match (read, line.trim()) {
-                (Ok(Ok(_)), "status") => {
-                    serde_json::to_string(&shared.status()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-                }
+                (Ok(Ok(_)), "status") => serde_json::to_string(&shared.status())
+                    .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
                 _ => "{\"error\":\"unknown request (the only one is `status`)\"}".to_string(),
             };
             let _ = w.write_all(answer.as_bytes()).await;
@@ -264,8 +266,12 @@ pub async fn serve_control(path: &Path, shared: Arc<Shared>) -> std::io::Result<
 /// Asks the node at the control socket `path` for its status (the JSON text).
 pub fn query(path: &Path) -> Result<String, String> {
     use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the node at {}: {e} (is it running?)", path.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the node at {}: {e} (is it running?)",
+            path.display()
+        )
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     s.write_all(b"status\n").map_err(|e| e.to_string())?;
     let mut line = String::new();
@@ -302,16 +308,22 @@ fn publish(sh: &Shared) {
         Role::Claiming,
         Role::Halted,
     ] {
-        metrics::gauge!("ftvm_node_role", "role" => r.name())
-            .set(if st.role == r.name() { 1.0 } else { 0.0 });
+        metrics::gauge!("ftvm_node_role", "role" => r.name()).set(if st.role == r.name() {
+            1.0
+        } else {
+            0.0
+        });
     }
     metrics::gauge!("ftvm_node_generation").set(st.generation as f64);
     metrics::gauge!("ftvm_node_boundary").set(st.boundary as f64);
     metrics::gauge!("ftvm_node_lag_seconds").set(st.lag_ms / 1e3);
     metrics::gauge!("ftvm_node_lag_boundaries").set(st.lag_boundaries as f64);
     metrics::gauge!("ftvm_node_peer_connected").set(if st.peer_connected { 1.0 } else { 0.0 });
-    metrics::gauge!("ftvm_node_witness_reachable")
-        .set(if st.witness_reachable { 1.0 } else { 0.0 });
+    metrics::gauge!("ftvm_node_witness_reachable").set(if st.witness_reachable {
+        1.0
+    } else {
+        0.0
+    });
     metrics::gauge!("ftvm_node_frames_held").set(st.held_frames as f64);
     let s = &sh.stats;
     let c = |name: &'static str, v: &AtomicU64| {

@@ -997,7 +997,11 @@ mod tests {
         let recs = sample();
         let bytes = encode_all(&recs);
         for chunks in [&[1usize][..], &[2, 7], &[13, 1, 64], &[bytes.len()]] {
-            assert_eq!(stream_decode(&bytes, chunks).unwrap(), recs, "chunks {chunks:?}");
+            assert_eq!(
+                stream_decode(&bytes, chunks).unwrap(),
+                recs,
+                "chunks {chunks:?}"
+            );
         }
     }
 

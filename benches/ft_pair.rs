@@ -1,0 +1,329 @@
+//! What replication costs: the kv guest through an FT pair against the same guest solo, in one
+//! run (DESIGN §10): each simulated host's processes in a cgroup with the same CPU quota in
+//! both runs (the client outside them), and the quota printed with the figures.
+//!
+//! Prints, as ratios pair/solo: redis-benchmark `-c 50` SET and GET at `-P 1` and `-P 16`;
+//! the log's bytes per request and per second; the added latency at `-c 1` (p50, p99,
+//! without quotas) against the channel's round trip measured in the same run; the backup's
+//! lag p50/p99 under load.
+//!
+//! `cargo bench -p ftvm-benches --bench ft_pair` (root, /dev/kvm, redis-tools).
+//! `FTVM_BENCH_QUOTA` (percent of one core per host, default 60), `FTVM_BENCH_N` (requests
+//! per run, default 20000), `FTVM_BENCH_ROUNDS` (default 2).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ftvm_tests::netns::Host;
+use ftvm_tests::node::RunningNode;
+use ftvm_tests::pair::{PairLab, PairOptions};
+
+/// A cgroup (v1 cpu controller) with a CPU quota: one simulated host.
+struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    fn new(name: &str, percent: u64) -> Result<Cgroup> {
+        let path = PathBuf::from(format!(
+            "/sys/fs/cgroup/cpu/ftvm-bench-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).with_context(|| format!("cgroup {}", path.display()))?;
+        // A short period: with 100 ms, SET p99 is the throttle's gap (DESIGN §10).
+        std::fs::write(path.join("cpu.cfs_period_us"), "10000")?;
+        std::fs::write(path.join("cpu.cfs_quota_us"), (percent * 100).to_string())?;
+        Ok(Cgroup { path })
+    }
+    fn add(&self, pid: u32) -> Result<()> {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", self.path.display()))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes are gone by now; a cgroup with none can be removed.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+struct Bench {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn redis_benchmark(
+    client: &Host,
+    ip: std::net::Ipv4Addr,
+    test: &str,
+    n: u32,
+    clients: u32,
+    pipeline: u32,
+) -> Result<Bench> {
+    let o = client
+        .ns
+        .command("redis-benchmark")
+        .args([
+            "-h",
+            &ip.to_string(),
+            "-c",
+            &clients.to_string(),
+            "-n",
+            &n.to_string(),
+            "-P",
+            &pipeline.to_string(),
+        ])
+        .args(["-r", "100000", "-t", test, "--csv"])
+        .output()
+        .context("redis-benchmark")?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    for line in out.lines() {
+        let f: Vec<&str> = line.split(',').map(|x| x.trim_matches('"')).collect();
+        if f.len() >= 7 && f[0] == test.to_uppercase() {
+            // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+            return Ok(Bench {
+                rps: f[1].parse()?,
+                p50_ms: f[4].parse()?,
+                p99_ms: f[6].parse()?,
+            });
+        }
+    }
+    bail!(
+        "no result for {test} in {out:?} {}",
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn build() -> Result<()> {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    let st = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vmm",
+            "--bin",
+            "ftvm-node",
+            "-p",
+            "ftvm-witness",
+            "--bin",
+            "ftvm-witness",
+            "--manifest-path",
+            manifest,
+        ])
+        .status()?;
+    if !st.success() {
+        bail!("building ftvm-node and ftvm-witness failed");
+    }
+    Ok(())
+}
+
+const CASES: &[(&str, u32)] = &[("set", 1), ("get", 1), ("set", 16), ("get", 16)];
+
+fn throughput(lab: &PairLab, n: u32) -> Result<Vec<f64>> {
+    CASES
+        .iter()
+        .map(|(t, p)| redis_benchmark(&lab.client, lab.guest_ip, t, n, 50, *p).map(|b| b.rps))
+        .collect()
+}
+
+fn start_solo(lab: &PairLab) -> Result<RunningNode> {
+    let a = lab.host("a");
+    let args: Vec<String> = [
+        "run",
+        "--solo",
+        "--guest",
+        "kv",
+        "--disk",
+        &lab.disk("solo").display().to_string(),
+        "--disk-size",
+        "64M",
+        "--tap",
+        a.tap.as_deref().unwrap(),
+        "--mac",
+        a.guest_mac.as_deref().unwrap(),
+        "--ip",
+        &format!("{}/24", lab.guest_ip),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut n = RunningNode::start(&a.ns, &args)?;
+    n.expect_line("kv: listening on", Duration::from_secs(60))?;
+    Ok(n)
+}
+
+struct Pair {
+    primary: String,
+    nodes: Vec<RunningNode>,
+}
+
+fn start_pair(lab: &mut PairLab) -> Result<Pair> {
+    for n in ["a", "b"] {
+        let _ = std::fs::remove_file(lab.disk(n));
+        let _ = std::fs::remove_file(lab.disk(n).with_extension("img.ftvm-generation"));
+    }
+    let _ = std::fs::remove_dir_all(lab.path().join("witness-data"));
+    lab.kill_witness();
+    lab.start_witness()?;
+    let mut a = lab.start_node("a", &[])?;
+    let mut b = lab.start_node("b", &[])?;
+    a.expect_line("kv: listening on", Duration::from_secs(60))?;
+    b.expect_line("kv: listening on", Duration::from_secs(60))?;
+    let primary = if lab.status("a")?["role"] == "primary" {
+        "a"
+    } else {
+        "b"
+    };
+    Ok(Pair {
+        primary: primary.into(),
+        nodes: vec![a, b],
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> Result<()> {
+    let quota: u64 = std::env::var("FTVM_BENCH_QUOTA")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let n: u32 = std::env::var("FTVM_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let rounds: usize = std::env::var("FTVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    build()?;
+    let mut lab = PairLab::new(PairOptions {
+        disk_size: "64M".into(),
+        failure_timeout: "500ms".into(),
+        ..PairOptions::default()
+    })?;
+    let (ga, gb) = (Cgroup::new("a", quota)?, Cgroup::new("b", quota)?);
+    let mut solo: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let mut ft: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let (mut bytes_per_req, mut bytes_per_s, mut lag) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Solo, host a's quota.
+        let s = start_solo(&lab)?;
+        ga.add(s.pid())?;
+        for (i, r) in throughput(&lab, n)?.into_iter().enumerate() {
+            solo[i].push(r);
+        }
+        drop(s);
+        let _ = std::fs::remove_file(lab.disk("solo"));
+        // The pair, each node in its host's quota.
+        let p = start_pair(&mut lab)?;
+        ga.add(p.nodes[0].pid())?;
+        gb.add(p.nodes[1].pid())?;
+        let before = lab.status(&p.primary)?;
+        let t0 = Instant::now();
+        // Sample the lag while the -P 16 SET runs.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = stop.clone();
+            let cfg = lab.config(&p.primary);
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(o) =
+                        std::process::Command::new(ftvm_tests::node::node_binary().unwrap())
+                            .args(["status", "--json", "--config"])
+                            .arg(&cfg)
+                            .output()
+                    {
+                        if let Ok(j) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                            v.push(j["lag_ms"].as_f64().unwrap_or(0.0));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                v
+            })
+        };
+        let r = throughput(&lab, n)?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        lag.extend(sampler.join().unwrap());
+        let secs = t0.elapsed().as_secs_f64();
+        let after = lab.status(&p.primary)?;
+        let bytes =
+            after["log_bytes"].as_u64().unwrap_or(0) - before["log_bytes"].as_u64().unwrap_or(0);
+        bytes_per_req.push(bytes as f64 / (n as f64 * CASES.len() as f64));
+        bytes_per_s.push(bytes as f64 / secs);
+        for (i, x) in r.into_iter().enumerate() {
+            ft[i].push(x);
+        }
+        drop(p);
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    // Latency at -c 1, no quotas (DESIGN §10): solo, then the pair, with the channel's RTT.
+    let s = start_solo(&lab)?;
+    let solo_lat = redis_benchmark(&lab.client, lab.guest_ip, "set", 3000, 1, 1)?;
+    drop(s);
+    let _ = std::fs::remove_file(lab.disk("solo"));
+    let mut p = start_pair(&mut lab)?;
+    let pair_lat = redis_benchmark(&lab.client, lab.guest_ip, "set", 3000, 1, 1)?;
+    let rtt_ms = lab.status(&p.primary)?["channel_rtt_ms"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let get_bytes = {
+        let before = lab.status(&p.primary)?["log_bytes"].as_u64().unwrap_or(0);
+        redis_benchmark(&lab.client, lab.guest_ip, "get", 5000, 10, 1)?;
+        (lab.status(&p.primary)?["log_bytes"].as_u64().unwrap_or(0) - before) as f64 / 5000.0
+    };
+    p.nodes.clear();
+
+    println!("ft_pair: the kv guest through an FT pair vs solo, redis-benchmark -c 50, n={n}, {rounds} round(s), medians");
+    println!("  CPU quota: {quota}% of one core per simulated host (cgroup v1, 10 ms period), client unthrottled");
+    println!(
+        "  {:<10} {:>12} {:>12} {:>8}",
+        "case", "solo req/s", "pair req/s", "pair/solo"
+    );
+    for (i, (t, pl)) in CASES.iter().enumerate() {
+        let (s, f) = (median(&mut solo[i]), median(&mut ft[i]));
+        println!(
+            "  {:<10} {:>12.0} {:>12.0} {:>8.3}",
+            format!("{} -P{pl}", t.to_uppercase()),
+            s,
+            f,
+            f / s
+        );
+    }
+    println!(
+        "  log: {:.1} bytes/request (all four cases), {:.0} bytes/s; GET only: {get_bytes:.1} bytes/request (block reads are not on the channel)",
+        median(&mut bytes_per_req),
+        median(&mut bytes_per_s)
+    );
+    println!(
+        "  latency -c 1 SET (no quota): solo p50 {:.3} ms p99 {:.3} ms; pair p50 {:.3} ms p99 {:.3} ms; added p50 {:.3} ms = {:.2} x channel RTT ({rtt_ms:.3} ms)",
+        solo_lat.p50_ms,
+        solo_lat.p99_ms,
+        pair_lat.p50_ms,
+        pair_lat.p99_ms,
+        pair_lat.p50_ms - solo_lat.p50_ms,
+        if rtt_ms > 0.0 { (pair_lat.p50_ms - solo_lat.p50_ms) / rtt_ms } else { f64::NAN }
+    );
+    if !lag.is_empty() {
+        let p50 = pct(&mut lag, 0.5);
+        let p99 = pct(&mut lag, 0.99);
+        println!(
+            "  backup lag under load: p50 {p50:.2} ms p99 {p99:.2} ms ({} samples)",
+            lag.len()
+        );
+    }
+    Ok(())
+}
