@@ -28,7 +28,9 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
         last_wall = wall;
         let woke = time::wait_until(mono + 1_000_000);
         if woke < mono {
-            println!("timecheck: BACKWARDS at round {round}: a WAIT ended at {woke}, before {mono}");
+            println!(
+                "timecheck: BACKWARDS at round {round}: a WAIT ended at {woke}, before {mono}"
+            );
             return 1;
         }
         last_mono = last_mono.max(woke);
