@@ -481,6 +481,9 @@ impl Machine {
         self.vm.vcpu.restore_state(&state.vcpu)?;
         self.console.digest = state.console_digest;
         self.boundary = state.boundary;
+        if let Some(p) = &self.progress {
+            p.store(state.boundary, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

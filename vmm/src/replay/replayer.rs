@@ -154,9 +154,11 @@ impl Replayer {
     }
 
     /// Drops the records of boundaries up to and including `k`, for a machine restored from a
-    /// state saved after boundary `k` (its next boundary is `k + 1`).
+    /// state saved after boundary `k` (its next boundary is `k + 1`). A streaming replayer
+    /// takes its watermark as at least `k` (the stream of a joiner starts after `k`).
     pub fn skip_through(&mut self, k: Boundary) {
         self.current = None;
+        self.watermark = self.watermark.max(k);
         while let Some(
             Record::Boundary { boundary: b, .. }
             | Record::Digest { boundary: b, .. }
