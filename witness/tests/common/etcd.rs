@@ -16,7 +16,21 @@ struct Member {
     name: String,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Plain HTTP `/health` (and `/metrics`), also when clients use TLS.
+    health: SocketAddr,
     child: Option<Child>,
+}
+
+/// Client TLS of the cluster: the members serve `https://localhost:PORT` with `cert`/`key`
+/// and require client certificates signed by `ca`.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// CA of the client certificates.
+    pub ca: PathBuf,
+    /// Server certificate (its name must be `localhost`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
 }
 
 /// A running etcd cluster.
@@ -24,6 +38,7 @@ pub struct EtcdCluster {
     dir: PathBuf,
     token: String,
     members: Vec<Member>,
+    tls: Option<EtcdTls>,
 }
 
 fn free_port() -> SocketAddr {
@@ -38,11 +53,17 @@ fn free_port() -> SocketAddr {
 impl EtcdCluster {
     /// Starts `n` members in `dir` and waits until every one is healthy (has a leader).
     pub fn start(dir: &Path, n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(dir, n, None)
+    }
+
+    /// [`EtcdCluster::start`] with TLS for clients.
+    pub fn start_with(dir: &Path, n: usize, tls: Option<EtcdTls>) -> EtcdCluster {
         let members = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: free_port(),
                 peer: free_port(),
+                health: free_port(),
                 child: None,
             })
             .collect();
@@ -57,6 +78,7 @@ impl EtcdCluster {
                     .as_nanos()
             ),
             members,
+            tls,
         };
         for i in 0..n {
             c.spawn(i);
@@ -73,21 +95,34 @@ impl EtcdCluster {
             .iter()
             .map(|m| format!("{}=http://{}", m.name, m.peer))
             .collect();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("etcd-{}.log", m.name)))
             .unwrap();
-        let child = Command::new(etcd_bin())
+        let mut cmd = Command::new(etcd_bin());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(self.dir.join(format!("etcd-{}", m.name)))
             .arg("--listen-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://localhost:{}", m.client.port()))
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://{}", m.health))
             .arg("--listen-peer-urls")
             .arg(format!("http://{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -115,7 +150,7 @@ impl EtcdCluster {
 
     /// GET `/health` of member `i`: whether it answers `"health":"true"` (it has a leader).
     pub fn healthy(&self, i: usize) -> bool {
-        let Ok(mut s) = TcpStream::connect_timeout(&self.members[i].client, Duration::from_secs(1))
+        let Ok(mut s) = TcpStream::connect_timeout(&self.members[i].health, Duration::from_secs(1))
         else {
             return false;
         };
@@ -158,7 +193,10 @@ impl EtcdCluster {
         let v: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("\"http://{}\"", m.client))
+            .map(|m| match self.tls {
+                Some(_) => format!("\"https://localhost:{}\"", m.client.port()),
+                None => format!("\"http://{}\"", m.client),
+            })
             .collect();
         format!("[{}]", v.join(", "))
     }
