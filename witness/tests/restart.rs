@@ -148,8 +148,8 @@ async fn crash_between_write_and_reply_loses_only_the_reply_etcd() {
 async fn crash_between_write_and_reply(etcd: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, _cluster) = setup(dir.path(), etcd);
-    let env = [(ftvm_witness::server::CRASH_AFTER_WRITE_ENV, "1")];
-    let mut w = match try_start_env(&cfg, "127.0.0.1:0", true, &env) {
+    let env = [(CRASH_AFTER_WRITE_ENV, "1")];
+    let mut w = match try_start_bin(HOOKS_BIN, &cfg, "127.0.0.1:0", true, &env) {
         Ok(w) => w,
         Err(e) => panic!("{e:?}"),
     };
@@ -203,5 +203,33 @@ async fn crash_between_write_and_reply(etcd: bool) {
     assert_eq!(
         w2.metric("ftvm_witness_claims_total{result=\"granted\"}"),
         0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_binary_ignores_the_crash_hook() {
+    // ftvm-witness itself has no fault hook, whatever the environment says: only the
+    // tests' ftvm-witness-test-hooks binary has one.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
+    let env = [(CRASH_AFTER_WRITE_ENV, "1")];
+    let mut w = match try_start_env(&cfg, "127.0.0.1:0", true, &env) {
+        Ok(w) => w,
+        Err(e) => panic!("{e:?}"),
+    };
+    let a = client(dir.path(), "node-a", w.addr);
+    for g in 0..3 {
+        assert_eq!(
+            a.claim("vm1", g, ClaimId::random()).await.unwrap(),
+            ClaimOutcome::Granted { generation: g + 1 }
+        );
+    }
+    assert!(w.child.try_wait().unwrap().is_none(), "the witness died");
+    assert!(!w.log_text().contains("test_crash"));
+    let bin = std::fs::read(BIN).unwrap();
+    assert!(
+        !bin.windows(CRASH_AFTER_WRITE_ENV.len())
+            .any(|x| x == CRASH_AFTER_WRITE_ENV.as_bytes()),
+        "{BIN} mentions {CRASH_AFTER_WRITE_ENV}"
     );
 }
