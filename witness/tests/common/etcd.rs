@@ -41,13 +41,22 @@ pub struct EtcdCluster {
     tls: Option<EtcdTls>,
 }
 
+/// A loopback port nobody listens on now, never handed out twice by this process. It is
+/// released before etcd binds it, so another process may still take it in between: a cluster
+/// whose member cannot bind is started again on new ports (see [`EtcdCluster::start_with`]).
 fn free_port() -> SocketAddr {
-    // Bound and released at once: another process could take it in between, but nothing
-    // else on this machine picks loopback ports at random in this range so quickly.
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut used = USED.lock().unwrap();
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        if !used.contains(&a.port()) {
+            used.push(a.port());
+            return a;
+        }
+    }
 }
 
 impl EtcdCluster {
@@ -58,6 +67,25 @@ impl EtcdCluster {
 
     /// [`EtcdCluster::start`] with TLS for clients.
     pub fn start_with(dir: &Path, n: usize, tls: Option<EtcdTls>) -> EtcdCluster {
+        for attempt in 1.. {
+            match EtcdCluster::try_start(dir, n, tls.clone()) {
+                Ok(c) => return c,
+                Err(why) if attempt < 4 && why.contains("address already in use") => {
+                    eprintln!(
+                        "etcd cluster: a port was taken meanwhile, new ports (attempt {attempt})"
+                    );
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start(dir: &Path, n: usize, tls: Option<EtcdTls>) -> Result<EtcdCluster, String> {
+        for i in 0..n {
+            let _ = std::fs::remove_dir_all(dir.join(format!("etcd-m{i}")));
+            let _ = std::fs::remove_file(dir.join(format!("etcd-m{i}.log")));
+        }
         let members = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -84,9 +112,9 @@ impl EtcdCluster {
             c.spawn(i);
         }
         for i in 0..n {
-            c.wait_healthy(i);
+            c.try_wait_healthy(i)?;
         }
-        c
+        Ok(c)
     }
 
     fn spawn(&mut self, i: usize) {
@@ -166,20 +194,31 @@ impl EtcdCluster {
     }
 
     fn wait_healthy(&mut self, i: usize) {
+        if let Err(why) = self.try_wait_healthy(i) {
+            panic!("{why}");
+        }
+    }
+
+    fn try_wait_healthy(&mut self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(90);
         while !self.healthy(i) {
             if let Some(c) = self.members[i].child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("etcd member {i} exited with {st}:\n{}", self.log(i));
+                    return Err(format!(
+                        "etcd member {i} exited with {st}:\n{}",
+                        self.log(i)
+                    ));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd member {i} not healthy in time:\n{}",
-                self.log(i)
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "etcd member {i} not healthy in time:\n{}",
+                    self.log(i)
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Member `i`'s log.
