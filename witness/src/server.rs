@@ -384,42 +384,6 @@ async fn submit(shared: &Shared, pair: String, node: &str, kind: JobKind) -> Res
         .unwrap_or_else(|_| error(ErrorCode::Unavailable, "decider stopped"))
 }
 
-/// Test hook, compiled only with the `test-hooks` cargo feature (which only this crate's
-/// tests enable): when this environment variable is set, the witness kills itself right after
-/// its first synced grant and before replying, to prove that a crash there loses only the
-/// reply. A build without the feature never reads the variable.
-#[cfg(feature = "test-hooks")]
-pub const CRASH_AFTER_WRITE_ENV: &str = "FTVM_WITNESS_TEST_CRASH_AFTER_WRITE";
-
-/// Whether the crash-after-write test hook is armed (always false without `test-hooks`).
-fn crash_after_write_armed() -> bool {
-    #[cfg(feature = "test-hooks")]
-    {
-        std::env::var_os(CRASH_AFTER_WRITE_ENV).is_some()
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    {
-        false
-    }
-}
-
-/// The crash of the crash-after-write test hook.
-#[cfg(feature = "test-hooks")]
-fn test_crash() {
-    tracing::error!(
-        event = "test_crash",
-        "crashing after the write, before the reply ({CRASH_AFTER_WRITE_ENV})"
-    );
-    // SIGKILL, like `kill -9`: no destructor, no core file.
-    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGKILL);
-    }
-}
-
-#[cfg(not(feature = "test-hooks"))]
-fn test_crash() {}
-
 /// Times a batch is decided again after conflicts before it is answered `unavailable`.
 const MAX_CONFLICT_ROUNDS: u32 = 32;
 
@@ -484,7 +448,6 @@ impl Decider {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let crash_after_write = crash_after_write_armed();
         let max_batch = self.store.max_batch().max(1);
         while let Some(first) = rx.blocking_recv() {
             let mut jobs = vec![first];
@@ -502,10 +465,7 @@ impl Decider {
                 continue;
             }
             match self.decide_and_commit(&jobs) {
-                Ok((decided, wrote)) => {
-                    if wrote && crash_after_write {
-                        test_crash();
-                    }
+                Ok((decided, _wrote)) => {
                     for (j, d) in jobs.into_iter().zip(decided) {
                         self.reply(j, d);
                     }

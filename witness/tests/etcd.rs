@@ -244,3 +244,48 @@ async fn member_loss_quorum_loss_and_restart() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_to_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = certs_init(d, "vm1", &["node-a"]);
+    // etcd's server certificate (named localhost, as the endpoints) and the witness's etcd
+    // client certificate, from the deployment's CA.
+    ftvm_tls::issue(d, &["localhost", "etcd-client"], false).unwrap();
+    let tls = common::etcd::EtcdTls {
+        ca: d.join("ca.pem"),
+        cert: d.join("localhost.pem"),
+        key: d.join("localhost.key"),
+    };
+    let cluster = EtcdCluster::start_with(d, 1, Some(tls));
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let store = |client_cert: bool| {
+        let mut t = format!(
+            "{base}\n[store]\nkind = \"etcd\"\nendpoints = {}\nprefix = \"/tls/\"\ntimeout_ms = 3000\nca = \"ca.pem\"\n",
+            cluster.endpoints_toml()
+        );
+        if client_cert {
+            t.push_str("cert = \"etcd-client.pem\"\nkey = \"etcd-client.key\"\n");
+        }
+        std::fs::write(&cfg, t).unwrap();
+    };
+
+    // Without a client certificate etcd refuses the witness, which says so and stops.
+    store(false);
+    let e = try_start(&cfg, "127.0.0.1:0", true)
+        .err()
+        .expect("etcd must refuse a client without certificate");
+    assert!(e.stderr.contains("etcd"), "{}", e.stderr);
+    assert!(e.stderr.contains("store unavailable"), "{}", e.stderr);
+
+    // With it: a working witness over TLS.
+    store(true);
+    let w = start(&cfg, "127.0.0.1:0", true);
+    let a = client(d, "node-a", w.addr);
+    assert_eq!(
+        a.claim("vm1", 0, ClaimId::random()).await.unwrap(),
+        ClaimOutcome::Granted { generation: 1 }
+    );
+    assert_eq!(a.status("vm1").await.unwrap().generation, 1);
+}

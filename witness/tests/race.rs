@@ -1,16 +1,31 @@
-//! Many nodes racing on the same generation: exactly one grant per round.
+//! Many nodes racing on the same generation: exactly one grant per round, with each store.
 
 mod common;
 
+use common::etcd::{add_etcd_store, EtcdCluster};
 use common::*;
 use ftvm_witness::{ClaimId, ClaimOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_clients_get_exactly_one_grant_per_round() {
+    racing_clients(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_clients_get_exactly_one_grant_per_round_etcd() {
+    racing_clients(true).await;
+}
+
+async fn racing_clients(etcd: bool) {
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = (0..32).map(|i| format!("n{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let cfg = certs_init(dir.path(), "race", &refs);
+    let _cluster = etcd.then(|| {
+        let c = EtcdCluster::start(dir.path(), 3);
+        add_etcd_store(&cfg, &c, "/race/");
+        c
+    });
     let w = start(&cfg, "127.0.0.1:0", true);
 
     let clients: Vec<_> = names

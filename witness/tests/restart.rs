@@ -1,14 +1,36 @@
-//! kill -9 of the witness between rounds: every decision is preserved.
+//! kill -9 of the witness between rounds: every decision is preserved, with each store.
 
 mod common;
 
+use common::etcd::{add_etcd_store, EtcdCluster};
 use common::*;
 use ftvm_witness::{ClaimId, ClaimOutcome};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_survive_kill_9_and_restart() {
+    decisions_survive(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_survive_kill_9_and_restart_etcd() {
+    decisions_survive(true).await;
+}
+
+/// A witness configuration for vm1, on rocksdb or on a new etcd cluster (kept alive by the
+/// returned handle).
+fn setup(dir: &std::path::Path, etcd: bool) -> (std::path::PathBuf, Option<EtcdCluster>) {
+    let cfg = certs_init(dir, "vm1", &["node-a", "node-b"]);
+    let cluster = etcd.then(|| {
+        let c = EtcdCluster::start(dir, 3);
+        add_etcd_store(&cfg, &c, "/vm/");
+        c
+    });
+    (cfg, cluster)
+}
+
+async fn decisions_survive(etcd: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
+    let (cfg, cluster) = setup(dir.path(), etcd);
     let mut w = start(&cfg, "127.0.0.1:0", true);
     let addr = w.addr;
     // The clients outlive every witness process: they reconnect by themselves.
@@ -43,7 +65,7 @@ async fn decisions_survive_kill_9_and_restart() {
         w.kill9();
         assert!(
             try_start(&cfg, &addr.to_string(), true).is_err(),
-            "--init must refuse an existing data directory"
+            "--init must refuse an existing data directory (or etcd prefix)"
         );
         w = start(&cfg, &addr.to_string(), false);
         assert_eq!(w.addr, addr);
@@ -95,6 +117,9 @@ async fn decisions_survive_kill_9_and_restart() {
     assert_eq!(history.len(), 10);
     assert_eq!(w.metric("ftvm_witness_pair_generation{pair=\"vm1\"}"), 10);
     w.kill9();
+    if cluster.is_some() {
+        return;
+    }
 
     // Without --init, a missing data directory is an error, never a fresh start.
     let data = dir.path().join("data");
@@ -112,10 +137,19 @@ async fn decisions_survive_kill_9_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_write_and_reply_loses_only_the_reply() {
+    crash_between_write_and_reply(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_write_and_reply_loses_only_the_reply_etcd() {
+    crash_between_write_and_reply(true).await;
+}
+
+async fn crash_between_write_and_reply(etcd: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
-    let env = [(ftvm_witness::server::CRASH_AFTER_WRITE_ENV, "1")];
-    let mut w = match try_start_env(&cfg, "127.0.0.1:0", true, &env) {
+    let (cfg, _cluster) = setup(dir.path(), etcd);
+    let env = [(CRASH_AFTER_WRITE_ENV, "1")];
+    let mut w = match try_start_bin(HOOKS_BIN, &cfg, "127.0.0.1:0", true, &env) {
         Ok(w) => w,
         Err(e) => panic!("{e:?}"),
     };
@@ -169,5 +203,33 @@ async fn crash_between_write_and_reply_loses_only_the_reply() {
     assert_eq!(
         w2.metric("ftvm_witness_claims_total{result=\"granted\"}"),
         0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_binary_ignores_the_crash_hook() {
+    // ftvm-witness itself has no fault hook, whatever the environment says: only the
+    // tests' ftvm-witness-test-hooks binary has one.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
+    let env = [(CRASH_AFTER_WRITE_ENV, "1")];
+    let mut w = match try_start_env(&cfg, "127.0.0.1:0", true, &env) {
+        Ok(w) => w,
+        Err(e) => panic!("{e:?}"),
+    };
+    let a = client(dir.path(), "node-a", w.addr);
+    for g in 0..3 {
+        assert_eq!(
+            a.claim("vm1", g, ClaimId::random()).await.unwrap(),
+            ClaimOutcome::Granted { generation: g + 1 }
+        );
+    }
+    assert!(w.child.try_wait().unwrap().is_none(), "the witness died");
+    assert!(!w.log_text().contains("test_crash"));
+    let bin = std::fs::read(BIN).unwrap();
+    assert!(
+        !bin.windows(CRASH_AFTER_WRITE_ENV.len())
+            .any(|x| x == CRASH_AFTER_WRITE_ENV.as_bytes()),
+        "{BIN} mentions {CRASH_AFTER_WRITE_ENV}"
     );
 }

@@ -16,7 +16,21 @@ struct Member {
     name: String,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Plain HTTP `/health` (and `/metrics`), also when clients use TLS.
+    health: SocketAddr,
     child: Option<Child>,
+}
+
+/// Client TLS of the cluster: the members serve `https://localhost:PORT` with `cert`/`key`
+/// and require client certificates signed by `ca`.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// CA of the client certificates.
+    pub ca: PathBuf,
+    /// Server certificate (its name must be `localhost`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
 }
 
 /// A running etcd cluster.
@@ -24,25 +38,60 @@ pub struct EtcdCluster {
     dir: PathBuf,
     token: String,
     members: Vec<Member>,
+    tls: Option<EtcdTls>,
 }
 
+/// A loopback port nobody listens on now, never handed out twice by this process. It is
+/// released before etcd binds it, so another process may still take it in between: a cluster
+/// whose member cannot bind is started again on new ports (see [`EtcdCluster::start_with`]).
 fn free_port() -> SocketAddr {
-    // Bound and released at once: another process could take it in between, but nothing
-    // else on this machine picks loopback ports at random in this range so quickly.
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static USED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut used = USED.lock().unwrap();
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        if !used.contains(&a.port()) {
+            used.push(a.port());
+            return a;
+        }
+    }
 }
 
 impl EtcdCluster {
     /// Starts `n` members in `dir` and waits until every one is healthy (has a leader).
     pub fn start(dir: &Path, n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(dir, n, None)
+    }
+
+    /// [`EtcdCluster::start`] with TLS for clients.
+    pub fn start_with(dir: &Path, n: usize, tls: Option<EtcdTls>) -> EtcdCluster {
+        for attempt in 1.. {
+            match EtcdCluster::try_start(dir, n, tls.clone()) {
+                Ok(c) => return c,
+                Err(why) if attempt < 4 && why.contains("address already in use") => {
+                    eprintln!(
+                        "etcd cluster: a port was taken meanwhile, new ports (attempt {attempt})"
+                    );
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start(dir: &Path, n: usize, tls: Option<EtcdTls>) -> Result<EtcdCluster, String> {
+        for i in 0..n {
+            let _ = std::fs::remove_dir_all(dir.join(format!("etcd-m{i}")));
+            let _ = std::fs::remove_file(dir.join(format!("etcd-m{i}.log")));
+        }
         let members = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: free_port(),
                 peer: free_port(),
+                health: free_port(),
                 child: None,
             })
             .collect();
@@ -57,14 +106,15 @@ impl EtcdCluster {
                     .as_nanos()
             ),
             members,
+            tls,
         };
         for i in 0..n {
             c.spawn(i);
         }
         for i in 0..n {
-            c.wait_healthy(i);
+            c.try_wait_healthy(i)?;
         }
-        c
+        Ok(c)
     }
 
     fn spawn(&mut self, i: usize) {
@@ -73,21 +123,34 @@ impl EtcdCluster {
             .iter()
             .map(|m| format!("{}=http://{}", m.name, m.peer))
             .collect();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("etcd-{}.log", m.name)))
             .unwrap();
-        let child = Command::new(etcd_bin())
+        let mut cmd = Command::new(etcd_bin());
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
             .arg(self.dir.join(format!("etcd-{}", m.name)))
             .arg("--listen-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://{}", m.client))
             .arg("--advertise-client-urls")
-            .arg(format!("http://{}", m.client))
+            .arg(format!("{scheme}://localhost:{}", m.client.port()))
+            .arg("--listen-metrics-urls")
+            .arg(format!("http://{}", m.health))
             .arg("--listen-peer-urls")
             .arg(format!("http://{}", m.peer))
             .arg("--initial-advertise-peer-urls")
@@ -115,7 +178,7 @@ impl EtcdCluster {
 
     /// GET `/health` of member `i`: whether it answers `"health":"true"` (it has a leader).
     pub fn healthy(&self, i: usize) -> bool {
-        let Ok(mut s) = TcpStream::connect_timeout(&self.members[i].client, Duration::from_secs(1))
+        let Ok(mut s) = TcpStream::connect_timeout(&self.members[i].health, Duration::from_secs(1))
         else {
             return false;
         };
@@ -131,20 +194,31 @@ impl EtcdCluster {
     }
 
     fn wait_healthy(&mut self, i: usize) {
+        if let Err(why) = self.try_wait_healthy(i) {
+            panic!("{why}");
+        }
+    }
+
+    fn try_wait_healthy(&mut self, i: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(90);
         while !self.healthy(i) {
             if let Some(c) = self.members[i].child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("etcd member {i} exited with {st}:\n{}", self.log(i));
+                    return Err(format!(
+                        "etcd member {i} exited with {st}:\n{}",
+                        self.log(i)
+                    ));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd member {i} not healthy in time:\n{}",
-                self.log(i)
-            );
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "etcd member {i} not healthy in time:\n{}",
+                    self.log(i)
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Member `i`'s log.
@@ -158,7 +232,10 @@ impl EtcdCluster {
         let v: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("\"http://{}\"", m.client))
+            .map(|m| match self.tls {
+                Some(_) => format!("\"https://localhost:{}\"", m.client.port()),
+                None => format!("\"http://{}\"", m.client),
+            })
             .collect();
         format!("[{}]", v.join(", "))
     }

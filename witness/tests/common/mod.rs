@@ -14,6 +14,10 @@ use ftvm_witness::{ClientOptions, WitnessClient};
 pub mod etcd;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ftvm-witness");
+/// The witness with fault-injection hooks (built only for the tests).
+pub const HOOKS_BIN: &str = env!("CARGO_BIN_EXE_ftvm-witness-test-hooks");
+/// Arms the hooks binary's crash between a durable grant and its reply.
+pub const CRASH_AFTER_WRITE_ENV: &str = "FTVM_WITNESS_TEST_CRASH_AFTER_WRITE";
 
 /// Runs the CLI to completion.
 pub fn cli(args: &[&str]) -> Output {
@@ -70,6 +74,17 @@ pub fn try_start_env(
     init: bool,
     env: &[(&str, &str)],
 ) -> Result<WitnessProc, StartFailure> {
+    try_start_bin(BIN, config, listen, init, env)
+}
+
+/// [`try_start_env`] of the binary `bin` (e.g. [`HOOKS_BIN`]).
+pub fn try_start_bin(
+    bin: &str,
+    config: &Path,
+    listen: &str,
+    init: bool,
+    env: &[(&str, &str)],
+) -> Result<WitnessProc, StartFailure> {
     let log = config.with_file_name(format!(
         "witness-{}.log",
         std::time::SystemTime::now()
@@ -77,7 +92,7 @@ pub fn try_start_env(
             .unwrap()
             .as_nanos()
     ));
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin);
     cmd.args([
         "serve",
         "--config",
