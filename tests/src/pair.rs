@@ -225,6 +225,26 @@ ip = "{guest_ip}/24"
         self.witness_proc = None;
     }
 
+    /// Starts the witness and both nodes, waits until both guests booted and one node is
+    /// primary, the other backup; returns (primary name, primary, backup name, backup).
+    pub fn start_pair(&mut self, boot_line: &str) -> Result<(String, RunningNode, String, RunningNode)> {
+        self.start_witness()?;
+        let (na, nb) = (self.nodes[0].role.clone(), self.nodes[1].role.clone());
+        let mut a = self.start_node(&na, &[])?;
+        let mut b = self.start_node(&nb, &[])?;
+        a.expect_line(boot_line, Duration::from_secs(60))?;
+        b.expect_line(boot_line, Duration::from_secs(60))?;
+        let limit = Duration::from_secs(15);
+        if self.status(&na)?["role"] == "primary" {
+            self.wait_role(&nb, "backup", limit)?;
+            Ok((na, a, nb, b))
+        } else {
+            self.wait_role(&nb, "primary", limit)?;
+            self.wait_role(&na, "backup", limit)?;
+            Ok((nb, b, na, a))
+        }
+    }
+
     /// Starts node `name` (`ftvm-node run --config`, plus `extra` arguments).
     pub fn start_node(&self, name: &str, extra: &[&str]) -> Result<RunningNode> {
         let mut args = vec![

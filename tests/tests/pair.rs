@@ -112,21 +112,9 @@ fn a_pair_serves_redis_and_the_backup_ends_identical() {
     );
 }
 
-/// Starts both nodes and waits until one is primary and the other backup, both booted.
+/// Starts both nodes; returns (primary name, primary, backup name, backup).
 fn start_pair(lab: &mut PairLab) -> (String, RunningNode, String, RunningNode) {
-    lab.start_witness().unwrap();
-    let mut a = lab.start_node("a", &[]).unwrap();
-    let mut b = lab.start_node("b", &[]).unwrap();
-    a.expect_line("kv: listening on", BOOT).unwrap();
-    b.expect_line("kv: listening on", BOOT).unwrap();
-    if lab.status("a").unwrap()["role"] == "primary" {
-        lab.wait_role("b", "backup", ROLE).unwrap();
-        ("a".into(), a, "b".into(), b)
-    } else {
-        lab.wait_role("b", "primary", ROLE).unwrap();
-        lab.wait_role("a", "backup", ROLE).unwrap();
-        ("b".into(), b, "a".into(), a)
-    }
+    lab.start_pair("kv: listening on").unwrap()
 }
 
 const ROLE: Duration = Duration::from_secs(15);
