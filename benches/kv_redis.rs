@@ -15,7 +15,8 @@
 //! `cargo bench -p ftvm-benches --bench kv_redis` (needs root, iproute2, redis-tools,
 //! redis-server, KVM). With `FTVM_KV_BEFORE=path/to/kv.elf` a second kv guest image (e.g. one
 //! built from an older commit) is measured in the same rounds, for before/after tables (its
-//! ratios in the `before` rows are against the same baselines).
+//! ratios in the `before` rows are against the same baselines); `FTVM_KV_BEFORE_NODE` names
+//! an older `ftvm-node` to run that image with.
 
 use std::net::TcpListener;
 use std::process::{Child, Stdio};
@@ -235,7 +236,21 @@ fn measure(
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-                RunningNode::start(&node.ns, &args)?
+                // FTVM_KV_BEFORE_NODE: an older ftvm-node to run it with (the harness takes
+                // the binary from FTVM_NODE; nothing else runs while it is set).
+                let before_node = std::env::var_os("FTVM_KV_BEFORE_NODE");
+                let saved = std::env::var_os("FTVM_NODE");
+                if let Some(b) = &before_node {
+                    std::env::set_var("FTVM_NODE", b);
+                }
+                let started = RunningNode::start(&node.ns, &args);
+                if before_node.is_some() {
+                    match saved {
+                        Some(v) => std::env::set_var("FTVM_NODE", v),
+                        None => std::env::remove_var("FTVM_NODE"),
+                    }
+                }
+                started?
             };
             vm.expect_line("kv: listening on", Duration::from_secs(60))?;
             let pid = pid_with_arg(&disk.display().to_string())?;

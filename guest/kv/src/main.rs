@@ -147,7 +147,7 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
     );
     loop {
         let before = server.stats;
-        let busy = match server.step(&mut dev, &mut guest, &mut store, &mut log) {
+        let more = match server.step(&mut dev, &mut guest, &mut store, &mut log) {
             Ok(b) => b,
             Err(StepError::Disk(e)) => {
                 println!("kv: disk write failed: {e:?}; stopping");
@@ -160,8 +160,9 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
         if server.stats.compaction_failures != before.compaction_failures {
             println!("kv: cannot compact the log");
         }
-        // End the iteration: POLL while there is work, else WAIT for a frame or a timer.
-        if busy || dev.has_rx() {
+        // End the iteration: POLL when work is ready, else WAIT for a frame or a timer (the
+        // frames this iteration queued are taken at either exit).
+        if more || dev.has_rx() {
             control::poll();
         } else {
             let delay = server

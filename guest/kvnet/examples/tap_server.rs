@@ -203,10 +203,10 @@ fn run() -> std::io::Result<()> {
     let end = StdInstant::now() + Duration::from_secs(secs);
     let t0 = StdInstant::now();
     while StdInstant::now() < end {
-        let busy = server
+        let more = server
             .step(&mut dev, &mut host, &mut store, &mut log)
             .map_err(|kvnet::StepError::Disk(e)| e)?;
-        if busy {
+        if more {
             polls += 1;
         } else {
             waits += 1;

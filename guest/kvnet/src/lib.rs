@@ -23,7 +23,7 @@
 //! write the iteration's log records to the disk (group commit: replies that depend on them
 //! are held until then); send the released replies; close what is finished, rejected or
 //! idle; transmit (and run smoltcp's timers). The caller then ends the iteration with a POLL
-//! (busy) or a WAIT of at most [`Server::poll_delay`].
+//! (if more work is ready at once) or a WAIT of at most [`Server::poll_delay`].
 #![no_std]
 #![warn(missing_docs)]
 extern crate alloc;
@@ -373,8 +373,12 @@ impl Server {
         }
     }
 
-    /// One iteration of the loop (see the crate docs). Returns whether it did any work (the
-    /// caller then POLLs rather than WAITs).
+    /// One iteration of the loop (see the crate docs). Returns whether more work is ready
+    /// without any new input (a connection admitted in this step may hold a request already,
+    /// a log compaction has batches left to write): the caller then POLLs. Otherwise it
+    /// WAITs: the frames this step queued leave at that exit all the same, and the next frame
+    /// or timer ends the wait. (POLLing after every step that did something, as before, cost
+    /// an extra exit and an empty step per batch.)
     pub fn step<D: Device, P: Platform>(
         &mut self,
         dev: &mut D,
@@ -383,7 +387,6 @@ impl Server {
         log: &mut LogWriter,
     ) -> Result<bool, StepError<P::Error>> {
         self.stats.steps += 1;
-        let mut busy = false;
         let now_ms = platform.now_ms();
         self.ingress(dev, platform.now());
 
@@ -401,10 +404,7 @@ impl Server {
                 continue;
             }
             match slot.role {
-                Role::New => {
-                    new.push(i);
-                    busy = true;
-                }
+                Role::New => new.push(i),
                 // A client that sent its FIN (or reset) no longer counts against the limit,
                 // as in Redis, which frees a client at EOF; what it sent before is still
                 // answered.
@@ -434,7 +434,6 @@ impl Server {
                         }
                     }
                     if got {
-                        busy = true;
                         slot.last_active_ms = now_ms;
                         slot.conn.process(store, log, now_ms);
                     }
@@ -451,6 +450,7 @@ impl Server {
             }
             i += 1;
         }
+        let more = !new.is_empty();
         // Admit the new connections once departures are counted (clients that leave and
         // others that arrive in one batch must not be refused); their requests are read at
         // the next step.
@@ -483,7 +483,6 @@ impl Server {
                     Err(_) => self.stats.compaction_failures += 1,
                 }
             }
-            busy = true;
         }
 
         // Send, close what is done, recycle what is closed.
@@ -504,7 +503,6 @@ impl Server {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         slot.sent += n;
-                        busy = true;
                         self.stats.writes += 1;
                         self.stats.bytes_out += n as u64;
                     }
@@ -540,7 +538,6 @@ impl Server {
                 slot.role = Role::Closing;
                 slot.last_active_ms = now_ms;
                 s.close();
-                busy = true;
             }
             if slot.role == Role::Closing
                 && now_ms.saturating_sub(slot.last_active_ms) >= CLOSE_TIMEOUT_MS
@@ -556,7 +553,7 @@ impl Server {
         }
         store.set_connected_clients(self.clients as u64);
         self.egress(dev, platform.now());
-        Ok(busy)
+        Ok(more || log.has_unsealed())
     }
 
     /// How long the caller may WAIT before the next step: smoltcp's next timer or the next

@@ -159,13 +159,15 @@ impl Lab {
         }
     }
 
-    /// One round: the client host polls, the server steps, the client polls again.
-    fn round(&mut self) {
+    /// One round: the client host polls, the server steps, the client polls again. Returns
+    /// what the step returned (more work ready at once).
+    fn round(&mut self) -> bool {
         let now = self.plat.now();
         self.cdev.deliver();
         self.client.poll(now, &mut self.cdev, &mut self.csockets);
         self.sdev.deliver();
-        self.server
+        let more = self
+            .server
             .step(
                 &mut self.sdev,
                 &mut self.plat,
@@ -175,6 +177,7 @@ impl Lab {
             .unwrap();
         self.cdev.deliver();
         self.client.poll(now, &mut self.cdev, &mut self.csockets);
+        more
     }
 
     /// Rounds until `done` holds (at most 200).
@@ -392,6 +395,26 @@ fn idle_clients_are_closed_after_the_timeout_and_busy_ones_are_not() {
     let (now, now_ms) = (lab.plat.now(), lab.plat.now_ms());
     let d = lab.server.poll_delay(now, now_ms).expect("a timer");
     assert!(d <= 1_000_000_000, "{d}");
+}
+
+#[test]
+fn a_step_asks_to_poll_again_only_when_work_is_ready() {
+    let mut lab = Lab::new(cfg(10));
+    let h = lab.connect();
+    let admitted = (0..20).any(|_| lab.round());
+    assert!(
+        admitted,
+        "the step that admits a connection asks for another at once"
+    );
+    lab.until("connected", |l| l.established(h));
+    lab.round();
+    lab.send(h, b"SET k v\r\nPING\r\n");
+    assert!(
+        !lab.round(),
+        "requests answered (and committed) leave nothing ready"
+    );
+    assert_eq!(lab.received(h), b"+OK\r\n+PONG\r\n");
+    assert!(!lab.round());
 }
 
 #[test]
