@@ -184,3 +184,122 @@ impl Inputs for StopAt {
         self.inner.random(b, len)
     }
 }
+
+/// Records: boundary 1 reads the clock and entropy, boundary 2 nothing, boundary 3 WAITs and
+/// reads the clock; then the run exits at boundary 4.
+fn small_log() -> Vec<u8> {
+    let log = SharedLog::default();
+    let mut rec = Recorder::new(ScriptedHost::new(0), log.clone(), header()).unwrap();
+    rec.boundary(1, fp(1)).unwrap();
+    rec.clock(1).unwrap();
+    rec.entropy(1).unwrap();
+    rec.boundary(2, fp(2)).unwrap();
+    rec.boundary(3, fp(3)).unwrap();
+    rec.wait(3, 50_000, 0).unwrap();
+    rec.clock(3).unwrap();
+    rec.boundary(4, fp(4)).unwrap();
+    assert_eq!(
+        rec.stats().boundary_records,
+        2,
+        "boundaries 1 and 3 are logged, 2 (no inputs) is not"
+    );
+    rec.finish(&end(4, EndKind::Exited(0))).unwrap();
+    let bytes = log.0.lock().unwrap().clone();
+    bytes
+}
+
+fn divergence_at(r: Result<impl std::fmt::Debug, InputError>) -> (Boundary, String) {
+    match r {
+        Err(InputError::Divergence { boundary, what }) => (boundary, what),
+        other => panic!("expected a divergence, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_faithful_guest_replays_the_small_log() {
+    let bytes = small_log();
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    assert_eq!(rep.stats().boundary_records, 2);
+    rep.boundary(1, fp(1)).unwrap();
+    let c = rep.clock(1).unwrap();
+    assert_eq!(c.mono_ns, 2_000);
+    assert_eq!(rep.entropy(1).unwrap(), 0x9e37_79b9_7f4a_7c15);
+    rep.boundary(2, fp(2)).unwrap();
+    rep.boundary(3, fp(3)).unwrap();
+    assert_eq!(rep.wait(3, 50_000, 0).unwrap().mono_ns, 51_000);
+    rep.clock(3).unwrap();
+    rep.boundary(4, fp(4)).unwrap();
+    rep.finish(&end(4, EndKind::Exited(0))).unwrap();
+}
+
+#[test]
+fn the_replayer_names_the_first_boundary_where_the_guest_differs() {
+    let bytes = small_log();
+    // Elsewhere at a boundary with inputs: its registers differ.
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    let (b, what) = divergence_at(rep.boundary(1, fp(9)));
+    assert_eq!(b, 1);
+    assert!(what.contains("guest state differs"), "{what}");
+
+    // Asks for another kind of input than was logged.
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    rep.boundary(1, fp(1)).unwrap();
+    let (b, what) = divergence_at(rep.entropy(1));
+    assert_eq!(b, 1);
+    assert!(what.contains("read entropy"), "{what}");
+
+    // Asks for fewer inputs than logged: found when it moves on.
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    rep.boundary(1, fp(1)).unwrap();
+    rep.clock(1).unwrap();
+    let (b, what) = divergence_at(rep.boundary(2, fp(2)));
+    assert_eq!(b, 1);
+    assert!(what.contains("did not ask for"), "{what}");
+
+    // Asks for an input at a boundary that had none.
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    rep.boundary(1, fp(1)).unwrap();
+    rep.clock(1).unwrap();
+    rep.entropy(1).unwrap();
+    rep.boundary(2, fp(2)).unwrap();
+    let (b, _) = divergence_at(rep.clock(2));
+    assert_eq!(b, 2);
+
+    // Passes boundary 3 without its WAIT.
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    rep.boundary(1, fp(1)).unwrap();
+    rep.clock(1).unwrap();
+    rep.entropy(1).unwrap();
+    rep.boundary(2, fp(2)).unwrap();
+    let (b, what) = divergence_at(rep.boundary(4, fp(4)));
+    assert_eq!(b, 3);
+    assert!(what.contains("without asking"), "{what}");
+
+    // Ends differently.
+    let mut rep = Replayer::from_bytes(&bytes).unwrap();
+    rep.boundary(1, fp(1)).unwrap();
+    rep.clock(1).unwrap();
+    rep.entropy(1).unwrap();
+    rep.boundary(2, fp(2)).unwrap();
+    rep.boundary(3, fp(3)).unwrap();
+    rep.wait(3, 50_000, 0).unwrap();
+    rep.clock(3).unwrap();
+    rep.boundary(4, fp(4)).unwrap();
+    let (b, what) = divergence_at(rep.finish(&end(4, EndKind::Exited(1))));
+    assert_eq!(b, 4);
+    assert!(what.contains("ended differently"), "{what}");
+}
+
+#[test]
+fn a_recording_cut_short_is_refused_before_replay() {
+    let bytes = small_log();
+    // Cut right before its end record.
+    let mut d = vmm::replay::codec::Decoder::new(&bytes);
+    let mut last = 0;
+    while let Some(r) = d.next_record().unwrap() {
+        if !matches!(r, vmm::replay::codec::Record::End(_)) {
+            last = d.position();
+        }
+    }
+    assert!(Replayer::from_bytes(&bytes[..last]).is_err());
+}
