@@ -234,7 +234,7 @@ async fn run_store(
 
     let mut child = Command::new(std::env::current_exe()?)
         .env(CHILD_ENV, &cfg_path)
-        .env("RUST_LOG", "warn")
+        .env("FTVM_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -43,7 +43,7 @@ witness, 1 other errors, 2 bad command line."
 )]
 struct Cli {
     /// Log as JSON objects, one per line (default: key=value text). Logs go to stderr;
-    /// RUST_LOG sets the level (default info).
+    /// FTVM_LOG sets the level (a tracing filter; default info), as for every ftvm binary.
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
@@ -186,7 +186,7 @@ enum CertsCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FTVM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -61,7 +61,6 @@ async fn decisions_survive(etcd: bool) {
         history.push((generation, winner.to_string()));
 
         // Crash the witness right after its replies and bring it back on the same port.
-        let t0 = std::time::Instant::now();
         w.kill9();
         assert!(
             try_start(&cfg, &addr.to_string(), true).is_err(),
@@ -70,12 +69,14 @@ async fn decisions_survive(etcd: bool) {
         w = start(&cfg, &addr.to_string(), false);
         assert_eq!(w.addr, addr);
 
+        let t0 = std::time::Instant::now();
         let st = a.status("vm1").await.unwrap();
         // The restarted witness resets the old connection (same stateless-reset key), so the
-        // client reconnects at once instead of waiting out its 5 s attempt timeout.
+        // client reconnects at once instead of waiting out its 5 s attempt timeout: the only
+        // bound that matters is that it did not wait that timeout out (not a speed check).
         assert!(
-            t0.elapsed() < std::time::Duration::from_secs(3),
-            "reconnecting after the restart took {:?}",
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "the request waited out the attempt timeout ({:?}): no stateless reset",
             t0.elapsed()
         );
         assert_eq!(st.generation, generation, "round {round}: generation lost");

@@ -23,7 +23,7 @@ pub const CRASH_AFTER_WRITE_ENV: &str = "FTVM_WITNESS_TEST_CRASH_AFTER_WRITE";
 pub fn cli(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("FTVM_LOG", "warn")
         .output()
         .expect("running ftvm-witness")
 }
@@ -102,7 +102,7 @@ pub fn try_start_bin(
     ])
     .args(["--metrics", "127.0.0.1:0"])
     .env(
-        "RUST_LOG",
+        "FTVM_LOG",
         std::env::var("WITNESS_TEST_LOG").unwrap_or_else(|_| "info".into()),
     )
     .stdout(Stdio::piped())
