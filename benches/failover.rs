@@ -20,7 +20,20 @@ use ftvm_tests::pair::{PairLab, PairOptions};
 fn build() -> Result<()> {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let st = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "vmm", "--bin", "ftvm-node", "-p", "ftvm-witness", "--bin", "ftvm-witness", "--manifest-path", manifest])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vmm",
+            "--bin",
+            "ftvm-node",
+            "-p",
+            "ftvm-witness",
+            "--bin",
+            "ftvm-witness",
+            "--manifest-path",
+            manifest,
+        ])
         .status()?;
     if !st.success() {
         bail!("building ftvm-node and ftvm-witness failed");
@@ -47,9 +60,19 @@ fn trial(opts: &PairOptions) -> Result<Trial> {
     let mut b = lab.start_node("b", &[])?;
     a.expect_line("kv: listening on", Duration::from_secs(60))?;
     b.expect_line("kv: listening on", Duration::from_secs(60))?;
-    let (primary, bn) = if lab.status("a")?["role"] == "primary" { (a, "b") } else { (b, "a") };
+    let (primary, bn) = if lab.status("a")?["role"] == "primary" {
+        (a, "b")
+    } else {
+        (b, "a")
+    };
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = start_writer(&lab.client.ns, lab.guest_ip, "f", stop.clone(), Duration::from_secs(20))?;
+    let writer = start_writer(
+        &lab.client.ns,
+        lab.guest_ip,
+        "f",
+        stop.clone(),
+        Duration::from_secs(20),
+    )?;
     std::thread::sleep(Duration::from_millis(700));
     primary.kill9();
     let t = Instant::now();
@@ -65,11 +88,18 @@ fn trial(opts: &PairOptions) -> Result<Trial> {
     };
     std::thread::sleep(Duration::from_millis(800));
     stop.store(true, Ordering::Relaxed);
-    let hist = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
+    let hist = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))?;
     let v = verify(&lab.client.ns, lab.guest_ip, &hist)?;
     let f = &s["last_failover"];
     let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
-    let parts = [g("detection_ms"), g("catch_up_ms"), g("claim_ms"), g("go_live_ms")];
+    let parts = [
+        g("detection_ms"),
+        g("catch_up_ms"),
+        g("claim_ms"),
+        g("go_live_ms"),
+    ];
     Ok(Trial {
         ours: parts.iter().sum(),
         parts,
@@ -79,7 +109,10 @@ fn trial(opts: &PairOptions) -> Result<Trial> {
 }
 
 fn main() -> Result<()> {
-    let trials: usize = std::env::var("FTVM_BENCH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let trials: usize = std::env::var("FTVM_BENCH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     build()?;
     let opts = PairOptions::default();
     let mut rs = Vec::new();
@@ -103,11 +136,20 @@ fn main() -> Result<()> {
         let (p50, p99, max) = (pct(&mut v, 0.5), pct(&mut v, 0.99), pct(&mut v, 1.0));
         println!("  {name:<28} p50 {p50:>8.1} ms   p99 {p99:>8.1} ms   max {max:>8.1} ms");
     };
-    for (i, name) in ["detection", "catch-up", "claim", "go-live"].iter().enumerate() {
-        row(&format!("our part: {name}"), rs.iter().map(|t| t.parts[i]).collect());
+    for (i, name) in ["detection", "catch-up", "claim", "go-live"]
+        .iter()
+        .enumerate()
+    {
+        row(
+            &format!("our part: {name}"),
+            rs.iter().map(|t| t.parts[i]).collect(),
+        );
     }
     row("our part: total", rs.iter().map(|t| t.ours).collect());
-    row("client gap between replies", rs.iter().map(|t| t.gap).collect());
+    row(
+        "client gap between replies",
+        rs.iter().map(|t| t.gap).collect(),
+    );
     println!(
         "  trials with a lost write or a client error: {} of {}",
         rs.iter().filter(|t| t.bad).count(),

@@ -227,7 +227,10 @@ ip = "{guest_ip}/24"
 
     /// Starts the witness and both nodes, waits until both guests booted and one node is
     /// primary, the other backup; returns (primary name, primary, backup name, backup).
-    pub fn start_pair(&mut self, boot_line: &str) -> Result<(String, RunningNode, String, RunningNode)> {
+    pub fn start_pair(
+        &mut self,
+        boot_line: &str,
+    ) -> Result<(String, RunningNode, String, RunningNode)> {
         self.start_witness()?;
         let (na, nb) = (self.nodes[0].role.clone(), self.nodes[1].role.clone());
         let mut a = self.start_node(&na, &[])?;

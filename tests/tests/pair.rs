@@ -390,7 +390,10 @@ fn a_slowed_backup_stays_within_the_lag_bound() {
     // Slow the backup down: its process gets 15% of one core (a cgroup quota). A stopped
     // backup would not do: it acknowledges nothing, so the Output Rule holds every reply and
     // the clients, and with them the primary, go quiet.
-    let cg = std::path::PathBuf::from(format!("/sys/fs/cgroup/cpu/ftvm-test-{}", std::process::id()));
+    let cg = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/cpu/ftvm-test-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&cg).expect("cgroup v1 cpu controller");
     std::fs::write(cg.join("cpu.cfs_period_us"), "10000").unwrap();
     std::fs::write(cg.join("cpu.cfs_quota_us"), "1500").unwrap();
@@ -399,7 +402,19 @@ fn a_slowed_backup_stays_within_the_lag_bound() {
         .client
         .ns
         .command("redis-benchmark")
-        .args(["-h", &lab.guest_ip.to_string(), "-q", "-n", "400000", "-c", "50", "-P", "16", "-t", "set"])
+        .args([
+            "-h",
+            &lab.guest_ip.to_string(),
+            "-q",
+            "-n",
+            "400000",
+            "-c",
+            "50",
+            "-P",
+            "16",
+            "-t",
+            "set",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -421,7 +436,13 @@ fn a_slowed_backup_stays_within_the_lag_bound() {
     // so the lag can pass it by one tick plus the work of one batch, and on these 2 shared
     // cores by a scheduling delay of the vCPU or the output task: 50 ms covers all three.
     let tolerance_ms = 50.0;
-    assert!(worst <= max_lag_ms + tolerance_ms, "lag reached {worst} ms (bound {max_lag_ms} ms): {s}");
-    assert!(s["throttle_waits"].as_u64().unwrap() > 0, "the bound was never exercised: {s}");
+    assert!(
+        worst <= max_lag_ms + tolerance_ms,
+        "lag reached {worst} ms (bound {max_lag_ms} ms): {s}"
+    );
+    assert!(
+        s["throttle_waits"].as_u64().unwrap() > 0,
+        "the bound was never exercised: {s}"
+    );
     eprintln!("worst lag {worst:.1} ms with max_lag {max_lag_ms} ms; {s}");
 }

@@ -107,7 +107,13 @@ pub trait Inputs: Send {
     }
     /// The digest of guest memory when the guest reached boundary `b` (before anything was
     /// applied there).
-    fn memory_digest(&mut self, _b: Boundary, _digest: [u8; 32]) -> Result<(), InputError> {
+    /// `console` is the digest of everything the guest printed before `b`.
+    fn memory_digest(
+        &mut self,
+        _b: Boundary,
+        _digest: [u8; 32],
+        _console: [u8; 32],
+    ) -> Result<(), InputError> {
         Ok(())
     }
     /// Whether the run must stop right after boundary `b` (a replay reaching the point where

@@ -378,7 +378,8 @@ impl Machine {
         let every = self.inputs.digest_every();
         if every > 0 && b.is_multiple_of(every) {
             if let Some(d) = self.memory_digest()? {
-                self.inputs.memory_digest(b, d)?;
+                let console = self.console.digest;
+                self.inputs.memory_digest(b, d, console)?;
             }
         }
         let mut request = None;

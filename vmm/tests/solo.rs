@@ -232,7 +232,8 @@ fn config_files_work_and_bad_ones_are_refused() {
         ("solo = true\nguest = \"selftest\"\ntap = \"tap0\"\n", "a NIC needs all of --tap, --mac and --ip"),
         ("solo = true\nguest = \"selftest\"\nmac = \"52:54:00:00:00:01\"\nip = \"10.0.0.2/24\"\ntap = \"t\"\ngateway = \"nope\"\n", "--gateway"),
         ("solo = true\nguest = \"selftest\"\ndisk_size = \"1M\"\n", "--disk-size needs --disk"),
-        ("guest = \"selftest\"\n", "only --solo runs"),
+        // Without `solo = true` a config file describes a pair member, which needs `pair`.
+        ("guest = \"selftest\"\n", "missing field `pair`"),
     ] {
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, text).unwrap();

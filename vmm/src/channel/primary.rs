@@ -163,8 +163,8 @@ impl<I: Inputs> Inputs for Throttle<I> {
     fn digest_every(&self) -> u64 {
         self.inner.digest_every()
     }
-    fn memory_digest(&mut self, b: Boundary, d: [u8; 32]) -> Result<(), InputError> {
-        self.inner.memory_digest(b, d)
+    fn memory_digest(&mut self, b: Boundary, d: [u8; 32], c: [u8; 32]) -> Result<(), InputError> {
+        self.inner.memory_digest(b, d, c)
     }
     fn stop_after(&self, b: Boundary) -> Option<i32> {
         self.inner.stop_after(b)

@@ -163,8 +163,8 @@ impl Inputs for Follower {
             None => self.replayer.digest_every(),
         }
     }
-    fn memory_digest(&mut self, b: Boundary, d: [u8; 32]) -> Result<(), InputError> {
-        either!(self, _l => Ok(()), r => r.memory_digest(b, d))
+    fn memory_digest(&mut self, b: Boundary, d: [u8; 32], c: [u8; 32]) -> Result<(), InputError> {
+        either!(self, _l => Ok(()), r => r.memory_digest(b, d, c))
     }
     fn stop_after(&self, b: Boundary) -> Option<i32> {
         match self.live {

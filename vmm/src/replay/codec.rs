@@ -12,8 +12,11 @@ use crate::epoch::{Boundary, ClockValue, Fingerprint};
 
 /// First bytes of every log.
 pub const MAGIC: &[u8; 8] = b"FTVMLOG\0";
-/// The format version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The format version this code writes (it reads [`MIN_VERSION`]..=`VERSION`). Version 2
+/// adds the console digest to digest records.
+pub const VERSION: u16 = 2;
+/// The oldest format version this code reads.
+pub const MIN_VERSION: u16 = 1;
 /// Largest payload a record may carry.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 /// Most events one boundary may carry.
@@ -120,12 +123,15 @@ pub enum Record {
         /// The events, in the order they were applied.
         events: Vec<Event>,
     },
-    /// A blake3 digest of guest memory when the guest reached `boundary`.
+    /// A blake3 digest of guest memory when the guest reached `boundary`, and (version 2)
+    /// the digest of everything it had printed by then.
     Digest {
         /// The boundary.
         boundary: Boundary,
-        /// The digest.
+        /// The memory digest.
         digest: [u8; 32],
+        /// The console digest (absent in version-1 logs).
+        console: Option<[u8; 32]>,
     },
     /// No more events will be logged for boundaries up to and including this one.
     Watermark(Boundary),
@@ -140,7 +146,7 @@ pub enum DecodeError {
     #[error("not an ftvm log (bad magic)")]
     BadMagic,
     /// A version this code does not read.
-    #[error("unsupported log version {0} (this build reads version {VERSION})")]
+    #[error("unsupported log version {0} (this build reads versions {MIN_VERSION} to {VERSION})")]
     Version(u16),
     /// The bytes end inside a record.
     #[error("truncated record at offset {offset}: {what}")]
@@ -259,9 +265,16 @@ impl Encoder {
                 }
                 KIND_BOUNDARY
             }
-            Record::Digest { boundary, digest } => {
+            Record::Digest {
+                boundary,
+                digest,
+                console,
+            } => {
                 put_varint(&mut p, *boundary);
                 p.extend_from_slice(digest);
+                if let Some(c) = console {
+                    p.extend_from_slice(c);
+                }
                 KIND_DIGEST
             }
             Record::Watermark(b) => {
@@ -492,7 +505,7 @@ impl<'a> Decoder<'a> {
                     return Err(DecodeError::BadMagic);
                 }
                 let v = u16::from_le_bytes(r.bytes(2, "version")?.try_into().expect("2"));
-                if v != VERSION {
+                if !(MIN_VERSION..=VERSION).contains(&v) {
                     return Err(DecodeError::Version(v));
                 }
                 let image_hash = r.hash("image hash")?;
@@ -558,9 +571,17 @@ impl<'a> Decoder<'a> {
             }
             KIND_DIGEST => {
                 let boundary = self.boundary(&mut r, false)?;
+                let digest = r.hash("digest")?;
+                // Version 2: the console digest follows (absent in version-1 logs).
+                let console = if r.pos < r.buf.len() {
+                    Some(r.hash("console digest")?)
+                } else {
+                    None
+                };
                 Record::Digest {
                     boundary,
-                    digest: r.hash("digest")?,
+                    digest,
+                    console,
                 }
             }
             KIND_WATERMARK => Record::Watermark(self.boundary(&mut r, false)?),
@@ -829,6 +850,7 @@ mod tests {
             Record::Digest {
                 boundary: 3,
                 digest: [1; 32],
+                console: Some([2; 32]),
             },
             Record::Watermark(7),
             Record::End(End {

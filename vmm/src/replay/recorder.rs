@@ -36,7 +36,7 @@ struct Pending {
     boundary: Boundary,
     fingerprint: Fingerprint,
     events: Vec<Event>,
-    digest: Option<[u8; 32]>,
+    digest: Option<([u8; 32], [u8; 32])>,
     /// An upper bound of the encoded size of the boundary record so far.
     bytes: u64,
 }
@@ -142,11 +142,12 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
             };
             self.write(&rec)?;
         }
-        if let Some(digest) = p.digest {
+        if let Some((digest, console)) = p.digest {
             self.stats.digests += 1;
             self.write(&Record::Digest {
                 boundary: p.boundary,
                 digest,
+                console: Some(console),
             })?;
         }
         Ok(())
@@ -253,9 +254,14 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         self.digest_every
     }
 
-    fn memory_digest(&mut self, _b: Boundary, digest: [u8; 32]) -> Result<(), InputError> {
+    fn memory_digest(
+        &mut self,
+        _b: Boundary,
+        digest: [u8; 32],
+        console: [u8; 32],
+    ) -> Result<(), InputError> {
         if let Some(p) = self.pending.as_mut() {
-            p.digest = Some(digest);
+            p.digest = Some((digest, console));
         }
         Ok(())
     }

@@ -390,7 +390,12 @@ impl Inputs for Replayer {
         }
     }
 
-    fn memory_digest(&mut self, b: Boundary, digest: [u8; 32]) -> Result<(), InputError> {
+    fn memory_digest(
+        &mut self,
+        b: Boundary,
+        digest: [u8; 32],
+        console: [u8; 32],
+    ) -> Result<(), InputError> {
         // The digest of `b` follows `b`'s boundary record, if there is one.
         let pos = self
             .records
@@ -402,8 +407,21 @@ impl Inputs for Replayer {
                 Record::Digest {
                     boundary,
                     digest: recorded,
+                    console: recorded_console,
                 },
             )) if *boundary == b => {
+                if let Some(rc) = recorded_console {
+                    if *rc != console {
+                        return Err(Self::diverge(
+                            b,
+                            format!(
+                                "the console output differs: recorded digest {}…, replay {}…",
+                                hex(rc),
+                                hex(&console)
+                            ),
+                        ));
+                    }
+                }
                 if *recorded != digest {
                     return Err(Self::diverge(
                         b,
