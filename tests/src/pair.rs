@@ -60,6 +60,11 @@ impl Default for PairOptions {
     }
 }
 
+/// Pair labs of one test process run one at a time: each runs two VMs, a witness and a client
+/// load with sub-second failure timeouts, and two of them side by side on a 2-core machine
+/// would measure the scheduler, not the pair.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The lab and its files.
 pub struct PairLab {
     /// The topology (dropped last: it removes the namespaces).
@@ -76,11 +81,14 @@ pub struct PairLab {
     pub dir: tempfile::TempDir,
     witness_proc: Option<Spawned>,
     opts: PairOptions,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl PairLab {
     /// Builds the lab, the certificates and the config files (nothing is started).
     pub fn new(opts: PairOptions) -> Result<PairLab> {
+        // A test that panicked while holding the turn poisons it; the next one may still go.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         netns::preflight()?;
         crate::node::require_kvm();
         if opts.nodes.len() != 2 {
@@ -163,6 +171,7 @@ ip = "{guest_ip}/24"
             dir,
             witness_proc: None,
             opts,
+            _turn: turn,
         })
     }
 
