@@ -34,7 +34,7 @@ fn main(boot: &ftvm_guest::Boot) -> i32 {
             return 1;
         }
         last_mono = last_mono.max(woke);
-        if round % 1000 == 0 {
+        if round.is_multiple_of(1000) {
             println!("timecheck: ok round {round} mono {mono}");
         }
         round += 1;
