@@ -133,16 +133,23 @@ fn exit_code(n: RunningNode) -> Option<i32> {
     n.wait(Duration::from_secs(20)).unwrap().0.code()
 }
 
-/// `unix ns` of the last frame node `name` released, from its exit log line.
-fn last_release(lab: &PairLab, name: &str) -> u64 {
+/// `unix ns` of the last release batch of node `name` and of the one before, from its exit
+/// log line.
+fn last_releases(lab: &PairLab, name: &str) -> (u64, u64) {
     let log = std::fs::read_to_string(lab.log(name)).unwrap();
     let line = log
         .lines()
         .rev()
         .find(|l| l.contains("node exiting"))
         .expect("exit line");
-    let v = line.split("last_release_unix_ns=").nth(1).expect("field");
-    v.split_whitespace().next().unwrap().parse().unwrap()
+    let field = |k: &str| -> u64 {
+        let v = line.split(k).nth(1).expect("field");
+        v.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (
+        field("last_release_unix_ns="),
+        field("prev_release_unix_ns="),
+    )
 }
 
 fn unix_ns() -> u64 {
@@ -266,12 +273,18 @@ fn a_primary_stopped_past_the_timeout_is_fenced_and_releases_nothing_after() {
         "the old primary finds itself fenced: {}",
         lab.logs(20)
     );
-    let last = last_release(&lab, &pn);
+    // Nothing released after it resumed — except, at most, the one batch whose lease check
+    // came just before the stop (the gap DESIGN §5 names and docs/operations.md states).
+    let (last, prev) = last_releases(&lab, &pn);
     assert!(
-        last < resumed,
-        "the fenced primary released a frame {} ms after it resumed",
-        (last - resumed) / 1_000_000
+        prev < resumed,
+        "the fenced primary released two batches after it resumed ({} and {} ms after)",
+        prev.saturating_sub(resumed) / 1_000_000,
+        last.saturating_sub(resumed) / 1_000_000
     );
+    if last >= resumed {
+        eprintln!("the one batch checked before the stop left after SIGCONT (the documented gap)");
+    }
     finish_load(&lab, load);
 }
 

@@ -61,6 +61,8 @@ pub struct ChannelStats {
     pub rtt_ns: AtomicU64,
     /// Wall-clock time (Unix ns) of the last frame released to the TAP (0: none yet).
     pub last_release_unix_ns: AtomicU64,
+    /// Wall-clock time (Unix ns) of the release batch before the last one.
+    pub prev_release_unix_ns: AtomicU64,
     /// `(idle time so far, start of the idle period in progress or 0)`.
     pub idle: std::sync::Mutex<(u64, u64)>,
 }

@@ -368,21 +368,28 @@ pub async fn output_task(
                 }
             }
         }
-        let now = now_ns();
         let l = if attached.is_some() { lag.lag_ns() } else { 0 };
         ChannelStats::set(&stats.lag_ns, l);
         stats
             .throttled
             .store(l > cfg.max_lag.as_nanos() as u64, Ordering::Relaxed);
-        for (b, f) in gate.release(now) {
-            ChannelStats::add(&stats.frames_released, 1);
-            ChannelStats::set(&stats.last_release_unix_ns, unix_ns());
-            stats.released_boundary.fetch_max(b, Ordering::Relaxed);
-            if let Some(t) = &tap {
-                if let Err(e) = t.write_frame(&f) {
-                    tracing::warn!("TAP {}: dropped a frame: {e}", t.name());
+        // The lease is checked against a clock read just now; a stop between this check and
+        // the writes below can still let this one batch out late (docs/operations.md).
+        let batch = gate.release(now_ns());
+        if !batch.is_empty() {
+            for (b, f) in batch {
+                ChannelStats::add(&stats.frames_released, 1);
+                stats.released_boundary.fetch_max(b, Ordering::Relaxed);
+                if let Some(t) = &tap {
+                    if let Err(e) = t.write_frame(&f) {
+                        tracing::warn!("TAP {}: dropped a frame: {e}", t.name());
+                    }
                 }
             }
+            let prev = stats
+                .last_release_unix_ns
+                .swap(unix_ns(), Ordering::Relaxed);
+            ChannelStats::set(&stats.prev_release_unix_ns, prev);
         }
         ChannelStats::set(&stats.frames_held, gate.held() as u64);
     }

@@ -359,6 +359,7 @@ async fn main(node: Arc<Node>) -> NodeExit {
     tracing::info!(
         released_frames = ChannelStats::get(&st.frames_released),
         last_release_unix_ns = ChannelStats::get(&st.last_release_unix_ns),
+        prev_release_unix_ns = ChannelStats::get(&st.prev_release_unix_ns),
         generation = node.generation(),
         "node exiting: {r:?}"
     );
