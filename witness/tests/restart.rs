@@ -28,10 +28,18 @@ fn setup(dir: &std::path::Path, etcd: bool) -> (std::path::PathBuf, Option<EtcdC
     (cfg, cluster)
 }
 
+/// A listen address for a witness that this test restarts on the same port: outside the
+/// kernel's ephemeral range (32768–60999), so that no client socket of this busy test process
+/// can take the port while the witness is down (seen in CI: "Address already in use").
+fn restartable_addr(slot: u16) -> String {
+    let base = 21_000 + (std::process::id() % 2_000) as u16 * 4;
+    format!("127.0.0.1:{}", base + slot)
+}
+
 async fn decisions_survive(etcd: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, cluster) = setup(dir.path(), etcd);
-    let mut w = start(&cfg, "127.0.0.1:0", true);
+    let mut w = start(&cfg, &restartable_addr(u16::from(etcd)), true);
     let addr = w.addr;
     // The clients outlive every witness process: they reconnect by themselves.
     let a = std::sync::Arc::new(client(dir.path(), "node-a", addr));
@@ -150,7 +158,13 @@ async fn crash_between_write_and_reply(etcd: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, _cluster) = setup(dir.path(), etcd);
     let env = [(CRASH_AFTER_WRITE_ENV, "1")];
-    let mut w = match try_start_bin(HOOKS_BIN, &cfg, "127.0.0.1:0", true, &env) {
+    let mut w = match try_start_bin(
+        HOOKS_BIN,
+        &cfg,
+        &restartable_addr(2 + u16::from(etcd)),
+        true,
+        &env,
+    ) {
         Ok(w) => w,
         Err(e) => panic!("{e:?}"),
     };
