@@ -550,7 +550,7 @@ fn kv_saved_inside_its_disk_and_network_phases_continues_exactly_as_the_original
     let setup = VmSetup {
         image,
         mem_size: 64 << 20,
-        args: "sockets=4".into(),
+        args: "maxclients=4".into(),
         devices: DeviceSpec {
             net: Some(NetSpec {
                 mac: GUEST_MAC,
