@@ -17,30 +17,6 @@ use anyhow::{bail, Result};
 use ftvm_tests::checker::{start_writer, verify};
 use ftvm_tests::pair::{PairLab, PairOptions};
 
-fn build() -> Result<()> {
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-    let st = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vmm",
-            "--bin",
-            "ftvm-node",
-            "-p",
-            "ftvm-witness",
-            "--bin",
-            "ftvm-witness",
-            "--manifest-path",
-            manifest,
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("building ftvm-node and ftvm-witness failed");
-    }
-    Ok(())
-}
-
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
@@ -113,7 +89,7 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    build()?;
+    ftvm_benches::build_bins(&[("vmm", "ftvm-node"), ("ftvm-witness", "ftvm-witness")])?;
     let opts = PairOptions::default();
     let mut rs = Vec::new();
     for i in 0..trials {

@@ -97,30 +97,6 @@ fn redis_benchmark(
     )
 }
 
-fn build() -> Result<()> {
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-    let st = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vmm",
-            "--bin",
-            "ftvm-node",
-            "-p",
-            "ftvm-witness",
-            "--bin",
-            "ftvm-witness",
-            "--manifest-path",
-            manifest,
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("building ftvm-node and ftvm-witness failed");
-    }
-    Ok(())
-}
-
 const CASES: &[(&str, u32)] = &[("set", 1), ("get", 1), ("set", 16), ("get", 16)];
 
 fn throughput(lab: &PairLab, n: u32) -> Result<Vec<f64>> {
@@ -207,7 +183,7 @@ fn main() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    build()?;
+    ftvm_benches::build_bins(&[("vmm", "ftvm-node"), ("ftvm-witness", "ftvm-witness")])?;
     let mut lab = PairLab::new(PairOptions {
         disk_size: "64M".into(),
         failure_timeout: "500ms".into(),

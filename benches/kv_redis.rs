@@ -68,28 +68,6 @@ fn redis_benchmark(
     )
 }
 
-/// Makes sure the `ftvm-node` next to this benchmark is current (`cargo bench` builds only
-/// the libraries it links).
-fn build_node() -> Result<()> {
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
-    let st = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vmm",
-            "--bin",
-            "ftvm-node",
-            "--manifest-path",
-            manifest,
-        ])
-        .status()?;
-    if !st.success() {
-        bail!("building ftvm-node failed");
-    }
-    Ok(())
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Server {
     Vm,
@@ -319,7 +297,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> Result<()> {
     ftvm_tests::netns::preflight()?;
-    build_node()?;
+    ftvm_benches::build_bins(&[("vmm", "ftvm-node")])?;
     let mut lab = Lab::new()?;
     let node = lab.add_node("node")?;
     let client = lab.add_host("client")?;
