@@ -8,6 +8,7 @@ pub mod devices;
 pub mod epoch;
 pub mod error;
 pub mod guests;
+pub mod join;
 pub mod kvm;
 pub mod live;
 pub mod machine;

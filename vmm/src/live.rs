@@ -18,6 +18,8 @@ pub struct LiveInputs {
     /// Wall time never goes below this plus the time since `start` (a backup gone live
     /// continues from the primary's last wall clock even if its own clock is behind).
     wall_floor: u64,
+    /// A pause request ends a blocked WAIT early (the machine then pauses at once).
+    pause: Option<crate::machine::PauseHandle>,
 }
 
 impl LiveInputs {
@@ -29,12 +31,21 @@ impl LiveInputs {
             stop,
             tap: None,
             wall_floor: 0,
+            pause: None,
         }
     }
 
     /// Wall time will not go below `wall_ns` (plus the time since this source was made).
     pub fn with_wall_floor(mut self, wall_ns: u64) -> Self {
         self.wall_floor = wall_ns;
+        self
+    }
+
+    /// A pause requested through `pause` ends a WAIT early (a WAIT may always end before its
+    /// deadline; the guest sees the clock and waits again), so a join's pause never waits
+    /// for an idle guest's deadline.
+    pub fn with_pause(mut self, pause: crate::machine::PauseHandle) -> Self {
+        self.pause = Some(pause);
         self
     }
 
@@ -111,6 +122,12 @@ impl Inputs for LiveInputs {
                 tv_sec: (left / 1_000_000_000).min(i64::MAX as u64) as libc::time_t,
                 tv_nsec: (left % 1_000_000_000) as libc::c_long,
             };
+            let pause_fd = self.pause.as_ref().map_or(-1, |p| p.fd());
+            let tap_fd = match (&self.tap, rx_room > 0) {
+                (Some(t), true) => t.fd(),
+                _ => -1,
+            };
+            // A negative fd is ignored by ppoll.
             let mut pfds = [
                 libc::pollfd {
                     fd: self.stop.fd(),
@@ -118,19 +135,22 @@ impl Inputs for LiveInputs {
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: self.tap.as_ref().map_or(-1, |t| t.fd()),
+                    fd: tap_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: pause_fd,
                     events: libc::POLLIN,
                     revents: 0,
                 },
             ];
-            let n = if rx_room > 0 && self.tap.is_some() {
-                2
-            } else {
-                1
-            };
-            // SAFETY: `n` valid pollfds, a valid timespec, no signal mask change.
-            let r = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
-            if n == 2 && pfds[1].revents != 0 {
+            // SAFETY: three valid pollfds, a valid timespec, no signal mask change.
+            let r = unsafe { libc::ppoll(pfds.as_mut_ptr(), 3, &ts, std::ptr::null()) };
+            if pfds[1].revents != 0 {
+                return Ok(self.now());
+            }
+            if self.pause.as_ref().is_some_and(|p| p.requested()) {
                 return Ok(self.now());
             }
             if r < 0 {

@@ -139,19 +139,84 @@ pub struct Machine {
 /// [`save_state`](Machine::save_state). A guest that computes without exits is paused at its
 /// next one (the guest contract asks for one every few milliseconds).
 #[derive(Clone, Debug, Default)]
-pub struct PauseHandle(Arc<std::sync::atomic::AtomicBool>);
+pub struct PauseHandle(Arc<PauseInner>);
+
+#[derive(Debug)]
+struct PauseInner {
+    requested: std::sync::atomic::AtomicBool,
+    /// Becomes readable on a request, so an input source blocked in a WAIT can return early
+    /// (`LiveInputs::with_pause`); `None` if the eventfd could not be made.
+    wake: Option<std::os::fd::OwnedFd>,
+}
+
+impl Default for PauseInner {
+    fn default() -> Self {
+        // SAFETY: eventfd(2) with valid flags; the result is checked before it is owned.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let wake = (fd >= 0).then(|| {
+            // SAFETY: `fd` is a new descriptor nothing else owns.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        });
+        PauseInner {
+            requested: std::sync::atomic::AtomicBool::new(false),
+            wake,
+        }
+    }
+}
 
 impl PauseHandle {
+    /// A new handle (give it to the machine with [`Machine::set_pause_handle`] and to the
+    /// live input source, so a pause also ends a blocked WAIT).
+    pub fn new() -> Self {
+        Self::default()
+    }
     /// Requests a pause (kept until the machine pauses).
     pub fn request(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(fd) = &self.0.wake {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
+            unsafe {
+                libc::write(
+                    std::os::fd::AsRawFd::as_raw_fd(fd),
+                    one.as_ptr().cast(),
+                    8,
+                )
+            };
+        }
     }
     /// Whether a pause is requested and not yet taken.
     pub fn requested(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// The eventfd that becomes readable on a request (-1 if there is none).
+    pub fn fd(&self) -> i32 {
+        self.0
+            .wake
+            .as_ref()
+            .map_or(-1, std::os::fd::AsRawFd::as_raw_fd)
     }
     fn take(&self) -> bool {
-        self.0.swap(false, std::sync::atomic::Ordering::SeqCst)
+        let was = self
+            .0
+            .requested
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if was {
+            if let Some(fd) = &self.0.wake {
+                let mut b = [0u8; 8];
+                // SAFETY: reads at most 8 bytes into a live buffer from a non-blocking eventfd.
+                unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(fd),
+                        b.as_mut_ptr().cast(),
+                        8,
+                    )
+                };
+            }
+        }
+        was
     }
 }
 
@@ -202,6 +267,18 @@ impl Machine {
     /// A handle to pause this machine from another thread.
     pub fn pause_handle(&self) -> PauseHandle {
         self.pause.clone()
+    }
+
+    /// Makes `pause` this machine's pause handle (one made before the machine, so its input
+    /// source can watch it too).
+    pub fn set_pause_handle(&mut self, pause: PauseHandle) {
+        self.pause = pause;
+    }
+
+    /// Replaces the input source (between runs: a joiner restored from a state gets the
+    /// replayer of the log that starts after it); returns the old one.
+    pub fn set_inputs(&mut self, inputs: Box<dyn Inputs>) -> Box<dyn Inputs> {
+        std::mem::replace(&mut self.inputs, inputs)
     }
 
     /// The final state, once [`run`](Self::run) has returned an outcome.

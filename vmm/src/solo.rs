@@ -204,6 +204,21 @@ pub fn assemble(
     stop: Arc<StopSignal>,
     dirty_log: bool,
 ) -> Result<Machine, VmmError> {
+    assemble_tracked(setup, disk, sink, inputs, console, stop, dirty_log, None)
+}
+
+/// [`assemble`], with the disk's writes reported to `writes` (a pair member, for joins).
+#[allow(clippy::too_many_arguments)]
+pub fn assemble_tracked(
+    setup: &VmSetup<'_>,
+    disk: Option<File>,
+    sink: Box<dyn FrameSink>,
+    inputs: Box<dyn Inputs>,
+    console: Box<dyn ConsoleSink>,
+    stop: Arc<StopSignal>,
+    dirty_log: bool,
+    writes: Option<Arc<crate::join::blocks::BlockWrites>>,
+) -> Result<Machine, VmmError> {
     let mut vm = KvmVm::create(setup.mem_size, setup.image, &setup.boot_params(dirty_log))?;
     vm.vcpu.set_stack(setup.mem_size)?;
     let mut bus = MmioBus::new();
@@ -217,7 +232,11 @@ pub fn assemble(
     }
     match (setup.devices.disk_sectors, disk) {
         (Some(sectors), Some(file)) => {
-            let blk = Block::new(file).map_err(|e| VmmError::Config(format!("disk: {e}")))?;
+            let mut blk =
+                Block::new(file).map_err(|e| VmmError::Config(format!("disk: {e}")))?;
+            if let Some(w) = writes {
+                blk = blk.with_write_tracking(w);
+            }
             if blk.sectors() != sectors {
                 return Err(VmmError::Config(format!(
                     "the disk has {} sectors, the machine expects {sectors}",

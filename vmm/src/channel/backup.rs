@@ -92,6 +92,9 @@ pub struct ReceiveConfig {
     pub heartbeat: Duration,
     /// The pair's failure timeout.
     pub failure_timeout: Duration,
+    /// The boundary the log starts after (0 from boot; a joiner's restored state): it is
+    /// acknowledged from the first ack on.
+    pub start_after: Boundary,
 }
 
 /// Messages the vCPU side wants sent to the primary (a divergence report).
@@ -118,7 +121,7 @@ pub async fn receive_task(
     let ft = cfg.failure_timeout.as_nanos() as u64;
     let mut header = Some(header);
     let mut dec = StreamDecoder::new();
-    let mut decoded_w: Boundary = 0;
+    let mut decoded_w: Boundary = cfg.start_after;
     let mut echo = 0u64;
     let mut last_receipt = now_ns();
     let mut last_sent = 0u64;

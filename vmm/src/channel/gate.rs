@@ -77,6 +77,16 @@ impl OutputGate {
         }
     }
 
+    /// A new backup (a joiner whose state is at boundary `from`): what the old one
+    /// acknowledged and echoed no longer counts; its state counts as acknowledged through
+    /// `from`, and there is no lease until its first ack.
+    pub fn reset_backup(&mut self, from: Boundary) {
+        self.sent.clear();
+        self.echoed = None;
+        self.acked = from;
+        self.lease_until = 0;
+    }
+
     /// Drops every held frame (a denied claim: nothing held may ever leave).
     pub fn drop_all(&mut self) -> usize {
         let n = self.held.len();
@@ -205,6 +215,27 @@ mod tests {
         assert_eq!(g.release(1), vec![(5, vec![1]), (7, vec![2])]);
         g.ack(1, 8);
         assert_eq!(g.release(1), vec![(9, vec![3])]);
+    }
+
+    #[test]
+    fn a_new_backup_starts_without_the_old_ones_acks_or_lease() {
+        let mut g = OutputGate::new(100, 10, 1 << 20);
+        g.sent(1, 0);
+        g.ack(1, 50);
+        g.reset_backup(40);
+        g.hold(30, vec![1]);
+        g.hold(41, vec![2]);
+        g.hold(45, vec![3]);
+        assert_eq!(g.acked(), 40);
+        assert!(g.release(1).is_empty(), "no lease from the new backup yet");
+        g.sent(2, 5);
+        g.ack(2, 40);
+        assert_eq!(
+            g.release(6),
+            vec![(30, vec![1]), (41, vec![2])],
+            "frames through 41 need W >= 40 only"
+        );
+        assert!(g.release(6).is_empty(), "frame 45 needs W >= 44");
     }
 
     #[test]

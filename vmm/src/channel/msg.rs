@@ -16,7 +16,12 @@ pub const MAX_FRAME: usize = 32 << 20;
 /// Largest string in a message.
 pub const MAX_STRING: usize = 4096;
 /// The channel protocol versions this build speaks (negotiated in the handshake).
-pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 1);
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 2);
+/// The first protocol version with joining a running primary ([`Msg::Join`] and the messages
+/// of the copy).
+pub const JOIN_PROTOCOL: u16 = 2;
+/// Most disk blocks one [`Msg::BlockHashes`] may list.
+pub const MAX_BLOCK_HASHES: usize = (MAX_FRAME - 16) / 32;
 
 /// What a node is doing, as it tells its peer (and `ftvm-node status` shows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -183,6 +188,46 @@ pub enum Msg {
         /// What differs.
         what: String,
     },
+    /// Primary (running alone) → joiner: you may join me as backup while I run; send the
+    /// hashes of your disk's blocks. Memory, disk blocks and the final state follow
+    /// ([`Msg::Pages`], [`Msg::Blocks`], [`Msg::JoinState`]), then the log.
+    Join {
+        /// The negotiated log format version.
+        log_version: u16,
+        /// The primary's generation (the joiner adopts it after restoring the state).
+        generation: u64,
+        /// The disk block size of the hashes the primary wants.
+        block_size: u32,
+        /// How many blocks the disk has.
+        blocks: u64,
+    },
+    /// Joiner → primary: blake3 of each of its disk's blocks, in order.
+    BlockHashes {
+        /// One hash per block.
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Primary → joiner: disk blocks to write (`join::blocks::BlockBatch` encoding).
+    Blocks {
+        /// The encoded batch.
+        bytes: Vec<u8>,
+    },
+    /// Primary → joiner: guest pages (`state::pages::PageBatch` encoding).
+    Pages {
+        /// The encoded batch.
+        bytes: Vec<u8>,
+    },
+    /// Primary → joiner: the final state at the pause (the commit point); the log of the
+    /// boundaries after it follows.
+    JoinState {
+        /// The generation the joiner adopts.
+        generation: u64,
+        /// The primary's `digest_every` (the log header's).
+        digest_every: u64,
+        /// The Merkle root of the primary's disk at the pause.
+        disk_root: [u8; 32],
+        /// The encoded [`VmState`](crate::state::VmState).
+        state: Vec<u8>,
+    },
 }
 
 const T_HELLO: u8 = 1;
@@ -193,6 +238,12 @@ const T_LOG: u8 = 5;
 const T_HEARTBEAT: u8 = 6;
 const T_ACK: u8 = 7;
 const T_DIVERGENCE: u8 = 8;
+const T_JOIN: u8 = 9;
+const T_BLOCK_HASHES: u8 = 10;
+const T_BLOCKS: u8 = 11;
+const T_PAGES: u8 = 12;
+const T_JOIN_STATE: u8 = 13;
+const T_LAST: u8 = T_JOIN_STATE;
 
 /// Why bytes are not a valid channel message.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -302,6 +353,45 @@ pub fn encode(m: &Msg, out: &mut Vec<u8>) {
             put_str(&mut p, what.as_bytes());
             T_DIVERGENCE
         }
+        Msg::Join {
+            log_version,
+            generation,
+            block_size,
+            blocks,
+        } => {
+            p.extend_from_slice(&log_version.to_le_bytes());
+            p.extend_from_slice(&generation.to_le_bytes());
+            p.extend_from_slice(&block_size.to_le_bytes());
+            p.extend_from_slice(&blocks.to_le_bytes());
+            T_JOIN
+        }
+        Msg::BlockHashes { hashes } => {
+            p.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
+            for h in hashes {
+                p.extend_from_slice(h);
+            }
+            T_BLOCK_HASHES
+        }
+        Msg::Blocks { bytes } => {
+            p.extend_from_slice(bytes);
+            T_BLOCKS
+        }
+        Msg::Pages { bytes } => {
+            p.extend_from_slice(bytes);
+            T_PAGES
+        }
+        Msg::JoinState {
+            generation,
+            digest_every,
+            disk_root,
+            state,
+        } => {
+            p.extend_from_slice(&generation.to_le_bytes());
+            p.extend_from_slice(&digest_every.to_le_bytes());
+            p.extend_from_slice(disk_root);
+            p.extend_from_slice(state);
+            T_JOIN_STATE
+        }
     };
     out.push(tag);
     out.extend_from_slice(&(p.len() as u32).to_le_bytes());
@@ -335,6 +425,14 @@ impl<'a> P<'a> {
         Ok(u16::from_le_bytes(
             self.take(2, what)?.try_into().expect("2"),
         ))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, MsgError> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
+    }
+    fn rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.b).to_vec()
     }
     fn u64(&mut self, what: &str) -> Result<u64, MsgError> {
         Ok(u64::from_le_bytes(
@@ -419,6 +517,34 @@ pub fn decode(tag: u8, payload: &[u8]) -> Result<Msg, MsgError> {
             boundary: p.u64("boundary")?,
             what: p.string("what")?,
         },
+        T_JOIN => Msg::Join {
+            log_version: p.u16("log version")?,
+            generation: p.u64("generation")?,
+            block_size: p.u32("block size")?,
+            blocks: p.u64("blocks")?,
+        },
+        T_BLOCK_HASHES => {
+            let n = p.u32("hash count")? as usize;
+            if n > MAX_BLOCK_HASHES || p.b.len() != n * 32 {
+                return Err(p.err(format!(
+                    "{n} block hashes in {} bytes",
+                    p.b.len()
+                )));
+            }
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                hashes.push(p.h32("block hash")?);
+            }
+            Msg::BlockHashes { hashes }
+        }
+        T_BLOCKS => Msg::Blocks { bytes: p.rest() },
+        T_PAGES => Msg::Pages { bytes: p.rest() },
+        T_JOIN_STATE => Msg::JoinState {
+            generation: p.u64("generation")?,
+            digest_every: p.u64("digest every")?,
+            disk_root: p.h32("disk root")?,
+            state: p.rest(),
+        },
         t => return Err(MsgError::UnknownTag(t)),
     };
     p.done()?;
@@ -426,7 +552,7 @@ pub fn decode(tag: u8, payload: &[u8]) -> Result<Msg, MsgError> {
 }
 
 /// Reassembles messages from bytes as they arrive.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct MsgReader {
     buf: Vec<u8>,
     pos: usize,
@@ -458,7 +584,7 @@ impl MsgReader {
         if len > MAX_FRAME {
             return Err(MsgError::Oversized(len));
         }
-        if !(T_HELLO..=T_DIVERGENCE).contains(&tag) {
+        if !(T_HELLO..=T_LAST).contains(&tag) {
             return Err(MsgError::UnknownTag(tag));
         }
         if avail.len() < 5 + len {
@@ -597,6 +723,25 @@ mod tests {
             Msg::Divergence {
                 boundary: 42,
                 what: "registers".into(),
+            },
+            Msg::Join {
+                log_version: 2,
+                generation: 4,
+                block_size: 65536,
+                blocks: 1024,
+            },
+            Msg::BlockHashes {
+                hashes: vec![[3; 32], [4; 32]],
+            },
+            Msg::Blocks {
+                bytes: vec![0, 1, 2],
+            },
+            Msg::Pages { bytes: vec![9; 10] },
+            Msg::JoinState {
+                generation: 4,
+                digest_every: 1000,
+                disk_root: [5; 32],
+                state: vec![7; 33],
             },
         ]
     }

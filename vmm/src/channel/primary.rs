@@ -41,6 +41,26 @@ pub enum ToChannel {
         /// The frame.
         frame: Vec<u8>,
     },
+    /// A join's commit point, sent by the vCPU thread at the pause after boundary `from`:
+    /// `link` is the new backup; `preamble` (the last pages and blocks and the state, encoded
+    /// messages) goes out on it first, then the log that starts after `from`. From here on the
+    /// Output Rule applies again with this backup.
+    Attach {
+        /// The joiner's connection.
+        link: super::connect::Link,
+        /// Its reader (bytes it sent that were not consumed yet).
+        reader: MsgReader,
+        /// Encoded messages to send before the log.
+        preamble: Vec<u8>,
+        /// The boundary of the state the joiner restores.
+        from: Boundary,
+    },
+}
+
+impl std::fmt::Debug for super::connect::Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({})", self.peer)
+    }
 }
 
 /// The recorder's sink on a primary: records go to the output task at every watermark that
@@ -90,6 +110,10 @@ impl LogSink for ChannelLog {
             self.send(Boundary::MAX);
         }
         Ok(())
+    }
+    fn log_restart(&mut self) {
+        self.buf.clear();
+        self.header_sent = false;
     }
 }
 
@@ -201,6 +225,13 @@ pub enum OutputEvent {
         /// What differs.
         what: String,
     },
+    /// A joiner became the backup (its preamble is on its way): the node is primary again.
+    Attached {
+        /// The joiner.
+        peer: String,
+        /// The boundary of its state.
+        from: Boundary,
+    },
     /// The vCPU thread finished and everything was sent (and released, if acked in time).
     Finished,
 }
@@ -286,6 +317,25 @@ pub async fn output_task(
                                 stream_w = need;
                             }
                             gate.hold(boundary, frame);
+                        }
+                        ToChannel::Attach { link, reader, preamble, from } => {
+                            let peer = link.peer.clone();
+                            if let Some(old) = attached.take() {
+                                old.conn.close(quinn::VarInt::from_u32(3), b"replaced");
+                            }
+                            out.clear();
+                            let a = attach(link, reader);
+                            let _ = a.out.send(preamble);
+                            attached = Some(a);
+                            // A new backup: nothing of it is acknowledged beyond its state, and
+                            // no lease until its first ack.
+                            gate.reset_backup(from);
+                            gate.set_mode(GateMode::Replicated);
+                            stream_w = from;
+                            lag = LagTracker::new();
+                            stats.peer_connected.store(true, Ordering::Relaxed);
+                            ChannelStats::set(&stats.acked, from);
+                            let _ = events.send(OutputEvent::Attached { peer, from });
                         }
                     }
                     n += 1;

@@ -47,6 +47,7 @@ pub struct Follower {
     caught_up: tokio::sync::mpsc::UnboundedSender<CaughtUp>,
     decision: std_mpsc::Receiver<Decision>,
     is_live: Arc<AtomicBool>,
+    pause: Option<crate::machine::PauseHandle>,
 }
 
 impl Follower {
@@ -70,7 +71,14 @@ impl Follower {
             caught_up,
             decision,
             is_live,
+            pause: None,
         }
+    }
+
+    /// Once live, a pause requested through `pause` ends a blocked WAIT (a join).
+    pub fn with_pause(mut self, pause: crate::machine::PauseHandle) -> Self {
+        self.pause = Some(pause);
+        self
     }
 
     fn seen(&mut self, c: ClockValue) -> ClockValue {
@@ -104,6 +112,9 @@ impl Follower {
             .with_wall_floor(self.last_clock.wall_ns + since);
         if let Some(t) = &self.tap {
             live = live.with_tap(t.clone());
+        }
+        if let Some(p) = &self.pause {
+            live = live.with_pause(p.clone());
         }
         self.is_live.store(true, Ordering::SeqCst);
         self.live = Some(live);

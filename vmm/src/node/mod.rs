@@ -6,6 +6,7 @@
 pub mod config;
 pub mod follow;
 pub mod garp;
+pub mod join;
 pub mod generation;
 pub mod rules;
 pub mod run;

@@ -33,14 +33,18 @@ use crate::channel::primary::{
 use crate::channel::{now_ns, ChannelStats};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::net::FrameSink;
-use crate::epoch::{Boundary, InputError};
+use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
+use crate::join::blocks::BlockWrites;
+use crate::machine::{Machine, PauseHandle};
+use crate::replay::recorder::RecordSwitch;
+use super::join::{JoinDisk, JoinPart, JoinRequest, JoinSource, VcpuJob};
 use crate::live::LiveInputs;
 use crate::machine::Outcome;
 use crate::plan::Plan;
 use crate::replay::recorder::Recorder;
 use crate::replay::replayer::Replayer;
 use crate::signals::StopSignal;
-use crate::solo::{assemble, StdoutConsole, VmSetup};
+use crate::solo::{StdoutConsole, VmSetup};
 use crate::VmmError;
 
 /// How a pair member ended; `ftvm-node` maps it to its exit status (docs/operations.md).
@@ -83,6 +87,11 @@ struct Node {
     gen_file: GenerationFile,
     pair_config: PairConfig,
     disk_root: [u8; 32],
+    /// The disk's leaf hashes at start (what a joiner sends) and its geometry.
+    disk_leaves: Vec<[u8; 32]>,
+    disk_geo: Option<disksync::hash::Geometry>,
+    /// The guest's disk writes, tracked while a join copies the disk.
+    writes: Option<Arc<BlockWrites>>,
     shared: Arc<Shared>,
     stop: Arc<StopSignal>,
     witnesses: Vec<WitnessClient>,
@@ -120,15 +129,15 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
     let stop = crate::signals::install()
         .map_err(|e| NodeExit::Failed(format!("cannot install signal handlers: {e}")))?;
     let mut devices = plan.devices.clone();
-    let (disk, disk_root, disk_size) = match &plan.disk {
+    let (disk, disk_root, disk_size, disk_leaves, disk_geo) = match &plan.disk {
         Some(d) => {
             let (f, sectors) =
                 crate::solo::open_disk(d).map_err(|e| NodeExit::Config(e.to_string()))?;
             devices.disk_sectors = Some(sectors);
-            let root = disk_root(&f, &d.path).map_err(NodeExit::Config)?;
-            (Some(f), root, sectors * 512)
+            let (root, leaves, geo) = disk_hashes(&f, &d.path).map_err(NodeExit::Config)?;
+            (Some(f), root, sectors * 512, leaves, Some(geo))
         }
-        None => (None, [0; 32], 0),
+        None => (None, [0; 32], 0, Vec::new(), None),
     };
     let tap = match &plan.tap {
         Some(t) => Some(crate::solo::open_tap(t).map_err(|e| NodeExit::Config(e.to_string()))?),
@@ -203,6 +212,9 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
             gen_file,
             pair_config,
             disk_root,
+            disk_leaves,
+            writes: disk_geo.map(|g| Arc::new(BlockWrites::new(g))),
+            disk_geo,
             shared,
             stop,
             witnesses,
@@ -215,6 +227,15 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
 
 /// The Merkle root of a disk (disksync's, 64 KiB blocks).
 pub fn disk_root(f: &File, path: &std::path::Path) -> Result<[u8; 32], String> {
+    disk_hashes(f, path).map(|(root, _, _)| root)
+}
+
+/// A disk's Merkle root, its leaf hashes and its geometry (disksync's, 64 KiB blocks).
+#[allow(clippy::type_complexity)]
+fn disk_hashes(
+    f: &File,
+    path: &std::path::Path,
+) -> Result<([u8; 32], Vec<[u8; 32]>, disksync::hash::Geometry), String> {
     let geo = disksync::hash::file_geometry(f, path, disksync::DEFAULT_BLOCK_SIZE)
         .map_err(|e| format!("disk {}: {e}", path.display()))?;
     let leaves = disksync::hash::hash_file(
@@ -225,7 +246,8 @@ pub fn disk_root(f: &File, path: &std::path::Path) -> Result<[u8; 32], String> {
         &AtomicBool::new(false),
     )
     .map_err(|e| format!("hashing disk {}: {e}", path.display()))?;
-    Ok(disksync::Tree::from_leaves(leaves).root(geo))
+    let root = disksync::Tree::from_leaves(leaves.clone()).root(geo);
+    Ok((root, leaves, geo))
 }
 
 impl Node {
@@ -344,7 +366,10 @@ async fn main(node: Arc<Node>) -> NodeExit {
     tokio::spawn(listener(ep.clone(), node.clone()));
     let r = match cold_start(&ep, &node).await {
         Ok(Start::Primary) => run_primary(&node, None).await,
-        Ok(Start::Backup(link, reader)) => run_backup(&node, link, reader).await,
+        Ok(Start::Backup(link, reader)) => run_backup(&node, link, reader, None).await,
+        Ok(Start::Join(link, reader, generation)) => {
+            run_backup(&node, link, reader, Some(generation)).await
+        }
         Err(e) => e,
     };
     if let NodeExit::Denied(why) | NodeExit::Diverged(why) | NodeExit::Refused(why) = &r {
@@ -456,11 +481,14 @@ async fn listener(ep: quinn::Endpoint, node: Arc<Node>) {
 enum Start {
     Primary,
     Backup(Link, MsgReader),
+    /// Join a running primary: the generation to adopt.
+    Join(Link, MsgReader, u64),
 }
 
 /// What probing a peer found.
 enum Probe {
     Accepted(Link, MsgReader, u64),
+    Join(Link, MsgReader, u64),
     Busy(Role, u64, String),
     Unreachable(String),
 }
@@ -489,6 +517,26 @@ async fn probe(
                 "{name} accepted this node as its backup (generation {generation}, log version {log_version}, from boundary {start_boundary})"
             );
             Ok(Probe::Accepted(link, reader, generation))
+        }
+        Ok(Msg::Join {
+            log_version,
+            generation,
+            block_size,
+            blocks,
+        }) => {
+            let ours = node.disk_geo.map_or((disksync::DEFAULT_BLOCK_SIZE, 0), |g| {
+                (g.block_size, g.blocks())
+            });
+            if (block_size, blocks) != ours {
+                return Err(NodeExit::Refused(format!(
+                    "{name} offered a join with {blocks} disk blocks of {block_size} bytes; this node's disk has {} of {}",
+                    ours.1, ours.0
+                )));
+            }
+            tracing::info!(
+                "{name} runs alone in generation {generation} and takes this node as joiner (log version {log_version})"
+            );
+            Ok(Probe::Join(link, reader, generation))
         }
         Ok(Msg::Refuse { field, ours, theirs }) => Err(NodeExit::Refused(format!(
             "{name} refused the pairing: {field} differs ({name} has {ours}, this node has {theirs})"
@@ -521,6 +569,10 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
                     // Adopt the primary's generation before the first ack.
                     node.persist(generation)?;
                     return Ok(Start::Backup(link, reader));
+                }
+                Probe::Join(link, reader, generation) => {
+                    // The generation is adopted once the state is restored (DESIGN §5).
+                    return Ok(Start::Join(link, reader, generation));
                 }
                 Probe::Busy(role, g, reason) => {
                     *node
@@ -679,24 +731,84 @@ fn output_config(cfg: &NodeConfig) -> OutputConfig {
     }
 }
 
-/// The vCPU thread: builds the machine (on this thread) and runs it; the result comes back on
-/// a oneshot.
+/// The vCPU thread's handles on its machine, sent once the machine is built.
+struct VcpuHandles {
+    tracker: Option<Arc<crate::state::dirty::DirtyTracker>>,
+    pages: crate::kvm::memory::GuestPages,
+}
+
+/// A running vCPU thread.
+struct Vcpu {
+    /// How the VM ended.
+    done: tokio::sync::oneshot::Receiver<Result<Outcome, VmmError>>,
+    /// The machine's handles (once built).
+    handles: tokio::sync::oneshot::Receiver<VcpuHandles>,
+    /// Jobs run at a pause.
+    jobs: std_mpsc::Sender<VcpuJob>,
+    /// Pauses the machine.
+    pause: PauseHandle,
+}
+
+/// The vCPU thread: builds the machine (on this thread) and runs it, running the jobs it is
+/// given whenever `pause` pauses it; the result comes back on a oneshot.
 fn spawn_vcpu(
-    build: impl FnOnce() -> Result<crate::machine::Machine, VmmError> + Send + 'static,
+    build: impl FnOnce() -> Result<Machine, VmmError> + Send + 'static,
     progress: Arc<std::sync::atomic::AtomicU64>,
-) -> tokio::sync::oneshot::Receiver<Result<Outcome, VmmError>> {
+    pause: PauseHandle,
+) -> Vcpu {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (htx, hrx) = tokio::sync::oneshot::channel();
+    let (jtx, jrx) = std_mpsc::channel::<VcpuJob>();
+    let p = pause.clone();
     std::thread::Builder::new()
         .name("ftvm-vcpu".into())
         .spawn(move || {
             let r = build().and_then(|mut m| {
                 m.set_progress(progress);
-                m.run()
+                m.set_pause_handle(p);
+                let _ = htx.send(VcpuHandles {
+                    tracker: m.dirty_tracker().cloned(),
+                    pages: m.memory().pages_handle(),
+                });
+                loop {
+                    match m.run_until(Boundary::MAX)? {
+                        Some(outcome) => break Ok(outcome),
+                        None => {
+                            while let Ok(job) = jrx.try_recv() {
+                                job(&mut m);
+                            }
+                        }
+                    }
+                }
             });
             let _ = tx.send(r);
         })
         .expect("spawning the vCPU thread");
-    rx
+    Vcpu {
+        done: rx,
+        handles: hrx,
+        jobs: jtx,
+        pause,
+    }
+}
+
+/// Placeholder inputs of a joiner's machine until its state is restored (never asked: the
+/// machine does not run before).
+struct NotYet;
+
+impl Inputs for NotYet {
+    fn clock(&mut self, _b: Boundary) -> Result<ClockValue, InputError> {
+        Err(InputError::Log("the joiner has no inputs before its state".into()))
+    }
+    fn entropy(&mut self, _b: Boundary) -> Result<u64, InputError> {
+        Err(InputError::Log("the joiner has no inputs before its state".into()))
+    }
+    fn wait(&mut self, _b: Boundary, _d: u64, _r: usize) -> Result<ClockValue, InputError> {
+        Err(InputError::Log("the joiner has no inputs before its state".into()))
+    }
+    fn random(&mut self, _b: Boundary, _l: usize) -> Result<Vec<u8>, InputError> {
+        Err(InputError::Log("the joiner has no inputs before its state".into()))
+    }
 }
 
 fn vm_result(
@@ -739,7 +851,7 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
     });
     let (tx, rx) = mpsc::unbounded_channel::<ToChannel>();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let stats = node.shared.stats.clone();
     let out = tokio::spawn(output_task(
         rx,
@@ -757,21 +869,30 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
     ));
     let setup = node.setup();
     let disk = node.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let disk_reader = match disk.as_ref().map(File::try_clone).transpose() {
+        Ok(d) => d,
+        Err(e) => return NodeExit::Failed(format!("disk: {e}")),
+    };
     let (stop, tap, digest_every) = (node.stop.clone(), node.tap.clone(), node.cfg.digest_every);
-    let vm = spawn_vcpu(
+    let switch = RecordSwitch::new();
+    let pause = PauseHandle::new();
+    let writes = node.writes.clone();
+    let (sw, p, txc) = (switch.clone(), pause.clone(), tx.clone());
+    let vcpu = spawn_vcpu(
         move || {
-            let mut live = LiveInputs::new(stop.clone(), 0);
+            let mut live = LiveInputs::new(stop.clone(), 0).with_pause(p);
             if let Some(t) = &tap {
                 live = live.with_tap(t.clone());
             }
-            let rec = Recorder::new(
-                live,
-                ChannelLog::new(tx.clone()),
-                setup.log_header(digest_every),
-            )?;
+            let rec = if replicated {
+                Recorder::new(live, ChannelLog::new(txc.clone()), setup.log_header(digest_every))?
+                    .with_switch(sw)
+            } else {
+                Recorder::dormant(live, ChannelLog::new(txc.clone()), sw)
+            };
             let inputs = Throttle::new(rec, stats, stop.clone());
-            let sink: Box<dyn FrameSink> = Box::new(HeldFrames(tx));
-            assemble(
+            let sink: Box<dyn FrameSink> = Box::new(HeldFrames(txc));
+            crate::solo::assemble_tracked(
                 &setup,
                 disk,
                 sink,
@@ -779,25 +900,95 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
                 Box::new(StdoutConsole::default()),
                 stop,
                 true,
+                writes,
             )
         },
         node.shared.boundary.clone(),
+        pause,
     );
-    tokio::pin!(vm);
+    serve(
+        node,
+        Running {
+            vcpu,
+            out,
+            ev_rx,
+            cmd_tx,
+            tx,
+            switch,
+            disk_reader,
+        },
+    )
+    .await
+}
+
+/// A VM this node runs as primary or alone, with what serving it needs.
+struct Running {
+    vcpu: Vcpu,
+    out: tokio::task::JoinHandle<crate::channel::gate::OutputGate>,
+    ev_rx: mpsc::UnboundedReceiver<OutputEvent>,
+    cmd_tx: mpsc::UnboundedSender<OutputCmd>,
+    tx: mpsc::UnboundedSender<ToChannel>,
+    switch: RecordSwitch,
+    disk_reader: Option<File>,
+}
+
+/// Serves the VM as primary or alone until it ends: failover on backup loss, and joiners
+/// accepted while alone.
+async fn serve(node: &Arc<Node>, r: Running) -> NodeExit {
+    let Running {
+        mut vcpu,
+        out,
+        mut ev_rx,
+        cmd_tx,
+        tx,
+        switch,
+        disk_reader,
+    } = r;
+    let source = match (&mut vcpu.handles).await {
+        Ok(VcpuHandles {
+            tracker: Some(tracker),
+            pages,
+        }) => Some(Arc::new(JoinSource {
+            tracker,
+            pages,
+            pause: vcpu.pause.clone(),
+            jobs: vcpu.jobs.clone(),
+            disk: match (node.writes.clone(), disk_reader) {
+                (Some(w), Some(f)) => Some((w, f)),
+                _ => None,
+            },
+            switch: switch.clone(),
+            header: node.setup().log_header(node.cfg.digest_every),
+            tx,
+            policy: crate::join::rounds::RoundPolicy::default(),
+        })),
+        Ok(_) => {
+            tracing::warn!("the machine keeps no dirty log: this node cannot take joiners");
+            None
+        }
+        // The build failed: the result tells why.
+        Err(_) => None,
+    };
+    let (jtx, mut jrx) = mpsc::unbounded_channel();
+    *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = Some(jtx);
     let mut halted: Option<NodeExit> = None;
-    loop {
+    let mut joining: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+    // From a join's start until its joiner is attached (or the join failed): no other joiner
+    // is taken, so the output task never gets a second backup.
+    let mut join_busy = false;
+    let exit = loop {
         tokio::select! {
-            r = &mut vm => {
-                let exit = halted.take().unwrap_or_else(|| vm_result(r));
-                // Let the output task send the end record and release what it may.
-                let _ = tokio::time::timeout(node.cfg.failure_timeout * 2, out).await;
-                return exit;
+            r = &mut vcpu.done => {
+                break halted.take().unwrap_or_else(|| vm_result(r));
             }
             ev = ev_rx.recv() => match ev {
                 Some(OutputEvent::BackupLost(why)) => {
                     if let Some(e) = primary_failover(node, &cmd_tx, format!("backup lost: {why}")).await {
                         halted = Some(e);
                         node.stop.raise(libc::SIGTERM);
+                    } else {
+                        // Alone: nobody receives a log until the next join restarts it.
+                        switch.stop();
                     }
                 }
                 Some(OutputEvent::Diverged { boundary, what }) => {
@@ -805,12 +996,134 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
                     if let Some(e) = primary_failover(node, &cmd_tx, format!("backup diverged at boundary {boundary}: {what}")).await {
                         halted = Some(e);
                         node.stop.raise(libc::SIGTERM);
+                    } else {
+                        switch.stop();
                     }
                 }
+                Some(OutputEvent::Attached { peer, from }) => {
+                    join_busy = false;
+                    node.shared.joins.fetch_add(1, Ordering::Relaxed);
+                    node.shared.set_role(Role::Primary);
+                    tracing::info!("{peer} is the backup from boundary {from}");
+                }
                 Some(OutputEvent::Finished) | None => {}
+            },
+            j = jrx.recv() => {
+                if let Some(j) = j {
+                    if let Some(h) = accept_joiner(node, j, join_busy, source.as_ref()).await {
+                        joining = Some(h);
+                        join_busy = true;
+                    }
+                }
+            }
+            r = async { joining.as_mut().expect("guarded").await }, if joining.is_some() => {
+                joining = None;
+                let err = match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(e) => Some(format!("join task: {e}")),
+                };
+                if let Some(e) = err {
+                    join_busy = false;
+                    tracing::warn!("join failed before the commit point: {e}; running alone as before");
+                    node.shared.update_join(|j| {
+                        j.phase = "failed".into();
+                        j.error = Some(e);
+                    });
+                }
             }
         }
+    };
+    *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    if let Some(h) = joining {
+        h.abort();
     }
+    drop(source);
+    // Let the output task send the end record and release what it may.
+    let _ = tokio::time::timeout(node.cfg.failure_timeout * 2, out).await;
+    exit
+}
+
+/// A node that connected while this one runs the VM: a joiner is taken only while alone and
+/// no other join runs; anyone else is told why not. Returns the join's task.
+async fn accept_joiner(
+    node: &Arc<Node>,
+    j: Joiner,
+    busy: bool,
+    source: Option<&Arc<JoinSource>>,
+) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+    let Joiner {
+        mut link,
+        reader,
+        hello,
+    } = j;
+    let tell = |reason: String| Msg::Busy {
+        role: node.shared.role(),
+        generation: node.generation(),
+        reason,
+    };
+    let answer = if let Some((field, ours, theirs)) =
+        msg::mismatch(&node.pair_config, &hello.config)
+    {
+        tracing::error!(
+            "refused {} as joiner: {field} differs (this node has {ours}, {} has {theirs})",
+            hello.node,
+            hello.node
+        );
+        Msg::Refuse {
+            field,
+            ours,
+            theirs,
+        }
+    } else if node.shared.role() != Role::Alone {
+        tell("already has a backup".into())
+    } else if busy {
+        tell("another node is joining".into())
+    } else if hello.generation > node.generation() {
+        tell(format!(
+            "your generation {} is newer than mine ({})",
+            hello.generation,
+            node.generation()
+        ))
+    } else if msg::negotiate(node.pair_config.protocol_versions, hello.config.protocol_versions)
+        .is_none_or(|v| v < msg::JOIN_PROTOCOL)
+    {
+        tell(format!(
+            "joining a running primary needs channel protocol {} on both nodes",
+            msg::JOIN_PROTOCOL
+        ))
+    } else if let Some(src) = source {
+        let log_version = msg::negotiate(node.pair_config.log_versions, hello.config.log_versions)
+            .expect("mismatch() checked the ranges overlap");
+        tracing::info!(
+            "{} asks to join (its generation {}, this node's {}): copying while the guest runs",
+            hello.node,
+            hello.generation,
+            node.generation()
+        );
+        let (src, node) = (src.clone(), node.clone());
+        return Some(tokio::spawn(async move {
+            super::join::serve_join(
+                &src,
+                JoinRequest {
+                    link,
+                    reader,
+                    log_version,
+                },
+                node.generation(),
+                &node.shared,
+            )
+            .await
+        }));
+    } else {
+        tell("this node cannot take joiners (no dirty log)".into())
+    };
+    let _ = connect::send_msg(&mut link.send, &answer).await;
+    let _ = link.send.finish();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_millis(500), link.send.stopped()).await;
+    });
+    None
 }
 
 /// DESIGN §5 "Primary loses its backup": output is already held; claim; granted → alone and
@@ -870,48 +1183,70 @@ async fn primary_failover(
     exit
 }
 
-/// Runs the VM as backup of the primary at the other end of `link`.
-async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit {
-    node.shared.set_role(Role::Backup);
+/// Runs the VM as backup of the primary at the other end of `link`: from boot, or — `join`
+/// holding the generation to adopt — from the state the primary sends while it runs.
+async fn run_backup(
+    node: &Arc<Node>,
+    link: Link,
+    reader: MsgReader,
+    join: Option<u64>,
+) -> NodeExit {
+    node.shared.set_role(if join.is_some() {
+        Role::Joining
+    } else {
+        Role::Backup
+    });
     let stats = node.shared.stats.clone();
     let (header_tx, header_rx) = tokio::sync::oneshot::channel();
     let (feed_tx, feed_rx) = std_mpsc::channel();
     let (report_tx, report_rx) = mpsc::unbounded_channel();
-    let recv = tokio::spawn(receive_task(
-        link,
-        reader,
-        header_tx,
-        feed_tx,
-        report_rx,
-        ReceiveConfig {
-            heartbeat: node.cfg.heartbeat,
-            failure_timeout: node.cfg.failure_timeout,
-        },
-        stats.clone(),
-    ));
-    tokio::pin!(recv);
-    let header = tokio::select! {
-        h = header_rx => match h {
-            Ok(h) => h,
-            Err(_) => {
-                return match recv.await {
-                    Ok(BackupEnd::BadLog { boundary, what }) => NodeExit::Diverged(format!("bad log at boundary {boundary}: {what}")),
-                    other => NodeExit::Failed(format!("the primary went away before the log started: {other:?}")),
-                }
-            }
-        },
-        _ = tokio::time::sleep(Duration::from_secs(10)) => return NodeExit::Failed("no log header from the primary within 10 s".into()),
+    // The receive task's pieces: taken by whichever path starts it.
+    let mut pieces = Some((link, reader, header_tx, header_rx, feed_tx, report_rx));
+    let receive_cfg = |start_after| ReceiveConfig {
+        heartbeat: node.cfg.heartbeat,
+        failure_timeout: node.cfg.failure_timeout,
+        start_after,
     };
     let setup = node.setup();
-    let ours = setup.log_header(header.digest_every);
-    if header != ours {
-        let what = format!("the primary's log header differs from this node's machine (primary: {header:?}, here: {ours:?})");
-        let _ = report_tx.send(Msg::Divergence {
-            boundary: 0,
-            what: what.clone(),
-        });
-        return NodeExit::Diverged(what);
-    }
+    // From boot: the log starts now, and its header says how to build the replayer.
+    let (mut recv, boot_header) = match join {
+        None => {
+            let (link, reader, header_tx, header_rx, feed_tx, report_rx) =
+                pieces.take().expect("unused");
+            let mut recv = tokio::spawn(receive_task(
+                link,
+                reader,
+                header_tx,
+                feed_tx,
+                report_rx,
+                receive_cfg(0),
+                stats.clone(),
+            ));
+            let header = tokio::select! {
+                h = header_rx => match h {
+                    Ok(h) => h,
+                    Err(_) => {
+                        return match (&mut recv).await {
+                            Ok(BackupEnd::BadLog { boundary, what }) => NodeExit::Diverged(format!("bad log at boundary {boundary}: {what}")),
+                            other => NodeExit::Failed(format!("the primary went away before the log started: {other:?}")),
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(Duration::from_secs(10)) => return NodeExit::Failed("no log header from the primary within 10 s".into()),
+            };
+            let ours = setup.log_header(header.digest_every);
+            if header != ours {
+                let what = format!("the primary's log header differs from this node's machine (primary: {header:?}, here: {ours:?})");
+                let _ = report_tx.send(Msg::Divergence {
+                    boundary: 0,
+                    what: what.clone(),
+                });
+                return NodeExit::Diverged(what);
+            }
+            (Some(recv), Some(header))
+        }
+        Some(_) => (None, None),
+    };
     let is_live = Arc::new(AtomicBool::new(false));
     if let Some(t) = node.tap.clone() {
         let live = is_live.clone();
@@ -927,7 +1262,7 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
     // live.
     let (tx, rx) = mpsc::unbounded_channel::<ToChannel>();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let (ev_tx, _ev_rx) = mpsc::unbounded_channel();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let out = tokio::spawn(output_task(
         rx,
         cmd_rx,
@@ -939,37 +1274,203 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
         stats.clone(),
     ));
     let disk = node.disk.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let disk_handle = match disk.as_ref().map(File::try_clone).transpose() {
+        Ok(d) => d,
+        Err(e) => return NodeExit::Failed(format!("disk: {e}")),
+    };
     let (stop, tap) = (node.stop.clone(), node.tap.clone());
     let live_for_sink = is_live.clone();
-    let vm = spawn_vcpu(
+    let switch = RecordSwitch::new();
+    let pause = PauseHandle::new();
+    let (parts_tx, parts_rx) = std_mpsc::channel::<JoinPart>();
+    let (restored_tx, restored_rx) = tokio::sync::oneshot::channel::<Result<Boundary, String>>();
+    let (sw, p, txc, writes) = (
+        switch.clone(),
+        pause.clone(),
+        tx.clone(),
+        node.writes.clone(),
+    );
+    let stats_c = stats.clone();
+    let vcpu = spawn_vcpu(
         move || {
-            let feed = ChannelFeed::new(feed_rx, stop.clone(), stats);
-            let replayer = Replayer::streaming(header, Box::new(feed));
-            let follower =
-                Follower::new(replayer, stop.clone(), tap, caught_tx, decide_rx, is_live);
+            let stats = stats_c;
+            let feed = ChannelFeed::new(feed_rx, stop.clone(), stats.clone());
+            let follower = |replayer: Replayer| {
+                let f = Follower::new(replayer, stop.clone(), tap, caught_tx, decide_rx, is_live)
+                    .with_pause(p);
+                // Dormant until a join after this node went live restarts it.
+                let rec = Recorder::dormant(f, ChannelLog::new(txc.clone()), sw);
+                Throttle::new(rec, stats.clone(), stop.clone())
+            };
             let sink: Box<dyn FrameSink> = Box::new(LiveFrames {
                 live: live_for_sink,
-                tx,
+                tx: txc.clone(),
             });
-            assemble(
-                &setup,
-                disk,
-                sink,
-                Box::new(follower),
-                Box::new(StdoutConsole::default()),
-                stop,
-                true,
-            )
+            let assemble = |inputs: Box<dyn Inputs>| {
+                crate::solo::assemble_tracked(
+                    &setup,
+                    disk,
+                    sink,
+                    inputs,
+                    Box::new(StdoutConsole::default()),
+                    stop.clone(),
+                    true,
+                    writes,
+                )
+            };
+            if let Some(header) = boot_header {
+                let replayer = Replayer::streaming(header, Box::new(feed));
+                return assemble(Box::new(follower(replayer)));
+            }
+            // Joining: memory arrives page by page, then the state.
+            let restore = || -> Result<(Machine, Boundary, u64), VmmError> {
+                let mut m = assemble(Box::new(NotYet))?;
+                let pages = m.memory().pages_handle();
+                loop {
+                    match parts_rx.recv() {
+                        Ok(JoinPart::Pages(b)) => {
+                            crate::state::pages::PageBatch::decode(&b, pages.pages())?
+                                .apply(&pages)?;
+                            m.memory_digest()?;
+                        }
+                        Ok(JoinPart::State {
+                            state,
+                            digest_every,
+                        }) => {
+                            let st = crate::state::VmState::decode(&state)?;
+                            m.restore_state(&st)?;
+                            return Ok((m, st.boundary, digest_every));
+                        }
+                        Err(_) => {
+                            return Err(VmmError::Config(
+                                "the join ended before the state arrived".into(),
+                            ))
+                        }
+                    }
+                }
+            };
+            match restore() {
+                Ok((mut m, k, digest_every)) => {
+                    let mut replayer =
+                        Replayer::streaming(setup.log_header(digest_every), Box::new(feed));
+                    replayer.skip_through(k);
+                    m.set_inputs(Box::new(follower(replayer)));
+                    let _ = restored_tx.send(Ok(k));
+                    Ok(m)
+                }
+                Err(e) => {
+                    let _ = restored_tx.send(Err(e.to_string()));
+                    Err(e)
+                }
+            }
         },
         node.shared.boundary.clone(),
+        pause,
     );
-    tokio::pin!(vm);
+    let mut vcpu = vcpu;
+    if let Some(generation) = join {
+        let (mut link, mut reader, header_tx, header_rx, feed_tx, report_rx) =
+            pieces.take().expect("unused");
+        let t0 = Instant::now();
+        node.shared.update_join(|j| {
+            *j = super::status::JoinReport {
+                peer: link.peer.clone(),
+                phase: "copying".into(),
+                disk_blocks: node.disk_geo.map_or(0, |g| g.blocks()),
+                ..Default::default()
+            }
+        });
+        let jdisk = match (disk_handle.as_ref().map(File::try_clone).transpose(), node.disk_geo) {
+            (Ok(Some(file)), Some(geo)) => Some(JoinDisk {
+                file,
+                geo,
+                leaves: node.disk_leaves.clone(),
+            }),
+            (Ok(_), _) => None,
+            (Err(e), _) => return NodeExit::Failed(format!("disk: {e}")),
+        };
+        let copied =
+            super::join::receive_copy(&mut link, &mut reader, jdisk, parts_tx, &node.shared).await;
+        let fail = |e: String| {
+            node.shared.update_join(|j| {
+                j.phase = "failed".into();
+                j.error = Some(e.clone());
+            });
+            NodeExit::Failed(format!("join failed: {e}"))
+        };
+        let copied = match copied {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        let k = match tokio::time::timeout(Duration::from_secs(30), restored_rx).await {
+            Ok(Ok(Ok(k))) => k,
+            Ok(Ok(Err(e))) => return fail(format!("restoring the state: {e}")),
+            _ => return fail("the state was not restored within 30 s".into()),
+        };
+        if copied.generation != generation {
+            return fail(format!(
+                "the primary offered generation {generation} and sent state for {}",
+                copied.generation
+            ));
+        }
+        // The commit, on this side: adopt the generation before the first ack.
+        if let Err(e) = node.persist(generation) {
+            return e;
+        }
+        node.shared.set_role(Role::Backup);
+        node.shared.update_join(|j| {
+            j.phase = "done".into();
+            j.boundary = k;
+            j.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        });
+        node.shared.joins.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "joined at boundary {k} in generation {generation} ({:.0} ms): backup from here on",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        let mut r = tokio::spawn(receive_task(
+            link,
+            reader,
+            header_tx,
+            feed_tx,
+            report_rx,
+            receive_cfg(k),
+            stats.clone(),
+        ));
+        let header = tokio::select! {
+            h = header_rx => h.ok(),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => None,
+        };
+        let Some(header) = header else {
+            return match (&mut r).await {
+                Ok(BackupEnd::BadLog { boundary, what }) => {
+                    NodeExit::Diverged(format!("bad log at boundary {boundary}: {what}"))
+                }
+                other => NodeExit::Failed(format!(
+                    "no log from the primary after the state: {other:?}"
+                )),
+            };
+        };
+        let ours = setup_header(node, header.digest_every);
+        if header != ours {
+            let what = format!("the primary's log header differs from this node's machine (primary: {header:?}, here: {ours:?})");
+            let _ = report_tx.send(Msg::Divergence {
+                boundary: k,
+                what: what.clone(),
+            });
+            return NodeExit::Diverged(what);
+        }
+        recv = Some(r);
+    } else {
+        drop(parts_tx);
+    }
+    let mut recv = recv.expect("the receive task runs from here on");
     let mut lost: Option<(String, u64, Boundary)> = None;
     let mut decided_at: Option<Instant> = None;
     let mut recv_done = false;
     loop {
         tokio::select! {
-            r = &mut vm => {
+            r = &mut vcpu.done => {
                 let exit = vm_result(r);
                 if let NodeExit::Diverged(what) = &exit {
                     tracing::error!("{what}");
@@ -1014,12 +1515,30 @@ async fn run_backup(node: &Arc<Node>, link: Link, reader: MsgReader) -> NodeExit
                 let exit = backup_failover(node, &decide_tx, &cmd_tx, c, why, last_receipt, acked, decided_at.unwrap_or_else(Instant::now)).await;
                 if let Some(e) = exit {
                     // The vCPU is told to halt; its thread ends with Halted.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut vm).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut vcpu.done).await;
                     return e;
                 }
+                // Live and alone: serve the VM as a primary does (joiners, failover).
+                return serve(
+                    node,
+                    Running {
+                        vcpu,
+                        out,
+                        ev_rx,
+                        cmd_tx,
+                        tx,
+                        switch,
+                        disk_reader: disk_handle,
+                    },
+                )
+                .await;
             }
         }
     }
+}
+
+fn setup_header(node: &Node, digest_every: u64) -> crate::replay::codec::Header {
+    node.setup().log_header(digest_every)
 }
 
 /// What the end of the receive task means: `Some((why, last receipt, acked))` when the

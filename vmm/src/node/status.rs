@@ -35,6 +35,39 @@ pub struct FailoverReport {
     pub boundary: u64,
 }
 
+/// A join as `status` reports it, on both sides (progress while it runs, the figures after).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct JoinReport {
+    /// The other node.
+    pub peer: String,
+    /// copying, pausing, done or failed.
+    pub phase: String,
+    /// Pre-copy rounds so far.
+    pub rounds: u32,
+    /// Guest pages sent or received.
+    pub pages: u64,
+    /// Disk blocks sent or received.
+    pub blocks: u64,
+    /// Disk blocks that differed at the start (the first round's blocks).
+    pub blocks_differing: u64,
+    /// Disk blocks in all.
+    pub disk_blocks: u64,
+    /// Bytes of join messages sent or received.
+    pub bytes: u64,
+    /// The guest pause (ms): from the pause request until the vCPU ran again (primary).
+    pub pause_ms: f64,
+    /// Pages and blocks sent in the pause.
+    pub pause_pages: u64,
+    /// Blocks sent in the pause.
+    pub pause_blocks: u64,
+    /// The boundary of the state (the log starts after it).
+    pub boundary: u64,
+    /// The whole join (ms).
+    pub total_ms: f64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
 /// The node's state, shared by its tasks, `status` and metrics.
 #[derive(Debug)]
 pub struct Shared {
@@ -64,6 +97,10 @@ pub struct Shared {
     pub last_failover: Mutex<Option<FailoverReport>>,
     /// Why the node halted, if it did.
     pub halt_reason: Mutex<Option<String>>,
+    /// Joins completed (either side).
+    pub joins: AtomicU64,
+    /// The join running now, or the last one.
+    pub join: Mutex<Option<JoinReport>>,
     /// When the node started.
     pub started: Instant,
 }
@@ -85,6 +122,8 @@ impl Shared {
             failovers: AtomicU64::new(0),
             last_failover: Mutex::new(None),
             halt_reason: Mutex::new(None),
+            joins: AtomicU64::new(0),
+            join: Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -106,6 +145,12 @@ impl Shared {
             );
             *g = r;
         }
+    }
+
+    /// Updates the join report.
+    pub fn update_join(&self, f: impl FnOnce(&mut JoinReport)) {
+        let mut g = self.join.lock().unwrap_or_else(|p| p.into_inner());
+        f(g.get_or_insert_with(JoinReport::default));
     }
 
     /// Seconds since start.
@@ -168,6 +213,8 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            joins: self.joins.load(Ordering::Relaxed),
+            join: self.join.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             uptime_s: self.uptime_s(),
         }
     }
@@ -230,6 +277,10 @@ pub struct Status {
     pub last_failover: Option<FailoverReport>,
     /// Why the node halted.
     pub halt_reason: Option<String>,
+    /// Joins completed.
+    pub joins: u64,
+    /// The join running now, or the last one.
+    pub join: Option<JoinReport>,
     /// Seconds since start.
     pub uptime_s: f64,
 }
@@ -338,4 +389,11 @@ fn publish(sh: &Shared) {
     c("ftvm_node_throttle_waits_total", &s.throttle_waits);
     c("ftvm_node_digests_checked_total", &s.digests_checked);
     metrics::counter!("ftvm_node_failovers_total").absolute(st.failovers);
+    metrics::counter!("ftvm_node_joins_total").absolute(st.joins);
+    if let Some(j) = &st.join {
+        metrics::gauge!("ftvm_node_join_pages").set(j.pages as f64);
+        metrics::gauge!("ftvm_node_join_blocks").set(j.blocks as f64);
+        metrics::gauge!("ftvm_node_join_rounds").set(j.rounds as f64);
+        metrics::gauge!("ftvm_node_join_pause_seconds").set(j.pause_ms / 1e3);
+    }
 }

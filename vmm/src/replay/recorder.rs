@@ -21,6 +21,50 @@ pub trait LogSink: Send {
     }
     /// The run ended: make everything durable or sent.
     fn log_flush(&mut self) -> std::io::Result<()>;
+    /// A new log starts (the recorder was restarted for a joiner): drop anything buffered
+    /// of the old one. Files ignore it.
+    fn log_restart(&mut self) {}
+}
+
+/// What a [`RecordSwitch`] asks of its recorder at its next boundary.
+#[derive(Debug)]
+enum SwitchCmd {
+    /// Start a new log with this header from the next boundary on.
+    Start(Header),
+    /// Stop recording (nobody receives the log).
+    Stop,
+}
+
+/// Starts and stops a recorder from outside the input source it is part of, between two
+/// boundaries (a join's pause: the new backup's log starts at the boundary after the saved
+/// state; a primary running alone records nothing).
+#[derive(Clone, Debug, Default)]
+pub struct RecordSwitch(Arc<(std::sync::atomic::AtomicBool, Mutex<Option<SwitchCmd>>)>);
+
+impl RecordSwitch {
+    /// A switch with nothing asked.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// From the next boundary on, record a new log that starts with `header`; the records
+    /// of boundaries already passed are dropped.
+    pub fn start(&self, header: Header) {
+        self.set(SwitchCmd::Start(header));
+    }
+    /// From the next boundary on, record nothing.
+    pub fn stop(&self) {
+        self.set(SwitchCmd::Stop);
+    }
+    fn set(&self, c: SwitchCmd) {
+        *self.0 .1.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        self.0 .0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn take(&self) -> Option<SwitchCmd> {
+        if !self.0 .0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        self.0 .1.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl<W: Write + Send> LogSink for W {
@@ -67,6 +111,9 @@ pub struct Recorder<I: Inputs, W: LogSink> {
     digest_every: u64,
     stats: LogStats,
     published: Arc<Mutex<LogStats>>,
+    /// Whether records are being written (a dormant recorder passes every question on).
+    active: bool,
+    switch: Option<RecordSwitch>,
 }
 
 impl<I: Inputs, W: LogSink> Recorder<I, W> {
@@ -91,7 +138,50 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
             digest_every,
             stats,
             published: Arc::default(),
+            active: true,
+            switch: None,
         })
+    }
+
+    /// A recorder that records nothing until `switch` starts it.
+    pub fn dormant(live: I, out: W, switch: RecordSwitch) -> Self {
+        Recorder {
+            live,
+            out,
+            enc: Encoder::new(),
+            buf: Vec::new(),
+            pending: None,
+            digest_every: 0,
+            stats: LogStats::default(),
+            published: Arc::default(),
+            active: false,
+            switch: Some(switch),
+        }
+    }
+
+    /// Lets `switch` stop and restart this recorder.
+    pub fn with_switch(mut self, switch: RecordSwitch) -> Self {
+        self.switch = Some(switch);
+        self
+    }
+
+    fn apply_switch(&mut self) -> Result<(), InputError> {
+        match self.switch.as_ref().and_then(RecordSwitch::take) {
+            None => {}
+            Some(SwitchCmd::Start(header)) => {
+                self.pending = None;
+                self.out.log_restart();
+                self.digest_every = header.digest_every;
+                self.active = true;
+                self.write(&Record::Header(header))?;
+            }
+            Some(SwitchCmd::Stop) => {
+                self.pending = None;
+                self.out.log_restart();
+                self.active = false;
+            }
+        }
+        Ok(())
     }
 
     /// Figures so far.
@@ -176,7 +266,9 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
 
 impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
     fn wants_fingerprint(&self) -> bool {
-        true
+        // A switch may start recording at any boundary: a switchable recorder always takes
+        // the fingerprint (one ioctl).
+        self.active || self.switch.is_some() || self.live.wants_fingerprint()
     }
 
     fn boundary(
@@ -184,6 +276,10 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         b: Boundary,
         fingerprint: Option<Fingerprint>,
     ) -> Result<(), InputError> {
+        self.apply_switch()?;
+        if !self.active {
+            return self.live.boundary(b, fingerprint);
+        }
         self.flush_pending()?;
         if b > 1 {
             self.out.log_watermark(b - 1)?;
@@ -251,7 +347,11 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
     }
 
     fn digest_every(&self) -> u64 {
-        self.digest_every
+        if self.active {
+            self.digest_every
+        } else {
+            self.live.digest_every()
+        }
     }
 
     fn memory_digest(
@@ -260,13 +360,23 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         digest: [u8; 32],
         console: [u8; 32],
     ) -> Result<(), InputError> {
+        if !self.active {
+            return self.live.memory_digest(_b, digest, console);
+        }
         if let Some(p) = self.pending.as_mut() {
             p.digest = Some((digest, console));
         }
         Ok(())
     }
 
+    fn stop_after(&self, b: Boundary) -> Option<i32> {
+        self.live.stop_after(b)
+    }
+
     fn finish(&mut self, end: &End) -> Result<(), InputError> {
+        if !self.active {
+            return self.live.finish(end);
+        }
         self.flush_pending()?;
         self.write(&Record::End(end.clone()))?;
         self.out.log_flush()?;

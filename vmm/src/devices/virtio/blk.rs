@@ -40,6 +40,7 @@ pub struct Block {
     sectors: u64,
     id: [u8; 20],
     warnings: RateLimit,
+    writes: Option<std::sync::Arc<crate::join::blocks::BlockWrites>>,
 }
 
 impl Block {
@@ -53,7 +54,17 @@ impl Block {
             sectors: len / SECTOR,
             id,
             warnings: RateLimit::default(),
+            writes: None,
         })
+    }
+
+    /// Reports every completed write to `writes` (a join's copy of the disk).
+    pub fn with_write_tracking(
+        mut self,
+        writes: std::sync::Arc<crate::join::blocks::BlockWrites>,
+    ) -> Self {
+        self.writes = Some(writes);
+        self
     }
 
     /// Capacity in sectors.
@@ -122,6 +133,11 @@ impl Block {
                     .file
                     .write_all_at(&buf, sector * SECTOR)
                     .and_then(|_| self.file.sync_data());
+                if let Some(w) = &self.writes {
+                    // Marked after the write: a copier that read the block before it sees
+                    // the mark in its next round.
+                    w.wrote(sector * SECTOR, buf.len() as u64);
+                }
                 match r {
                     Ok(()) => (S_OK, 0, 0),
                     Err(e) => {

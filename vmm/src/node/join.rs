@@ -1,0 +1,590 @@
+//! Joining a running primary without stopping it (DESIGN §5 "Cold start and joining"), both
+//! sides.
+//!
+//! The primary (running alone) and the joiner speak on the joiner's channel connection:
+//!
+//! ```text
+//! joiner  → Hello
+//! primary → Join {generation, log version, block size, blocks}
+//! joiner  → BlockHashes (one per disk block)
+//! primary → Blocks* Pages*          round 1: every differing block, every page
+//! primary → (Blocks | Pages)*       rounds 2..: what the guest dirtied meanwhile
+//!           ── pause: the vCPU thread takes the last dirty pages and blocks, saves the
+//!              state, restarts the recorder for the boundaries after it, and hands the
+//!              connection to the output task (the commit point) ──
+//! primary → Pages* Blocks* JoinState {generation, digest_every, disk root, state}
+//! primary → Log …                   the ordinary stream, from the boundary after the state
+//! joiner  → Ack …                   only after it restored the state and persisted the
+//!                                   generation
+//! ```
+//!
+//! Before the commit point a failed join leaves the primary alone as it was (it never held
+//! output for the joiner). From it on the joiner is the backup: the Output Rule applies, and
+//! losing it is backup loss (hold, claim, alone).
+
+use std::fs::File;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use disksync::hash::Geometry;
+use tokio::sync::{mpsc, oneshot};
+
+use super::status::Shared;
+use crate::channel::connect::{self, Link};
+use crate::channel::msg::{self, Msg, MsgReader};
+use crate::channel::primary::ToChannel;
+use crate::join::blocks::{root_of, BlockBatch, BlockWrites};
+use crate::join::rounds::{Next, RoundPolicy, Rounds};
+use crate::kvm::memory::GuestPages;
+use crate::machine::{Machine, PauseHandle};
+use crate::replay::codec::Header;
+use crate::replay::recorder::RecordSwitch;
+use crate::state::dirty::{DirtyConsumer, DirtyTracker, Since};
+use crate::state::pages::PageBatch;
+
+/// Work the node hands to the vCPU thread, run while the machine is paused between two
+/// boundaries.
+pub type VcpuJob = Box<dyn FnOnce(&mut Machine) + Send>;
+
+/// How long either side waits for the next message of a join before giving up.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the primary needs to serve a join: handles on the running machine.
+pub struct JoinSource {
+    /// The machine's dirty-page tracker.
+    pub tracker: Arc<DirtyTracker>,
+    /// Guest memory, readable from any thread.
+    pub pages: GuestPages,
+    /// Pauses the machine.
+    pub pause: PauseHandle,
+    /// Jobs for the vCPU thread (run at the pause).
+    pub jobs: std_mpsc::Sender<VcpuJob>,
+    /// The disk's write tracker and a handle on the disk for reading (no disk: `None`).
+    pub disk: Option<(Arc<BlockWrites>, File)>,
+    /// Restarts the recorder for the joiner's log.
+    pub switch: RecordSwitch,
+    /// The header of the log the joiner gets.
+    pub header: Header,
+    /// The output task's queue (the commit point goes through it, in order with the log).
+    pub tx: mpsc::UnboundedSender<ToChannel>,
+    /// How pre-copy stops iterating.
+    pub policy: RoundPolicy,
+}
+
+/// A joiner, with what it said in its hello.
+pub struct JoinRequest {
+    /// Its connection.
+    pub link: Link,
+    /// Its reader.
+    pub reader: MsgReader,
+    /// Its log versions (already checked against ours).
+    pub log_version: u16,
+}
+
+async fn send(link: &mut Link, m: &Msg, bytes: &mut u64) -> Result<(), String> {
+    let mut buf = Vec::new();
+    msg::encode(m, &mut buf);
+    *bytes += buf.len() as u64;
+    link.send
+        .write_all(&buf)
+        .await
+        .map_err(|e| format!("sending to the joiner: {e}"))
+}
+
+/// Sends the pages of `dirty`, in batches; returns how many.
+async fn send_pages(
+    link: &mut Link,
+    pages: &GuestPages,
+    dirty: &crate::state::dirty::DirtyPages,
+    bytes: &mut u64,
+) -> Result<u64, String> {
+    let mut it = dirty.iter().peekable();
+    let mut n = 0;
+    while it.peek().is_some() {
+        let batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
+            .map_err(|e| format!("reading guest memory: {e}"))?;
+        n += batch.pages.len() as u64;
+        send(
+            link,
+            &Msg::Pages {
+                bytes: batch.encode(),
+            },
+            bytes,
+        )
+        .await?;
+    }
+    Ok(n)
+}
+
+/// Sends blocks `list` of the disk, updating `leaves` with what was read; returns how many.
+async fn send_blocks(
+    link: &mut Link,
+    disk: &File,
+    geo: Geometry,
+    list: &[u64],
+    leaves: &mut [[u8; 32]],
+    bytes: &mut u64,
+) -> Result<u64, String> {
+    let mut it = list.iter().copied().peekable();
+    let mut n = 0;
+    while it.peek().is_some() {
+        let batch = tokio::task::block_in_place(|| BlockBatch::read(disk, geo, &mut it))
+            .map_err(|e| format!("reading the disk: {e}"))?;
+        for (i, d) in &batch.blocks {
+            leaves[*i as usize] = disksync::hash::leaf_hash(d);
+        }
+        n += batch.blocks.len() as u64;
+        send(
+            link,
+            &Msg::Blocks {
+                bytes: batch.encode(),
+            },
+            bytes,
+        )
+        .await?;
+    }
+    Ok(n)
+}
+
+/// The primary's side: copies disk and memory to the joiner while the guest runs, then pauses
+/// it and commits. `Ok` once the joiner is attached as backup (the output task has it);
+/// `Err` with why the join failed before the commit point (the primary is alone as before).
+pub async fn serve_join(
+    src: &JoinSource,
+    req: JoinRequest,
+    generation: u64,
+    shared: &Shared,
+) -> Result<(), String> {
+    let t_start = Instant::now();
+    let JoinRequest {
+        mut link,
+        mut reader,
+        log_version,
+    } = req;
+    let peer = link.peer.clone();
+    let mut bytes = 0u64;
+    let geo = src.disk.as_ref().map(|(w, _)| w.geometry());
+    let disk_blocks = geo.map_or(0, |g| g.blocks());
+    shared.update_join(|j| {
+        *j = super::status::JoinReport {
+            peer: peer.clone(),
+            phase: "copying".into(),
+            disk_blocks,
+            ..Default::default()
+        }
+    });
+    send(
+        &mut link,
+        &Msg::Join {
+            log_version,
+            generation,
+            block_size: geo.map_or(disksync::DEFAULT_BLOCK_SIZE, |g| g.block_size),
+            blocks: disk_blocks,
+        },
+        &mut bytes,
+    )
+    .await?;
+    let theirs = match connect::recv_msg(&mut link.recv, &mut reader, STEP_TIMEOUT).await {
+        Ok(Msg::BlockHashes { hashes }) => hashes,
+        Ok(other) => return Err(format!("the joiner sent {other:?}, not its block hashes")),
+        Err(e) => return Err(format!("no block hashes from the joiner: {e}")),
+    };
+    if theirs.len() as u64 != disk_blocks {
+        return Err(format!(
+            "the joiner listed {} blocks, the disk has {disk_blocks}",
+            theirs.len()
+        ));
+    }
+    // Tracking starts before anything is read: whatever is written from here on is sent
+    // again.
+    let precopy: DirtyConsumer = src
+        .tracker
+        .subscribe(Since::Everything)
+        .map_err(|e| format!("dirty tracking: {e}"))?;
+    if let Some((w, _)) = &src.disk {
+        w.start();
+    }
+    let stop_tracking = || {
+        if let Some((w, _)) = &src.disk {
+            w.stop();
+        }
+    };
+    let r = copy_rounds(src, &mut link, &precopy, &theirs, shared, &mut bytes).await;
+    let leaves = match r {
+        Ok(l) => l,
+        Err(e) => {
+            stop_tracking();
+            return Err(e);
+        }
+    };
+    // The pause: everything else happens on the vCPU thread, which then hands the
+    // connection to the output task.
+    shared.update_join(|j| j.phase = "pausing".into());
+    let (done_tx, done_rx) = oneshot::channel();
+    let job = final_job(FinalJob {
+        precopy,
+        pages: src.pages.clone(),
+        disk: src
+            .disk
+            .as_ref()
+            .map(|(w, f)| (w.clone(), f.try_clone().map_err(|e| e.to_string())))
+            .map(|(w, f)| f.map(|f| (w, f)))
+            .transpose()?,
+        leaves,
+        geo,
+        link,
+        reader,
+        switch: src.switch.clone(),
+        header: src.header.clone(),
+        tx: src.tx.clone(),
+        generation,
+        requested: Instant::now(),
+        done: done_tx,
+    });
+    if src.jobs.send(job).is_err() {
+        stop_tracking();
+        return Err("the vCPU thread has ended".into());
+    }
+    src.pause.request();
+    let fin = match tokio::time::timeout(STEP_TIMEOUT, done_rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => {
+            stop_tracking();
+            return Err("the VM ended before the pause".into());
+        }
+        Err(_) => {
+            stop_tracking();
+            return Err("the guest did not pause within 10 s".into());
+        }
+    };
+    let fin = fin.inspect_err(|_| stop_tracking())?;
+    shared.update_join(|j| {
+        j.phase = "done".into();
+        j.pause_ms = fin.pause.as_secs_f64() * 1e3;
+        j.pause_pages = fin.pages;
+        j.pause_blocks = fin.blocks;
+        j.pages += fin.pages;
+        j.blocks += fin.blocks;
+        j.bytes = bytes + fin.bytes;
+        j.boundary = fin.boundary;
+        j.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
+    });
+    tracing::info!(
+        "join of {peer}: committed at boundary {} (pause {:.1} ms: {} pages, {} blocks, {} bytes; whole join {:.0} ms)",
+        fin.boundary,
+        fin.pause.as_secs_f64() * 1e3,
+        fin.pages,
+        fin.blocks,
+        fin.bytes,
+        t_start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// The rounds while the guest runs; returns the primary's leaf hashes as last read.
+async fn copy_rounds(
+    src: &JoinSource,
+    link: &mut Link,
+    precopy: &DirtyConsumer,
+    theirs: &[[u8; 32]],
+    shared: &Shared,
+    bytes: &mut u64,
+) -> Result<Vec<[u8; 32]>, String> {
+    let mut rounds = Rounds::new(src.policy);
+    let mut leaves: Vec<[u8; 32]> = Vec::new();
+    // Round 1, disk: every block whose hash differs from the joiner's.
+    if let Some((w, disk)) = &src.disk {
+        let geo = w.geometry();
+        leaves = tokio::task::block_in_place(|| crate::join::blocks::hash_disk(disk, geo))
+            .map_err(|e| format!("hashing the disk: {e}"))?;
+        let differing: Vec<u64> = (0..geo.blocks())
+            .filter(|&i| leaves[i as usize] != theirs[i as usize])
+            .collect();
+        tracing::info!(
+            "join of {}: {} of {} disk blocks differ",
+            link.peer,
+            differing.len(),
+            geo.blocks()
+        );
+        shared.update_join(|j| j.blocks_differing = differing.len() as u64);
+        let n = send_blocks(link, disk, geo, &differing, &mut leaves, bytes).await?;
+        shared.update_join(|j| j.blocks += n);
+    }
+    loop {
+        let before = *bytes;
+        let dirty = precopy
+            .take()
+            .map_err(|e| format!("dirty tracking: {e}"))?;
+        let np = send_pages(link, &src.pages, &dirty, bytes).await?;
+        let mut nb = 0;
+        if let Some((w, disk)) = &src.disk {
+            let list = w.take();
+            nb = send_blocks(link, disk, w.geometry(), &list, &mut leaves, bytes).await?;
+        }
+        let sent = *bytes - before;
+        let next = rounds.after(sent);
+        shared.update_join(|j| {
+            j.rounds = rounds.done();
+            j.pages += np;
+            j.blocks += nb;
+            j.bytes = *bytes;
+        });
+        tracing::debug!(
+            "join of {}: round {}: {np} pages, {nb} blocks, {sent} bytes",
+            link.peer,
+            rounds.done()
+        );
+        if let Next::Pause(why) = next {
+            tracing::info!(
+                "join of {}: pausing after {} rounds ({})",
+                link.peer,
+                rounds.done(),
+                why.name()
+            );
+            return Ok(leaves);
+        }
+    }
+}
+
+struct FinalJob {
+    precopy: DirtyConsumer,
+    pages: GuestPages,
+    disk: Option<(Arc<BlockWrites>, File)>,
+    leaves: Vec<[u8; 32]>,
+    geo: Option<Geometry>,
+    link: Link,
+    reader: MsgReader,
+    switch: RecordSwitch,
+    header: Header,
+    tx: mpsc::UnboundedSender<ToChannel>,
+    generation: u64,
+    requested: Instant,
+    done: oneshot::Sender<Result<Final, String>>,
+}
+
+/// What the pause did.
+struct Final {
+    boundary: u64,
+    pages: u64,
+    blocks: u64,
+    bytes: u64,
+    pause: Duration,
+}
+
+/// The vCPU thread's part of the pause: the last dirty pages and blocks, the state, the
+/// recorder restarted for the boundaries after it, and the connection handed to the output
+/// task with all of that as its preamble — the commit point.
+fn final_job(j: FinalJob) -> VcpuJob {
+    Box::new(move |m: &mut Machine| {
+        let FinalJob {
+            precopy,
+            pages,
+            disk,
+            mut leaves,
+            geo,
+            link,
+            reader,
+            switch,
+            header,
+            tx,
+            generation,
+            requested,
+            done,
+        } = j;
+        let r = (|| -> Result<(Vec<u8>, u64, u64, u64), String> {
+            let mut pre = Vec::new();
+            let dirty = precopy.take().map_err(|e| format!("dirty tracking: {e}"))?;
+            let mut it = dirty.iter().peekable();
+            let mut np = 0;
+            while it.peek().is_some() {
+                let b = PageBatch::read(&pages, &mut it).map_err(|e| e.to_string())?;
+                np += b.pages.len() as u64;
+                msg::encode(&Msg::Pages { bytes: b.encode() }, &mut pre);
+            }
+            let mut nb = 0;
+            if let (Some((w, f)), Some(geo)) = (&disk, geo) {
+                let list = w.take();
+                w.stop();
+                let mut it = list.into_iter().peekable();
+                while it.peek().is_some() {
+                    let b = BlockBatch::read(f, geo, &mut it).map_err(|e| e.to_string())?;
+                    for (i, d) in &b.blocks {
+                        leaves[*i as usize] = disksync::hash::leaf_hash(d);
+                    }
+                    nb += b.blocks.len() as u64;
+                    msg::encode(&Msg::Blocks { bytes: b.encode() }, &mut pre);
+                }
+            }
+            let state = m.save_state().map_err(|e| format!("saving the VM state: {e}"))?;
+            let disk_root = geo.map_or([0; 32], |g| root_of(&leaves, g));
+            msg::encode(
+                &Msg::JoinState {
+                    generation,
+                    digest_every: header.digest_every,
+                    disk_root,
+                    state: state.encode(),
+                },
+                &mut pre,
+            );
+            Ok((pre, np, nb, state.boundary))
+        })();
+        drop(precopy);
+        let out = match r {
+            Ok((preamble, pages, blocks, boundary)) => {
+                let bytes = preamble.len() as u64;
+                // From the next boundary on the recorder writes the joiner's log; the output
+                // task sends the preamble first and applies the Output Rule from here on.
+                switch.start(header);
+                match tx.send(ToChannel::Attach {
+                    link,
+                    reader,
+                    preamble,
+                    from: boundary,
+                }) {
+                    Ok(()) => Ok(Final {
+                        boundary,
+                        pages,
+                        blocks,
+                        bytes,
+                        pause: requested.elapsed(),
+                    }),
+                    Err(_) => {
+                        switch.stop();
+                        Err("the output task has ended".into())
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some((w, _)) = &disk {
+                    w.stop();
+                }
+                Err(e)
+            }
+        };
+        let _ = done.send(out);
+    })
+}
+
+/// A piece of the copy for the joiner's vCPU thread.
+pub enum JoinPart {
+    /// Guest pages (a `PageBatch` encoding).
+    Pages(Vec<u8>),
+    /// The final state (the encoded `VmState`) and the primary's `digest_every`.
+    State {
+        /// The encoded state.
+        state: Vec<u8>,
+        /// The log header's `digest_every`.
+        digest_every: u64,
+    },
+}
+
+/// The joiner's disk during a join.
+pub struct JoinDisk {
+    /// A handle on the disk (the machine has its own).
+    pub file: File,
+    /// Its geometry.
+    pub geo: Geometry,
+    /// Its leaf hashes, kept current as blocks arrive.
+    pub leaves: Vec<[u8; 32]>,
+}
+
+/// What the joiner's copy ended with.
+pub struct Copied {
+    /// The generation to adopt.
+    pub generation: u64,
+}
+
+/// The joiner's side of the copy: sends its block hashes, writes the blocks it gets into its
+/// disk, passes pages and the state to the vCPU thread (`parts`), and checks the disk's
+/// root against the primary's. Returns when the state was passed on.
+pub async fn receive_copy(
+    link: &mut Link,
+    reader: &mut MsgReader,
+    mut disk: Option<JoinDisk>,
+    parts: std_mpsc::Sender<JoinPart>,
+    shared: &Shared,
+) -> Result<Copied, String> {
+    let hashes = disk.as_ref().map(|d| d.leaves.clone()).unwrap_or_default();
+    let mut bytes = 0u64;
+    send(link, &Msg::BlockHashes { hashes }, &mut bytes).await?;
+    let t0 = Instant::now();
+    let mut last_note = Instant::now();
+    loop {
+        let m = connect::recv_msg(&mut link.recv, reader, STEP_TIMEOUT)
+            .await
+            .map_err(|e| format!("the copy from the primary stopped: {e}"))?;
+        match m {
+            Msg::Blocks { bytes: b } => {
+                let Some(d) = disk.as_mut() else {
+                    return Err("the primary sent disk blocks to a node without a disk".into());
+                };
+                bytes += b.len() as u64;
+                let batch = BlockBatch::decode(&b, d.geo).map_err(|e| e.to_string())?;
+                tokio::task::block_in_place(|| batch.apply(&d.file, d.geo, &mut d.leaves))
+                    .map_err(|e| format!("writing the disk: {e}"))?;
+                shared.update_join(|j| {
+                    j.blocks += batch.blocks.len() as u64;
+                    j.bytes = bytes;
+                });
+            }
+            Msg::Pages { bytes: b } => {
+                bytes += b.len() as u64;
+                let n = b.len() as u64 / 4096;
+                if parts.send(JoinPart::Pages(b)).is_err() {
+                    return Err("the vCPU thread has ended".into());
+                }
+                shared.update_join(|j| {
+                    j.pages += n.max(1);
+                    j.bytes = bytes;
+                });
+            }
+            Msg::JoinState {
+                generation,
+                digest_every,
+                disk_root,
+                state,
+            } => {
+                if let Some(d) = &disk {
+                    tokio::task::block_in_place(|| d.file.sync_data())
+                        .map_err(|e| format!("syncing the disk: {e}"))?;
+                    let ours = root_of(&d.leaves, d.geo);
+                    if ours != disk_root {
+                        return Err(format!(
+                            "after the copy the disk's root is {}, the primary's {}",
+                            disksync::hash::hex(&ours),
+                            disksync::hash::hex(&disk_root)
+                        ));
+                    }
+                }
+                bytes += state.len() as u64;
+                shared.update_join(|j| {
+                    j.bytes = bytes;
+                    j.phase = "restoring".into();
+                });
+                if parts
+                    .send(JoinPart::State {
+                        state,
+                        digest_every,
+                    })
+                    .is_err()
+                {
+                    return Err("the vCPU thread has ended".into());
+                }
+                return Ok(Copied { generation });
+            }
+            other => return Err(format!("unexpected message during the copy: {other:?}")),
+        }
+        if last_note.elapsed() >= Duration::from_secs(2) {
+            let j = shared.status().join.unwrap_or_default();
+            tracing::info!(
+                "joining: {} pages, {} blocks, {:.1} MB received in {:.1} s",
+                j.pages,
+                j.blocks,
+                bytes as f64 / 1e6,
+                t0.elapsed().as_secs_f64()
+            );
+            last_note = Instant::now();
+        }
+    }
+}
