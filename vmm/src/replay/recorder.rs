@@ -171,6 +171,9 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
             Some(SwitchCmd::Start(header)) => {
                 self.pending = None;
                 self.out.log_restart();
+                // The clock is delta-encoded: a new log starts from a fresh encoder, as its
+                // decoder does.
+                self.enc = Encoder::new();
                 self.digest_every = header.digest_every;
                 self.active = true;
                 self.write(&Record::Header(header))?;
@@ -382,5 +385,135 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         self.out.log_flush()?;
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = self.stats;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::codec::StreamDecoder;
+
+    /// A clock that moves 1 ms per question.
+    struct Ticks(u64);
+    impl Inputs for Ticks {
+        fn clock(&mut self, _b: Boundary) -> Result<ClockValue, InputError> {
+            self.0 += 1_000_000;
+            Ok(ClockValue {
+                mono_ns: self.0,
+                wall_ns: 1_700_000_000_000_000_000 + self.0,
+            })
+        }
+        fn entropy(&mut self, b: Boundary) -> Result<u64, InputError> {
+            Ok(b * 7)
+        }
+        fn wait(&mut self, b: Boundary, _d: u64, _r: usize) -> Result<ClockValue, InputError> {
+            self.clock(b)
+        }
+        fn random(&mut self, _b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
+            Ok(vec![3; len])
+        }
+    }
+
+    /// Keeps each log (a restart begins a new one).
+    #[derive(Default)]
+    struct Logs(Vec<Vec<u8>>);
+    impl LogSink for Logs {
+        fn log_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            if self.0.is_empty() {
+                self.0.push(Vec::new());
+            }
+            self.0.last_mut().expect("one").extend_from_slice(bytes);
+            Ok(())
+        }
+        fn log_flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn log_restart(&mut self) {
+            self.0.push(Vec::new());
+        }
+    }
+
+    fn header() -> Header {
+        Header {
+            image_hash: [1; 32],
+            mem_size: 1 << 20,
+            cpuid_hash: [2; 32],
+            args: String::new(),
+            machine: String::new(),
+            digest_every: 0,
+        }
+    }
+
+    fn decode_all(bytes: &[u8]) -> Vec<Record> {
+        let mut d = StreamDecoder::new();
+        d.push(bytes);
+        let mut out = Vec::new();
+        while let Some(r) = d.next_record().expect("a restarted log decodes on its own") {
+            out.push(r);
+        }
+        out
+    }
+
+    fn run(rec: &mut Recorder<Ticks, Logs>, from: Boundary, to: Boundary) {
+        for b in from..=to {
+            rec.boundary(b, Some(Fingerprint::default())).unwrap();
+            rec.clock(b).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_switch_stops_and_restarts_the_log_and_a_restarted_log_decodes_from_scratch() {
+        let sw = RecordSwitch::new();
+        let mut rec = Recorder::new(Ticks(0), Logs::default(), header())
+            .unwrap()
+            .with_switch(sw.clone());
+        run(&mut rec, 1, 5);
+        sw.stop();
+        run(&mut rec, 6, 9);
+        sw.start(header());
+        run(&mut rec, 10, 12);
+        let logs = &rec.out.0;
+        // The first log, the (empty) stretch while stopped, the restarted one.
+        let last = decode_all(logs.last().unwrap());
+        assert!(matches!(last[0], Record::Header(_)), "{last:?}");
+        let bounds: Vec<Boundary> = last
+            .iter()
+            .filter_map(|r| match r {
+                Record::Boundary { boundary, .. } => Some(*boundary),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(bounds, vec![10, 11], "boundary 12 is still pending");
+        for r in &last {
+            if let Record::Boundary {
+                events,
+                inputs_hash: h,
+                ..
+            } = r
+            {
+                assert_eq!(*h, inputs_hash(events), "events decode as recorded");
+            }
+        }
+        let first = decode_all(&logs[0]);
+        assert!(first.iter().any(|r| matches!(r, Record::Boundary { boundary: 4, .. })));
+        assert!(
+            !logs[1..logs.len() - 1].iter().any(|l| !l.is_empty()),
+            "nothing is recorded while stopped"
+        );
+    }
+
+    #[test]
+    fn a_dormant_recorder_passes_questions_on_and_records_nothing_until_started() {
+        let sw = RecordSwitch::new();
+        let mut rec = Recorder::dormant(Ticks(0), Logs::default(), sw.clone());
+        run(&mut rec, 1, 3);
+        assert!(rec.out.0.iter().all(|l| l.is_empty()));
+        sw.start(header());
+        run(&mut rec, 4, 6);
+        let log = decode_all(rec.out.0.last().unwrap());
+        assert!(matches!(log[0], Record::Header(_)));
+        assert!(log
+            .iter()
+            .any(|r| matches!(r, Record::Boundary { boundary: 4, .. })));
     }
 }
