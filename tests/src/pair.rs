@@ -43,6 +43,8 @@ pub struct PairOptions {
     pub extra: String,
     /// The guest (default `kv`).
     pub guest: String,
+    /// Guest memory (default 64M).
+    pub mem: String,
 }
 
 impl Default for PairOptions {
@@ -56,6 +58,7 @@ impl Default for PairOptions {
             disk_size: "16M".into(),
             extra: String::new(),
             guest: "kv".into(),
+            mem: "64M".into(),
         }
     }
 }
@@ -91,15 +94,24 @@ impl PairLab {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         netns::preflight()?;
         crate::node::require_kvm();
-        if opts.nodes.len() != 2 {
-            bail!("the channel link joins exactly two nodes");
+        if opts.nodes.len() < 2 {
+            bail!("a pair has at least two members");
         }
         let mut lab = Lab::new()?;
         let witness = lab.add_host("witness")?;
-        let a = lab.add_node(&opts.nodes[0])?;
-        let b = lab.add_node(&opts.nodes[1])?;
+        let mut nodes = Vec::new();
+        for n in &opts.nodes {
+            nodes.push(lab.add_node(n)?);
+        }
         let client = lab.add_host("client")?;
-        let (ca, cb) = lab.link(&a, &b)?;
+        // Two members talk over a link of their own (which tests can cut); more talk over the
+        // fabric, each at its host's address.
+        let channel: Vec<Ipv4Addr> = if nodes.len() == 2 {
+            let (ca, cb) = lab.link(&nodes[0], &nodes[1])?;
+            vec![ca, cb]
+        } else {
+            nodes.iter().map(|h| h.ip).collect()
+        };
         let dir = tempfile::tempdir()?;
         let tls = dir.path().join("tls");
         let out = Command::new(witness_binary()?)
@@ -111,8 +123,8 @@ impl PairLab {
         if !out.status.success() {
             bail!("certs init: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let guest_ip = a.guest_ip.context("node")?;
-        let mac = a.guest_mac.clone().context("node")?;
+        let guest_ip = nodes[0].guest_ip.context("node")?;
+        let mac = nodes[0].guest_mac.clone().context("node")?;
         std::fs::write(
             dir.path().join("witness.toml"),
             format!(
@@ -123,14 +135,32 @@ impl PairLab {
                 opts.nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
             ),
         )?;
-        let hosts = [(&a, ca, &b, cb), (&b, cb, &a, ca)];
-        for (me, my_addr, peer, peer_addr) in hosts {
+        for (i, me) in nodes.iter().enumerate() {
+            let my_addr = channel[i];
+            let others: Vec<String> = nodes
+                .iter()
+                .zip(&channel)
+                .filter(|(h, _)| h.role != me.role)
+                .map(|(h, a)| format!("{}@{a}:{CHANNEL_PORT}", h.role))
+                .collect();
+            let peers = if others.len() == 1 {
+                format!("peer = \"{}\"", others[0])
+            } else {
+                format!(
+                    "peers = [{}]",
+                    others
+                        .iter()
+                        .map(|o| format!("\"{o}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
             let text = format!(
                 r#"pair = "kv1"
 node = "{me_name}"
 tls = "{tls}"
 listen = "{my_addr}:{CHANNEL_PORT}"
-peer = "{peer_name}@{peer_addr}:{CHANNEL_PORT}"
+{peers}
 witness = "witness@{wip}:{WITNESS_PORT}"
 control = "{dir}/{me_name}.sock"
 heartbeat = "{hb}"
@@ -138,7 +168,7 @@ failure_timeout = "{ft}"
 max_lag = "{lag}"
 digest_every = {de}
 guest = "{guest}"
-mem = "64M"
+mem = "{mem}"
 disk = "{dir}/{me_name}.img"
 disk_size = "{ds}"
 tap = "{tap}"
@@ -147,7 +177,7 @@ ip = "{guest_ip}/24"
 {extra}
 "#,
                 me_name = me.role,
-                peer_name = peer.role,
+                mem = opts.mem,
                 tls = tls.display(),
                 wip = witness.ip,
                 dir = dir.path().display(),
@@ -165,7 +195,7 @@ ip = "{guest_ip}/24"
         Ok(PairLab {
             lab,
             witness,
-            nodes: vec![a, b],
+            nodes,
             client,
             guest_ip,
             dir,
@@ -318,11 +348,14 @@ ip = "{guest_ip}/24"
         )
     }
 
-    /// Whether the two disk images are byte-identical.
+    /// Whether the first two nodes' disk images are byte-identical.
     pub fn disks_equal(&self) -> Result<bool> {
-        let a = std::fs::read(self.disk(&self.nodes[0].role))?;
-        let b = std::fs::read(self.disk(&self.nodes[1].role))?;
-        Ok(a == b)
+        self.disks_equal_of(&self.nodes[0].role, &self.nodes[1].role)
+    }
+
+    /// Whether nodes `x` and `y` have byte-identical disk images.
+    pub fn disks_equal_of(&self, x: &str, y: &str) -> Result<bool> {
+        Ok(std::fs::read(self.disk(x))? == std::fs::read(self.disk(y))?)
     }
 
     /// Path of the certificate directory.
