@@ -82,6 +82,46 @@ pub struct JoinRequest {
     pub log_version: u16,
 }
 
+/// The bytes a join cannot avoid sending: every distinct page sent with data and every
+/// distinct disk block sent, once (what the benchmark compares the bytes sent against).
+struct Needed {
+    pages: Vec<bool>,
+    blocks: Vec<bool>,
+    bytes: u64,
+}
+
+impl Needed {
+    fn new(pages: u64, blocks: u64) -> Self {
+        Needed {
+            pages: vec![false; pages as usize],
+            blocks: vec![false; blocks as usize],
+            bytes: 0,
+        }
+    }
+    fn pages(&mut self, b: &PageBatch) {
+        for (p, d) in &b.pages {
+            if let crate::state::pages::PageData::Bytes(_) = d {
+                if let Some(seen) = self.pages.get_mut(*p as usize) {
+                    if !*seen {
+                        *seen = true;
+                        self.bytes += 4096;
+                    }
+                }
+            }
+        }
+    }
+    fn blocks(&mut self, b: &BlockBatch) {
+        for (i, d) in &b.blocks {
+            if let Some(seen) = self.blocks.get_mut(*i as usize) {
+                if !*seen {
+                    *seen = true;
+                    self.bytes += d.len() as u64;
+                }
+            }
+        }
+    }
+}
+
 async fn send(link: &mut Link, m: &Msg, bytes: &mut u64) -> Result<(), String> {
     let mut buf = Vec::new();
     msg::encode(m, &mut buf);
@@ -97,6 +137,7 @@ async fn send_pages(
     link: &mut Link,
     pages: &GuestPages,
     dirty: &crate::state::dirty::DirtyPages,
+    needed: &mut Needed,
     bytes: &mut u64,
 ) -> Result<u64, String> {
     let mut it = dirty.iter().peekable();
@@ -105,6 +146,7 @@ async fn send_pages(
         let batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
             .map_err(|e| format!("reading guest memory: {e}"))?;
         n += batch.pages.len() as u64;
+        needed.pages(&batch);
         send(
             link,
             &Msg::Pages {
@@ -124,6 +166,7 @@ async fn send_blocks(
     geo: Geometry,
     list: &[u64],
     leaves: &mut [[u8; 32]],
+    needed: &mut Needed,
     bytes: &mut u64,
 ) -> Result<u64, String> {
     let mut it = list.iter().copied().peekable();
@@ -135,6 +178,7 @@ async fn send_blocks(
             leaves[*i as usize] = disksync::hash::leaf_hash(d);
         }
         n += batch.blocks.len() as u64;
+        needed.blocks(&batch);
         send(
             link,
             &Msg::Blocks {
@@ -210,7 +254,17 @@ pub async fn serve_join(
             w.stop();
         }
     };
-    let r = copy_rounds(src, &mut link, &precopy, &theirs, shared, &mut bytes).await;
+    let mut needed = Needed::new(src.pages.pages(), disk_blocks);
+    let r = copy_rounds(
+        src,
+        &mut link,
+        &precopy,
+        &theirs,
+        shared,
+        &mut needed,
+        &mut bytes,
+    )
+    .await;
     let leaves = match r {
         Ok(l) => l,
         Err(e) => {
@@ -233,6 +287,7 @@ pub async fn serve_join(
             .transpose()?,
         leaves,
         geo,
+        needed,
         link,
         reader,
         switch: src.switch.clone(),
@@ -267,6 +322,7 @@ pub async fn serve_join(
         j.pages += fin.pages;
         j.blocks += fin.blocks;
         j.bytes = bytes + fin.bytes;
+        j.needed_bytes = fin.needed;
         j.boundary = fin.boundary;
         j.total_ms = t_start.elapsed().as_secs_f64() * 1e3;
     });
@@ -289,6 +345,7 @@ async fn copy_rounds(
     precopy: &DirtyConsumer,
     theirs: &[[u8; 32]],
     shared: &Shared,
+    needed: &mut Needed,
     bytes: &mut u64,
 ) -> Result<Vec<[u8; 32]>, String> {
     let mut rounds = Rounds::new(src.policy);
@@ -308,7 +365,7 @@ async fn copy_rounds(
             geo.blocks()
         );
         shared.update_join(|j| j.blocks_differing = differing.len() as u64);
-        let n = send_blocks(link, disk, geo, &differing, &mut leaves, bytes).await?;
+        let n = send_blocks(link, disk, geo, &differing, &mut leaves, needed, bytes).await?;
         shared.update_join(|j| j.blocks += n);
     }
     loop {
@@ -316,11 +373,20 @@ async fn copy_rounds(
         let dirty = precopy
             .take()
             .map_err(|e| format!("dirty tracking: {e}"))?;
-        let np = send_pages(link, &src.pages, &dirty, bytes).await?;
+        let np = send_pages(link, &src.pages, &dirty, needed, bytes).await?;
         let mut nb = 0;
         if let Some((w, disk)) = &src.disk {
             let list = w.take();
-            nb = send_blocks(link, disk, w.geometry(), &list, &mut leaves, bytes).await?;
+            nb = send_blocks(
+                link,
+                disk,
+                w.geometry(),
+                &list,
+                &mut leaves,
+                needed,
+                bytes,
+            )
+            .await?;
         }
         let sent = *bytes - before;
         let next = rounds.after(sent);
@@ -353,6 +419,7 @@ struct FinalJob {
     disk: Option<(Arc<BlockWrites>, File)>,
     leaves: Vec<[u8; 32]>,
     geo: Option<Geometry>,
+    needed: Needed,
     link: Link,
     reader: MsgReader,
     switch: RecordSwitch,
@@ -369,6 +436,7 @@ struct Final {
     pages: u64,
     blocks: u64,
     bytes: u64,
+    needed: u64,
     pause: Duration,
 }
 
@@ -383,6 +451,7 @@ fn final_job(j: FinalJob) -> VcpuJob {
             disk,
             mut leaves,
             geo,
+            mut needed,
             link,
             reader,
             switch,
@@ -400,6 +469,7 @@ fn final_job(j: FinalJob) -> VcpuJob {
             while it.peek().is_some() {
                 let b = PageBatch::read(&pages, &mut it).map_err(|e| e.to_string())?;
                 np += b.pages.len() as u64;
+                needed.pages(&b);
                 msg::encode(&Msg::Pages { bytes: b.encode() }, &mut pre);
             }
             let mut nb = 0;
@@ -413,6 +483,7 @@ fn final_job(j: FinalJob) -> VcpuJob {
                         leaves[*i as usize] = disksync::hash::leaf_hash(d);
                     }
                     nb += b.blocks.len() as u64;
+                    needed.blocks(&b);
                     msg::encode(&Msg::Blocks { bytes: b.encode() }, &mut pre);
                 }
             }
@@ -447,6 +518,7 @@ fn final_job(j: FinalJob) -> VcpuJob {
                         pages,
                         blocks,
                         bytes,
+                        needed: needed.bytes,
                         pause: requested.elapsed(),
                     }),
                     Err(_) => {

@@ -54,6 +54,9 @@ pub struct JoinReport {
     pub disk_blocks: u64,
     /// Bytes of join messages sent or received.
     pub bytes: u64,
+    /// What the join could not avoid sending: each distinct page with data and each distinct
+    /// disk block, once (primary; `bytes` / this is the copy's overhead).
+    pub needed_bytes: u64,
     /// The guest pause (ms): from the pause request until the vCPU ran again (primary).
     pub pause_ms: f64,
     /// Pages and blocks sent in the pause.
