@@ -198,3 +198,114 @@ fn a_fresh_node_with_a_blank_disk_joins_a_primary_running_alone() {
     );
     stop_and_compare(&lab, primary, joiner);
 }
+
+#[test]
+fn ten_cycles_of_kill_the_primary_and_rejoin_lose_nothing() {
+    let mut lab = pair(PairOptions::default());
+    let (pn, p, bn, b) = lab.start_pair("kv: listening on").unwrap();
+    let (mut primary, mut backup) = ((pn, p), (bn, b));
+    let load = start_load(&lab);
+    let mut pauses = Vec::new();
+    for cycle in 0..10u64 {
+        std::thread::sleep(Duration::from_millis(300));
+        let (dead, proc_) = primary;
+        proc_.kill9();
+        lab.wait_role(&backup.0, "alone", ROLE).unwrap();
+        let joiner = lab.start_node(&dead, &[]).unwrap();
+        check_joined(&lab, &backup.0, &dead, 2 + cycle);
+        pauses.push(lab.status(&backup.0).unwrap()["join"]["pause_ms"].as_f64().unwrap());
+        // The survivor is the primary now, the rejoined node its backup.
+        primary = backup;
+        backup = (dead, joiner);
+    }
+    let hist = finish_load(&lab, load);
+    eprintln!(
+        "10 cycles: {} writes acknowledged, 0 lost; join pauses (ms): {pauses:?}",
+        hist.acked()
+    );
+    stop_and_compare(&lab, primary.1, backup.1);
+}
+
+#[test]
+fn a_joiner_killed_before_the_commit_point_leaves_the_primary_alone_as_it_was() {
+    // Enough memory that the copy takes a while.
+    let mut lab = pair(PairOptions {
+        mem: "768M".into(),
+        ..PairOptions::default()
+    });
+    let (pn, primary, bn, backup) = lab.start_pair("kv: listening on").unwrap();
+    backup.kill9();
+    lab.wait_role(&pn, "alone", ROLE).unwrap();
+    let before = lab.status(&pn).unwrap();
+    let load = start_load(&lab);
+    let joiner = lab.start_node(&bn, &[]).unwrap();
+    wait_status(&lab, &bn, JOIN, "the copy to start", |s| {
+        s["role"] == "joining" && s["join"]["pages"].as_u64().unwrap_or(0) > 0
+    });
+    joiner.kill9();
+    let s = wait_status(&lab, &pn, JOIN, "the primary to notice the failed join", |s| {
+        s["join"]["phase"] == "failed"
+    });
+    assert_eq!(s["role"], "alone", "{s}");
+    assert_eq!(
+        s["generation"], before["generation"],
+        "nothing was committed, so nothing was claimed: {s}"
+    );
+    assert_eq!(s["failovers"], before["failovers"], "{s}");
+    assert_eq!(s["joins"], 0, "{s}");
+    // And it can still take the node when it comes back.
+    let joiner = lab.start_node(&bn, &[]).unwrap();
+    check_joined(&lab, &pn, &bn, before["generation"].as_u64().unwrap());
+    finish_load(&lab, load);
+    stop_and_compare(&lab, primary, joiner);
+}
+
+#[test]
+fn a_joiner_killed_after_the_commit_point_is_a_lost_backup() {
+    let mut lab = pair(PairOptions::default());
+    let (pn, _primary, bn, backup) = lab.start_pair("kv: listening on").unwrap();
+    backup.kill9();
+    lab.wait_role(&pn, "alone", ROLE).unwrap();
+    let load = start_load(&lab);
+    let joiner = lab.start_node(&bn, &[]).unwrap();
+    lab.wait_role(&bn, "backup", JOIN).unwrap();
+    joiner.kill9();
+    // From the commit point the joiner was the backup: its loss is backup loss — hold, claim,
+    // alone in a new generation.
+    let s = wait_status(&lab, &pn, ROLE, "a claim after the backup's loss", |s| {
+        s["role"] == "alone" && s["generation"] == 3
+    });
+    assert_eq!(s["joins"], 1, "{s}");
+    finish_load(&lab, load);
+}
+
+#[test]
+fn with_three_members_a_spare_joins_the_survivor_with_no_restart() {
+    let mut lab = pair(PairOptions {
+        nodes: vec!["a".into(), "b".into(), "c".into()],
+        ..PairOptions::default()
+    });
+    let (pn, primary, bn, _backup) = lab.start_pair("kv: listening on").unwrap();
+    let spare = lab.start_node("c", &[]).unwrap();
+    // The spare asks, both members are busy: it waits (and never claims).
+    wait_status(&lab, "c", ROLE, "the spare to see the pair", |s| {
+        s["role"] == "starting" && s["peer_role"].is_string()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let s = lab.status("c").unwrap();
+    assert_eq!(s["role"], "starting", "{s}");
+    assert_eq!(s["generation"], 0, "{s}");
+    let load = start_load(&lab);
+    primary.kill9();
+    let t = Instant::now();
+    lab.wait_role(&bn, "alone", ROLE).unwrap();
+    check_joined(&lab, &bn, "c", 2);
+    eprintln!(
+        "the spare joined {:?} after the primary's kill",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    finish_load(&lab, load);
+    let _ = pn;
+    drop(spare);
+}

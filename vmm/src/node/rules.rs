@@ -20,6 +20,10 @@ pub struct StartView<'a> {
     pub quiet_needed: Duration,
     /// The operator asked this node to claim (`--claim`).
     pub operator_claim: bool,
+    /// This node learned that the pair already runs: a peer answered that it runs the VM, or
+    /// the witness denied this node's claim of a new pair. A fresh node (generation 0) then
+    /// only joins (a spare waiting for a slot must not claim again and again).
+    pub pair_exists: bool,
 }
 
 /// A starting node's decision.
@@ -49,7 +53,11 @@ pub fn decide_start(v: &StartView<'_>) -> StartDecision {
         return StartDecision::KeepJoining;
     }
     if v.persisted == 0 {
-        return StartDecision::Claim { seen: 0 };
+        return if v.pair_exists {
+            StartDecision::KeepJoining
+        } else {
+            StartDecision::Claim { seen: 0 }
+        };
     }
     match v.witness {
         Some((g, Some(holder))) if holder == v.me && g >= v.persisted && quiet => {
@@ -76,6 +84,7 @@ mod tests {
             running_peer_silent_for: Duration::from_secs(1),
             quiet_needed: Duration::from_millis(300),
             operator_claim: false,
+            pair_exists: false,
         }
     }
 
@@ -87,6 +96,18 @@ mod tests {
             ..view()
         };
         assert_eq!(decide_start(&v), StartDecision::Claim { seen: 0 });
+    }
+
+    #[test]
+    fn a_fresh_node_of_a_running_pair_only_joins() {
+        let v = StartView {
+            persisted: 0,
+            witness: Some((4, Some("b"))),
+            pair_exists: true,
+            running_peer_silent_for: Duration::from_secs(60),
+            ..view()
+        };
+        assert_eq!(decide_start(&v), StartDecision::KeepJoining);
     }
 
     #[test]

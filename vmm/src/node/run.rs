@@ -556,6 +556,7 @@ async fn probe(
 async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, NodeExit> {
     let started = Instant::now();
     let mut running_peer_seen: Option<Instant> = None;
+    let mut pair_exists = false;
     let mut last_note = Instant::now() - Duration::from_secs(10);
     let quiet_needed = node.cfg.failure_timeout + node.margin;
     loop {
@@ -583,6 +584,9 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
                     if counts_as_running(role, g, persisted) {
                         running_peer_seen = Some(Instant::now());
                     }
+                    if role.runs_vm() {
+                        pair_exists = true;
+                    }
                     if last_note.elapsed() >= Duration::from_secs(3) {
                         tracing::info!("{} is {} in generation {g}: {reason}", p.name, role.name());
                         last_note = Instant::now();
@@ -606,6 +610,7 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
             running_peer_silent_for: silent,
             quiet_needed,
             operator_claim: node.opts.operator_claim,
+            pair_exists,
         });
         if let StartDecision::Claim { seen } = d {
             node.shared.set_role(Role::Claiming);
@@ -616,6 +621,7 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
                     return Ok(Start::Primary);
                 }
                 Some(ClaimOutcome::Denied { generation, holder }) => {
+                    pair_exists = true;
                     tracing::info!(
                         "claim denied: generation {generation} is held by {}; trying to join",
                         holder.as_deref().unwrap_or("nobody")
