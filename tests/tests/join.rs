@@ -48,7 +48,8 @@ fn finish_load(lab: &PairLab, load: Load) -> History {
     load.stop.store(true, Ordering::Relaxed);
     let hist = load.writer.join().unwrap();
     assert_eq!(
-        hist.client_error, None,
+        hist.client_error,
+        None,
         "the checker's connection broke (it must carry on)\n{}",
         lab.logs(30)
     );
@@ -120,9 +121,13 @@ fn check_joined(lab: &PairLab, primary: &str, backup: &str, generation: u64) {
         "the joiner adopted the generation: {sb}"
     );
     let before = sb["digests_checked"].as_u64().unwrap();
-    wait_status(lab, backup, ROLE, "a memory digest compared after the join", |s| {
-        s["digests_checked"].as_u64().unwrap_or(0) > before + 1
-    });
+    wait_status(
+        lab,
+        backup,
+        ROLE,
+        "a memory digest compared after the join",
+        |s| s["digests_checked"].as_u64().unwrap_or(0) > before + 1,
+    );
     let j = &sp["join"];
     eprintln!("join (primary side): {j}");
     assert_eq!(j["phase"], "done", "{sp}");
@@ -213,7 +218,11 @@ fn ten_cycles_of_kill_the_primary_and_rejoin_lose_nothing() {
         lab.wait_role(&backup.0, "alone", ROLE).unwrap();
         let joiner = lab.start_node(&dead, &[]).unwrap();
         check_joined(&lab, &backup.0, &dead, 2 + cycle);
-        pauses.push(lab.status(&backup.0).unwrap()["join"]["pause_ms"].as_f64().unwrap());
+        pauses.push(
+            lab.status(&backup.0).unwrap()["join"]["pause_ms"]
+                .as_f64()
+                .unwrap(),
+        );
         // The survivor is the primary now, the rejoined node its backup.
         primary = backup;
         backup = (dead, joiner);
@@ -243,9 +252,13 @@ fn a_joiner_killed_before_the_commit_point_leaves_the_primary_alone_as_it_was() 
         s["role"] == "joining" && s["join"]["pages"].as_u64().unwrap_or(0) > 0
     });
     joiner.kill9();
-    let s = wait_status(&lab, &pn, JOIN, "the primary to notice the failed join", |s| {
-        s["join"]["phase"] == "failed"
-    });
+    let s = wait_status(
+        &lab,
+        &pn,
+        JOIN,
+        "the primary to notice the failed join",
+        |s| s["join"]["phase"] == "failed",
+    );
     assert_eq!(s["role"], "alone", "{s}");
     assert_eq!(
         s["generation"], before["generation"],

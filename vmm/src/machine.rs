@@ -178,13 +178,7 @@ impl PauseHandle {
         if let Some(fd) = &self.0.wake {
             let one = 1u64.to_ne_bytes();
             // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
-            unsafe {
-                libc::write(
-                    std::os::fd::AsRawFd::as_raw_fd(fd),
-                    one.as_ptr().cast(),
-                    8,
-                )
-            };
+            unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(fd), one.as_ptr().cast(), 8) };
         }
     }
     /// Whether a pause is requested and not yet taken.

@@ -232,8 +232,7 @@ pub fn assemble_tracked(
     }
     match (setup.devices.disk_sectors, disk) {
         (Some(sectors), Some(file)) => {
-            let mut blk =
-                Block::new(file).map_err(|e| VmmError::Config(format!("disk: {e}")))?;
+            let mut blk = Block::new(file).map_err(|e| VmmError::Config(format!("disk: {e}")))?;
             if let Some(w) = writes {
                 blk = blk.with_write_tracking(w);
             }

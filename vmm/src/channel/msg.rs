@@ -216,6 +216,18 @@ pub enum Msg {
         /// The encoded batch.
         bytes: Vec<u8>,
     },
+    /// Primary → joiner: a pre-copy round is complete; answer with [`Msg::RoundApplied`]
+    /// once everything sent so far is in place (the primary pauses only a joiner that keeps
+    /// up, so the state is restored within the failure timeout of the commit point).
+    RoundDone {
+        /// The round.
+        round: u32,
+    },
+    /// Joiner → primary: every page and block of rounds through `round` is applied.
+    RoundApplied {
+        /// The round.
+        round: u32,
+    },
     /// Primary → joiner: the final state at the pause (the commit point); the log of the
     /// boundaries after it follows.
     JoinState {
@@ -243,7 +255,9 @@ const T_BLOCK_HASHES: u8 = 10;
 const T_BLOCKS: u8 = 11;
 const T_PAGES: u8 = 12;
 const T_JOIN_STATE: u8 = 13;
-const T_LAST: u8 = T_JOIN_STATE;
+const T_ROUND_DONE: u8 = 14;
+const T_ROUND_APPLIED: u8 = 15;
+const T_LAST: u8 = T_ROUND_APPLIED;
 
 /// Why bytes are not a valid channel message.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -392,6 +406,14 @@ pub fn encode(m: &Msg, out: &mut Vec<u8>) {
             p.extend_from_slice(state);
             T_JOIN_STATE
         }
+        Msg::RoundDone { round } => {
+            p.extend_from_slice(&round.to_le_bytes());
+            T_ROUND_DONE
+        }
+        Msg::RoundApplied { round } => {
+            p.extend_from_slice(&round.to_le_bytes());
+            T_ROUND_APPLIED
+        }
     };
     out.push(tag);
     out.extend_from_slice(&(p.len() as u32).to_le_bytes());
@@ -526,10 +548,7 @@ pub fn decode(tag: u8, payload: &[u8]) -> Result<Msg, MsgError> {
         T_BLOCK_HASHES => {
             let n = p.u32("hash count")? as usize;
             if n > MAX_BLOCK_HASHES || p.b.len() != n * 32 {
-                return Err(p.err(format!(
-                    "{n} block hashes in {} bytes",
-                    p.b.len()
-                )));
+                return Err(p.err(format!("{n} block hashes in {} bytes", p.b.len())));
             }
             let mut hashes = Vec::with_capacity(n);
             for _ in 0..n {
@@ -544,6 +563,12 @@ pub fn decode(tag: u8, payload: &[u8]) -> Result<Msg, MsgError> {
             digest_every: p.u64("digest every")?,
             disk_root: p.h32("disk root")?,
             state: p.rest(),
+        },
+        T_ROUND_DONE => Msg::RoundDone {
+            round: p.u32("round")?,
+        },
+        T_ROUND_APPLIED => Msg::RoundApplied {
+            round: p.u32("round")?,
         },
         t => return Err(MsgError::UnknownTag(t)),
     };
@@ -743,6 +768,8 @@ mod tests {
                 disk_root: [5; 32],
                 state: vec![7; 33],
             },
+            Msg::RoundDone { round: 3 },
+            Msg::RoundApplied { round: 3 },
         ]
     }
 

@@ -154,7 +154,10 @@ impl BlockBatch {
             let i = u64::from_le_bytes(take(8, "block index")?.try_into().expect("8"));
             let len = u32::from_le_bytes(take(4, "block length")?.try_into().expect("4")) as usize;
             if i >= geo.blocks() {
-                return Err(err(0, format!("block {i} is past the disk ({} blocks)", geo.blocks())));
+                return Err(err(
+                    0,
+                    format!("block {i} is past the disk ({} blocks)", geo.blocks()),
+                ));
             }
             if last.is_some_and(|l| i <= l) {
                 return Err(err(0, format!("block {i} out of order")));
@@ -174,7 +177,12 @@ impl BlockBatch {
 
     /// Writes the blocks into `disk` (not synced: the caller syncs once at the end) and
     /// updates `leaves`, the disk's leaf hashes.
-    pub fn apply(&self, disk: &File, geo: Geometry, leaves: &mut [[u8; 32]]) -> std::io::Result<()> {
+    pub fn apply(
+        &self,
+        disk: &File,
+        geo: Geometry,
+        leaves: &mut [[u8; 32]],
+    ) -> std::io::Result<()> {
         for (i, d) in &self.blocks {
             disk.write_all_at(d, geo.block(*i).0)?;
             if let Some(l) = leaves.get_mut(*i as usize) {
@@ -256,7 +264,10 @@ mod tests {
         d.apply(&dst, geo(), &mut leaves).unwrap();
         assert_eq!(leaves, hash_disk(&src, geo()).unwrap());
         assert_eq!(hash_disk(&dst, geo()).unwrap(), leaves);
-        assert_eq!(root_of(&leaves, geo()), root_of(&hash_disk(&src, geo()).unwrap(), geo()));
+        assert_eq!(
+            root_of(&leaves, geo()),
+            root_of(&hash_disk(&src, geo()).unwrap(), geo())
+        );
     }
 
     #[test]
@@ -270,9 +281,18 @@ mod tests {
         };
         assert!(BlockBatch::decode(&one(0, 4096), geo()).is_ok());
         assert!(BlockBatch::decode(&one(3, 100), geo()).is_ok());
-        assert!(BlockBatch::decode(&one(4, 4096), geo()).is_err(), "past the disk");
-        assert!(BlockBatch::decode(&one(3, 4096), geo()).is_err(), "last block is short");
-        assert!(BlockBatch::decode(&one(0, 100), geo()).is_err(), "wrong length");
+        assert!(
+            BlockBatch::decode(&one(4, 4096), geo()).is_err(),
+            "past the disk"
+        );
+        assert!(
+            BlockBatch::decode(&one(3, 4096), geo()).is_err(),
+            "last block is short"
+        );
+        assert!(
+            BlockBatch::decode(&one(0, 100), geo()).is_err(),
+            "wrong length"
+        );
         let mut t = one(0, 4096);
         t.push(0);
         assert!(BlockBatch::decode(&t, geo()).is_err(), "trailing byte");

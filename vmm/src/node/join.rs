@@ -49,6 +49,9 @@ pub type VcpuJob = Box<dyn FnOnce(&mut Machine) + Send>;
 
 /// How long either side waits for the next message of a join before giving up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the primary waits for a joiner to apply a round (the first one writes every page
+/// of a fresh machine: seconds per GiB here).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the primary needs to serve a join: handles on the running machine.
 pub struct JoinSource {
@@ -258,6 +261,7 @@ pub async fn serve_join(
     let r = copy_rounds(
         src,
         &mut link,
+        &mut reader,
         &precopy,
         &theirs,
         shared,
@@ -342,6 +346,7 @@ pub async fn serve_join(
 async fn copy_rounds(
     src: &JoinSource,
     link: &mut Link,
+    reader: &mut MsgReader,
     precopy: &DirtyConsumer,
     theirs: &[[u8; 32]],
     shared: &Shared,
@@ -370,23 +375,20 @@ async fn copy_rounds(
     }
     loop {
         let before = *bytes;
-        let dirty = precopy
-            .take()
-            .map_err(|e| format!("dirty tracking: {e}"))?;
+        let dirty = precopy.take().map_err(|e| format!("dirty tracking: {e}"))?;
         let np = send_pages(link, &src.pages, &dirty, needed, bytes).await?;
         let mut nb = 0;
         if let Some((w, disk)) = &src.disk {
             let list = w.take();
-            nb = send_blocks(
-                link,
-                disk,
-                w.geometry(),
-                &list,
-                &mut leaves,
-                needed,
-                bytes,
-            )
-            .await?;
+            nb = send_blocks(link, disk, w.geometry(), &list, &mut leaves, needed, bytes).await?;
+        }
+        // Wait until the joiner has applied what it got: the pause must find it caught up.
+        let round = rounds.done() + 1;
+        send(link, &Msg::RoundDone { round }, bytes).await?;
+        match connect::recv_msg(&mut link.recv, reader, APPLY_TIMEOUT).await {
+            Ok(Msg::RoundApplied { round: r }) if r == round => {}
+            Ok(other) => return Err(format!("the joiner answered round {round} with {other:?}")),
+            Err(e) => return Err(format!("the joiner did not apply round {round}: {e}")),
         }
         let sent = *bytes - before;
         let next = rounds.after(sent);
@@ -487,7 +489,9 @@ fn final_job(j: FinalJob) -> VcpuJob {
                     msg::encode(&Msg::Blocks { bytes: b.encode() }, &mut pre);
                 }
             }
-            let state = m.save_state().map_err(|e| format!("saving the VM state: {e}"))?;
+            let state = m
+                .save_state()
+                .map_err(|e| format!("saving the VM state: {e}"))?;
             let disk_root = geo.map_or([0; 32], |g| root_of(&leaves, g));
             msg::encode(
                 &Msg::JoinState {
@@ -542,6 +546,8 @@ fn final_job(j: FinalJob) -> VcpuJob {
 pub enum JoinPart {
     /// Guest pages (a `PageBatch` encoding).
     Pages(Vec<u8>),
+    /// Answer once every earlier part is applied.
+    Sync(oneshot::Sender<()>),
     /// The final state (the encoded `VmState`) and the primary's `digest_every`.
     State {
         /// The encoded state.
@@ -644,6 +650,16 @@ pub async fn receive_copy(
                     return Err("the vCPU thread has ended".into());
                 }
                 return Ok(Copied { generation });
+            }
+            Msg::RoundDone { round } => {
+                let (tx, rx) = oneshot::channel();
+                if parts.send(JoinPart::Sync(tx)).is_err() {
+                    return Err("the vCPU thread has ended".into());
+                }
+                rx.await
+                    .map_err(|_| "the vCPU thread failed applying the copy".to_string())?;
+                send(link, &Msg::RoundApplied { round }, &mut bytes).await?;
+                shared.update_join(|j| j.rounds = round);
             }
             other => return Err(format!("unexpected message during the copy: {other:?}")),
         }

@@ -6,8 +6,8 @@
 pub mod config;
 pub mod follow;
 pub mod garp;
-pub mod join;
 pub mod generation;
+pub mod join;
 pub mod rules;
 pub mod run;
 pub mod status;

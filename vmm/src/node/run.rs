@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::config::NodeConfig;
 use super::follow::{CaughtUp, Decision, Follower};
 use super::generation::GenerationFile;
+use super::join::{JoinDisk, JoinPart, JoinRequest, JoinSource, VcpuJob};
 use super::rules::{counts_as_running, decide_start, StartDecision, StartView};
 use super::status::{FailoverReport, Shared};
 use crate::channel::backup::{receive_task, BackupEnd, ChannelFeed, ReceiveConfig};
@@ -35,12 +36,11 @@ use crate::devices::tap::Tap;
 use crate::devices::virtio::net::FrameSink;
 use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
 use crate::join::blocks::BlockWrites;
-use crate::machine::{Machine, PauseHandle};
-use crate::replay::recorder::RecordSwitch;
-use super::join::{JoinDisk, JoinPart, JoinRequest, JoinSource, VcpuJob};
 use crate::live::LiveInputs;
 use crate::machine::Outcome;
+use crate::machine::{Machine, PauseHandle};
 use crate::plan::Plan;
+use crate::replay::recorder::RecordSwitch;
 use crate::replay::recorder::Recorder;
 use crate::replay::replayer::Replayer;
 use crate::signals::StopSignal;
@@ -804,16 +804,24 @@ struct NotYet;
 
 impl Inputs for NotYet {
     fn clock(&mut self, _b: Boundary) -> Result<ClockValue, InputError> {
-        Err(InputError::Log("the joiner has no inputs before its state".into()))
+        Err(InputError::Log(
+            "the joiner has no inputs before its state".into(),
+        ))
     }
     fn entropy(&mut self, _b: Boundary) -> Result<u64, InputError> {
-        Err(InputError::Log("the joiner has no inputs before its state".into()))
+        Err(InputError::Log(
+            "the joiner has no inputs before its state".into(),
+        ))
     }
     fn wait(&mut self, _b: Boundary, _d: u64, _r: usize) -> Result<ClockValue, InputError> {
-        Err(InputError::Log("the joiner has no inputs before its state".into()))
+        Err(InputError::Log(
+            "the joiner has no inputs before its state".into(),
+        ))
     }
     fn random(&mut self, _b: Boundary, _l: usize) -> Result<Vec<u8>, InputError> {
-        Err(InputError::Log("the joiner has no inputs before its state".into()))
+        Err(InputError::Log(
+            "the joiner has no inputs before its state".into(),
+        ))
     }
 }
 
@@ -891,8 +899,12 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
                 live = live.with_tap(t.clone());
             }
             let rec = if replicated {
-                Recorder::new(live, ChannelLog::new(txc.clone()), setup.log_header(digest_every))?
-                    .with_switch(sw)
+                Recorder::new(
+                    live,
+                    ChannelLog::new(txc.clone()),
+                    setup.log_header(digest_every),
+                )?
+                .with_switch(sw)
             } else {
                 Recorder::dormant(live, ChannelLog::new(txc.clone()), sw)
             };
@@ -1091,8 +1103,11 @@ async fn accept_joiner(
             hello.generation,
             node.generation()
         ))
-    } else if msg::negotiate(node.pair_config.protocol_versions, hello.config.protocol_versions)
-        .is_none_or(|v| v < msg::JOIN_PROTOCOL)
+    } else if msg::negotiate(
+        node.pair_config.protocol_versions,
+        hello.config.protocol_versions,
+    )
+    .is_none_or(|v| v < msg::JOIN_PROTOCOL)
     {
         tell(format!(
             "joining a running primary needs channel protocol {} on both nodes",
@@ -1339,6 +1354,9 @@ async fn run_backup(
                                 .apply(&pages)?;
                             m.memory_digest()?;
                         }
+                        Ok(JoinPart::Sync(done)) => {
+                            let _ = done.send(());
+                        }
                         Ok(JoinPart::State {
                             state,
                             digest_every,
@@ -1374,6 +1392,9 @@ async fn run_backup(
         pause,
     );
     let mut vcpu = vcpu;
+    // A joiner counts as running the VM only from its first ack (DESIGN §5): the boundary of
+    // its state, which its first ack acknowledges.
+    let mut joined_at: Option<Boundary> = None;
     if let Some(generation) = join {
         let (mut link, mut reader, header_tx, header_rx, feed_tx, report_rx) =
             pieces.take().expect("unused");
@@ -1386,7 +1407,10 @@ async fn run_backup(
                 ..Default::default()
             }
         });
-        let jdisk = match (disk_handle.as_ref().map(File::try_clone).transpose(), node.disk_geo) {
+        let jdisk = match (
+            disk_handle.as_ref().map(File::try_clone).transpose(),
+            node.disk_geo,
+        ) {
             (Ok(Some(file)), Some(geo)) => Some(JoinDisk {
                 file,
                 geo,
@@ -1413,6 +1437,7 @@ async fn run_backup(
             Ok(Ok(Err(e))) => return fail(format!("restoring the state: {e}")),
             _ => return fail("the state was not restored within 30 s".into()),
         };
+        joined_at = Some(k);
         if copied.generation != generation {
             return fail(format!(
                 "the primary offered generation {generation} and sent state for {}",
@@ -1518,6 +1543,13 @@ async fn run_backup(
                     let _ = decide_tx.send(Decision::Halt("the stream ended".into()));
                     continue;
                 };
+                if let Some(k) = joined_at.filter(|&k| acked < k) {
+                    let why = format!("the primary was lost before this joiner's first ack (state at boundary {k}): it may not claim");
+                    tracing::error!("{why}");
+                    let _ = decide_tx.send(Decision::Halt(why.clone()));
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut vcpu.done).await;
+                    return NodeExit::Failed(why);
+                }
                 let exit = backup_failover(node, &decide_tx, &cmd_tx, c, why, last_receipt, acked, decided_at.unwrap_or_else(Instant::now)).await;
                 if let Some(e) = exit {
                     // The vCPU is told to halt; its thread ends with Halted.

@@ -495,7 +495,9 @@ mod tests {
             }
         }
         let first = decode_all(&logs[0]);
-        assert!(first.iter().any(|r| matches!(r, Record::Boundary { boundary: 4, .. })));
+        assert!(first
+            .iter()
+            .any(|r| matches!(r, Record::Boundary { boundary: 4, .. })));
         assert!(
             !logs[1..logs.len() - 1].iter().any(|l| !l.is_empty()),
             "nothing is recorded while stopped"
