@@ -343,6 +343,7 @@ pub async fn serve_join(
 }
 
 /// The rounds while the guest runs; returns the primary's leaf hashes as last read.
+#[allow(clippy::too_many_arguments)]
 async fn copy_rounds(
     src: &JoinSource,
     link: &mut Link,
