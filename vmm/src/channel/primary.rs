@@ -198,6 +198,56 @@ impl<I: Inputs> Inputs for Throttle<I> {
     }
 }
 
+/// Where every release of output is appended, one line per batch written to the TAP:
+/// `<unix ns before the first write> <unix ns after the last> <node> <generation> <frames>
+/// <highest boundary>` — so a checker can merge two nodes' logs and find any moment both
+/// released (docs/testing.md). Each line is one `write` on an `O_APPEND` file, so a
+/// `kill -9` loses at most the batch being written.
+pub struct ReleaseLog {
+    file: std::sync::Mutex<std::fs::File>,
+    node: String,
+    generation: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl ReleaseLog {
+    /// Appends to `path` (created if missing) for `node`, reading the generation current at
+    /// each release from `generation`.
+    pub fn open(
+        path: &std::path::Path,
+        node: &str,
+        generation: Box<dyn Fn() -> u64 + Send + Sync>,
+    ) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(ReleaseLog {
+            file: std::sync::Mutex::new(file),
+            node: node.to_string(),
+            generation,
+        })
+    }
+
+    fn record(&self, first_ns: u64, last_ns: u64, frames: usize, boundary: Boundary) {
+        use std::io::Write;
+        let line = format!(
+            "{first_ns} {last_ns} {} {} {frames} {boundary}\n",
+            self.node,
+            (self.generation)()
+        );
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(line.as_bytes()) {
+            tracing::warn!("release log: {e}");
+        }
+    }
+}
+
+impl std::fmt::Debug for ReleaseLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReleaseLog({})", self.node)
+    }
+}
+
 /// Knobs of the output task.
 #[derive(Clone, Debug)]
 pub struct OutputConfig {
@@ -211,6 +261,8 @@ pub struct OutputConfig {
     pub max_lag: Duration,
     /// Most bytes of frames held.
     pub cap_bytes: usize,
+    /// Where releases are logged, if anywhere.
+    pub release_log: Option<Arc<ReleaseLog>>,
 }
 
 /// Why the output task gave up its backup, or stopped.
@@ -427,6 +479,8 @@ pub async fn output_task(
         // the writes below can still let this one batch out late (docs/operations.md).
         let batch = gate.release(now_ns());
         if !batch.is_empty() {
+            let first_unix = unix_ns();
+            let (frames, top) = (batch.len(), batch.last().map_or(0, |(b, _)| *b));
             for (b, f) in batch {
                 ChannelStats::add(&stats.frames_released, 1);
                 stats.released_boundary.fetch_max(b, Ordering::Relaxed);
@@ -436,10 +490,14 @@ pub async fn output_task(
                     }
                 }
             }
+            let last_unix = unix_ns();
             let prev = stats
                 .last_release_unix_ns
-                .swap(unix_ns(), Ordering::Relaxed);
+                .swap(last_unix, Ordering::Relaxed);
             ChannelStats::set(&stats.prev_release_unix_ns, prev);
+            if let Some(log) = &cfg.release_log {
+                log.record(first_unix, last_unix, frames, top);
+            }
         }
         ChannelStats::set(&stats.frames_held, gate.held() as u64);
     }

@@ -86,6 +86,7 @@ const KEYS: &[&str] = &[
     "wait_for_backup",
     "digest_every",
     "held_bytes",
+    "release_log",
     "state",
     "guest",
     "mem",
@@ -117,6 +118,7 @@ struct File {
     wait_for_backup: Option<bool>,
     digest_every: Option<u64>,
     held_bytes: Option<String>,
+    release_log: Option<PathBuf>,
     state: Option<PathBuf>,
     #[serde(flatten)]
     vm: VmOptions,
@@ -153,6 +155,9 @@ pub struct NodeConfig {
     pub digest_every: u64,
     /// Most bytes of output held by the Output Rule.
     pub held_bytes: u64,
+    /// Where every release of output is appended (time, generation, frames), for checking
+    /// from outside that two nodes never release at once (the soak); off by default.
+    pub release_log: Option<PathBuf>,
     /// Where the generation is persisted.
     pub state: PathBuf,
     /// The VM.
@@ -232,6 +237,7 @@ impl NodeConfig {
             listen: parse_addr("listen", &f.listen)?,
             held_bytes: crate::solo::parse_size(f.held_bytes.as_deref().unwrap_or("16M"))
                 .map_err(|e| format!("held_bytes: {e}"))?,
+            release_log: f.release_log.clone(),
             pair: f.pair,
             node: f.node,
             tls: f.tls,

@@ -92,6 +92,8 @@ struct Node {
     disk_geo: Option<disksync::hash::Geometry>,
     /// The guest's disk writes, tracked while a join copies the disk.
     writes: Option<Arc<BlockWrites>>,
+    /// Where output releases are logged (`release_log`).
+    release_log: Option<Arc<crate::channel::primary::ReleaseLog>>,
     shared: Arc<Shared>,
     stop: Arc<StopSignal>,
     witnesses: Vec<WitnessClient>,
@@ -191,6 +193,20 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
             })
             .collect::<Result<Vec<_>, _>>()?
     };
+    let release_log = match &cfg.release_log {
+        Some(p) => {
+            let sh = shared.clone();
+            Some(Arc::new(
+                crate::channel::primary::ReleaseLog::open(
+                    p,
+                    &cfg.node,
+                    Box::new(move || sh.generation.load(Ordering::SeqCst)),
+                )
+                .map_err(|e| NodeExit::Config(format!("release_log {}: {e}", p.display())))?,
+            ))
+        }
+        None => None,
+    };
     tracing::info!(
         pair = %cfg.pair,
         node = %cfg.node,
@@ -214,6 +230,7 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
             disk_root,
             disk_leaves,
             writes: disk_geo.map(|g| Arc::new(BlockWrites::new(g))),
+            release_log,
             disk_geo,
             shared,
             stop,
@@ -727,13 +744,15 @@ async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit
     r
 }
 
-fn output_config(cfg: &NodeConfig) -> OutputConfig {
+fn output_config(node: &Node) -> OutputConfig {
+    let cfg = &node.cfg;
     OutputConfig {
         heartbeat: cfg.heartbeat,
         failure_timeout: cfg.failure_timeout,
         margin: margin_of(cfg.failure_timeout),
         max_lag: cfg.max_lag,
         cap_bytes: cfg.held_bytes as usize,
+        release_log: node.release_log.clone(),
     }
 }
 
@@ -873,7 +892,7 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
         ev_tx,
         link,
         node.tap.clone(),
-        output_config(&node.cfg),
+        output_config(node),
         if replicated {
             GateMode::Replicated
         } else {
@@ -1290,7 +1309,7 @@ async fn run_backup(
         ev_tx,
         None,
         node.tap.clone(),
-        output_config(&node.cfg),
+        output_config(node),
         GateMode::Alone,
         stats.clone(),
     ));
