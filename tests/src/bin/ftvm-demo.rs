@@ -199,7 +199,7 @@ fn steps(lab: &mut PairLab) -> Result<()> {
     say(
         "3. both restart from their disks and pair again; steady load: redis-benchmark + a checker",
     );
-    let (pn, primary, bn, _backup) = start_both(lab)?;
+    let (pn, primary, bn, backup) = start_both(lab)?;
     note(&format!(
         "{pn} is primary again (generation {}), {bn} backup",
         lab.status(&pn)?["generation"]
@@ -238,31 +238,92 @@ fn steps(lab: &mut PairLab) -> Result<()> {
         f["claim_ms"].as_f64().unwrap_or(0.0),
         f["go_live_ms"].as_f64().unwrap_or(0.0)
     ));
+
+    say(&format!(
+        "5. {pn} restarts and joins the survivor while it serves (no pause the clients notice)"
+    ));
+    let t = Instant::now();
+    let joiner = lab.start_node(&pn, &[])?;
+    let (sp, sj) = loop {
+        let (sp, sj) = (lab.status(&bn)?, lab.status(&pn));
+        if let Ok(sj) = sj {
+            if sp["role"] == "primary" && sj["role"] == "backup" {
+                break (sp, sj);
+            }
+        }
+        if t.elapsed() > Duration::from_secs(40) {
+            bail!("{pn} did not rejoin: {sp}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let j = &sp["join"];
+    note(&format!(
+        "{pn} is {bn}'s backup again (generation {}) {:.1} s after it started: {} rounds, {} pages and {} disk blocks ({} differed), {:.1} MB sent; guest paused {:.1} ms",
+        sj["generation"],
+        t.elapsed().as_secs_f64(),
+        j["rounds"],
+        j["pages"],
+        j["blocks"],
+        j["blocks_differing"],
+        j["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        j["pause_ms"].as_f64().unwrap_or(0.0)
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+
+    say(&format!("6. kill -9 of the new primary ({bn}) under load"));
+    let survivor = match lab.status(&bn) {
+        Ok(_) => {
+            // Kill the process of the current primary: bn was started in step 3.
+            backup.kill9();
+            &pn
+        }
+        Err(e) => bail!("{bn} is not running: {e}"),
+    };
+    let t = Instant::now();
+    let s = loop {
+        let s = lab.status(survivor)?;
+        if s["role"] == "alone" {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            bail!("{survivor} did not go live: {s}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let f = &s["last_failover"];
+    note(&format!(
+        "{survivor} went live in generation {}: detection {:.0} ms + claim {:.1} ms",
+        s["generation"],
+        f["detection_ms"].as_f64().unwrap_or(0.0),
+        f["claim_ms"].as_f64().unwrap_or(0.0)
+    ));
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let hist = writer
         .join()
         .map_err(|_| anyhow::anyhow!("the checker panicked"))?;
     if let Some(e) = &hist.client_error {
-        bail!("the checker's TCP connection broke across the failover: {e}");
+        bail!("the checker's TCP connection broke across a failover: {e}");
     }
     let out = bench_done(load)?;
     note(&format!("redis-benchmark carried on with no error: {out}"));
     note(&format!("the longest gap the checker saw between two replies: {:?} (TCP's retransmission timeout is its floor)", hist.max_gap));
     let v = verify(&lab.client.ns, ip, &hist)?;
     if !v.ok() {
-        bail!("acknowledged writes lost or wrong after the failover: {v:?}");
+        bail!("acknowledged writes lost or wrong after the failovers: {v:?}");
     }
     let reqs = before["released_frames"].as_f64().unwrap_or(1.0).max(1.0);
-    say("5. summary");
+    say("7. summary");
     note(&format!(
-        "writes acknowledged {}, lost {}, failovers 1, log {:.0} bytes per released frame before the failover",
+        "writes acknowledged {}, lost {}, failovers 2, joins 1, log {:.0} bytes per released frame before the first failover",
         v.acked,
         v.lost.len(),
         before["log_bytes"].as_f64().unwrap_or(0.0) / reqs
     ));
-    note(&format!("the survivor ({bn}) runs alone; the dead node cannot rejoin a running primary yet (joining is the next step: docs/operations.md)"));
-    let _ = (pn, bn);
+    note(&format!(
+        "{survivor} runs alone; started again, the other node would join it (docs/operations.md, \"Joining\")"
+    ));
+    drop(joiner);
     Ok(())
 }
 
@@ -271,5 +332,7 @@ fn main() {
         eprintln!("ftvm-demo: FAILED: {e:#}");
         std::process::exit(1);
     }
-    println!("ftvm-demo: the pair survived a clean stop and a kill -9 with nothing lost");
+    println!(
+        "ftvm-demo: the pair survived a clean stop, a kill -9, a rejoin and a second kill -9 with nothing lost"
+    );
 }
