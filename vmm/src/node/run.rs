@@ -1438,6 +1438,8 @@ async fn run_backup(
             (Ok(_), _) => None,
             (Err(e), _) => return NodeExit::Failed(format!("disk: {e}")),
         };
+        // Ends by itself when the join is done or failed.
+        let _bar = join_progress_bar(node);
         let copied =
             super::join::receive_copy(&mut link, &mut reader, jdisk, parts_tx, &node.shared).await;
         let fail = |e: String| {
@@ -1592,6 +1594,43 @@ async fn run_backup(
             }
         }
     }
+}
+
+/// On a terminal, a progress bar of the join (pages received against guest memory, with
+/// blocks, bytes and rounds); `None` otherwise (the log says the same every 2 s).
+fn join_progress_bar(node: &Arc<Node>) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pages = node.mem_size / 4096;
+    let shared = node.shared.clone();
+    Some(tokio::spawn(async move {
+        let bar = indicatif::ProgressBar::new(pages);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "joining [{bar:30}] {pos}/{len} pages {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        loop {
+            let j = shared.status().join.unwrap_or_default();
+            bar.set_position(j.pages.min(pages));
+            bar.set_message(format!(
+                "{} blocks, {:.1} MB, round {}, {}",
+                j.blocks,
+                j.bytes as f64 / 1e6,
+                j.rounds + 1,
+                j.phase
+            ));
+            if j.phase == "done" || j.phase == "failed" || shared.role() != Role::Joining {
+                bar.finish();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }))
 }
 
 fn setup_header(node: &Node, digest_every: u64) -> crate::replay::codec::Header {
