@@ -80,6 +80,8 @@ pub struct PairLab {
     pub client: Host,
     /// The guest's address (the same VM on every node).
     pub guest_ip: Ipv4Addr,
+    /// Each node's channel address, in the order of [`PairOptions::nodes`].
+    pub channel: Vec<Ipv4Addr>,
     /// Certificates, configs, disks.
     pub dir: tempfile::TempDir,
     witness_proc: Option<Spawned>,
@@ -198,6 +200,7 @@ ip = "{guest_ip}/24"
             nodes,
             client,
             guest_ip,
+            channel,
             dir,
             witness_proc: None,
             opts,
@@ -296,6 +299,25 @@ ip = "{guest_ip}/24"
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         RunningNode::start_logged(&self.host(name).ns, &args, &self.log(name))
+    }
+
+    /// Cuts one direction of the channel: nothing `from` sends to `to`'s channel address
+    /// arrives (a blackhole route in `from`'s namespace; `to` still reaches `from`).
+    /// `false` restores it.
+    pub fn cut_one_way(&self, from: &str, to: &str, cut: bool) -> Result<()> {
+        let i = self
+            .nodes
+            .iter()
+            .position(|h| h.role == to)
+            .context("no such node")?;
+        let addr = format!("{}/32", self.channel[i]);
+        self.host(from).ns.ip(&[
+            "route",
+            if cut { "add" } else { "del" },
+            "blackhole",
+            &addr,
+        ])?;
+        Ok(())
     }
 
     /// Node `name`'s log file (stderr of every run, appended).

@@ -195,6 +195,56 @@ fn a_cut_channel_leaves_exactly_one_node_running_and_the_other_halts_66() {
     }
 }
 
+/// One direction of the channel cut: exactly one node runs on, the other halts with 66, and
+/// no acknowledged write is lost. Which one wins is the witness's race: the node that hears
+/// nothing claims after the timeout, and so does the other when it misses acks (or when its
+/// sends fail at once, as into a blackhole route).
+fn one_way_cut(primary_to_backup: bool) {
+    let mut lab = pair(PairOptions::default());
+    let (pn, primary, bn, backup) = start_pair(&mut lab);
+    let load = start_load(&lab);
+    std::thread::sleep(Duration::from_millis(800));
+    let (from, to) = if primary_to_backup {
+        (&pn, &bn)
+    } else {
+        (&bn, &pn)
+    };
+    lab.cut_one_way(from, to, true).unwrap();
+    let mut procs = vec![(pn.clone(), primary), (bn.clone(), backup)];
+    let deadline = std::time::Instant::now() + ROLE;
+    let (halted, code) = 'found: loop {
+        for (i, (_, p)) in procs.iter_mut().enumerate() {
+            if !p.is_running() {
+                let (name, p) = procs.remove(i);
+                break 'found (name, exit_code(p));
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "neither node halted\n{}",
+            lab.logs(30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(66), "{halted} halts: the witness gave the pair to the other");
+    let winner = procs[0].0.clone();
+    let s = lab.wait_role(&winner, "alone", ROLE).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    eprintln!("one-way cut {from} -> {to}: {winner} runs alone, {halted} halted 66");
+    lab.cut_one_way(from, to, false).unwrap();
+    finish_load(&lab, load);
+}
+
+#[test]
+fn the_channel_cut_from_primary_to_backup_only_leaves_one_node_running() {
+    one_way_cut(true);
+}
+
+#[test]
+fn the_channel_cut_from_backup_to_primary_only_leaves_one_node_running() {
+    one_way_cut(false);
+}
+
 #[test]
 fn with_the_witness_down_nobody_goes_live_until_it_returns() {
     let mut lab = pair(PairOptions::default());
