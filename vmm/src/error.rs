@@ -36,9 +36,6 @@ pub enum VmmError {
     /// An MMIO bus configuration error.
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
-    /// Installing signal handling failed.
-    #[error("signal setup failed: {0}")]
-    Signal(std::io::Error),
     /// The disk image cannot be used.
     #[error("disk {path}: {why}")]
     Disk {

@@ -317,11 +317,6 @@ impl Machine {
         &self.vm
     }
 
-    /// The input source.
-    pub fn inputs_mut(&mut self) -> &mut dyn Inputs {
-        self.inputs.as_mut()
-    }
-
     /// The guest's fingerprint now.
     pub fn fingerprint(&self) -> Result<Fingerprint, VmmError> {
         let (rip, regs_hash) = fingerprint(&self.vm.vcpu.regs()?);

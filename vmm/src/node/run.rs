@@ -242,11 +242,6 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
     ))
 }
 
-/// The Merkle root of a disk (disksync's, 64 KiB blocks).
-pub fn disk_root(f: &File, path: &std::path::Path) -> Result<[u8; 32], String> {
-    disk_hashes(f, path).map(|(root, _, _)| root)
-}
-
 /// A disk's Merkle root, its leaf hashes and its geometry (disksync's, 64 KiB blocks).
 #[allow(clippy::type_complexity)]
 fn disk_hashes(
