@@ -277,7 +277,7 @@ fn run_pair(a: RunArgs) -> ExitCode {
         NodeExit::Diverged(why) => fail(67, why),
         NodeExit::Refused(why) => fail(68, why),
         NodeExit::Config(why) => fail(65, why),
-        NodeExit::Failed(why) => fail(71, why),
+        NodeExit::Failed(why) | NodeExit::JoinFailed(why) => fail(71, why),
         NodeExit::Stopped(sig) => {
             eprintln!("ftvm-node: stopped by signal {sig}");
             ExitCode::from(128u8.saturating_add(sig as u8))

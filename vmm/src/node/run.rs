@@ -64,6 +64,9 @@ pub enum NodeExit {
     Failed(String),
     /// A signal stopped the node before its VM ran (128+N).
     Stopped(i32),
+    /// A join failed before its commit point: the node starts over (internal; reported as
+    /// 71 if it ever ends the node).
+    JoinFailed(String),
 }
 
 /// Operator choices beyond the config file.
@@ -83,6 +86,7 @@ struct Node {
     devices: crate::spec::DeviceSpec,
     mem_size: u64,
     disk: Mutex<Option<File>>,
+    disk_opts: Option<crate::spec::DiskOptions>,
     tap: Option<Arc<Tap>>,
     gen_file: GenerationFile,
     pair_config: PairConfig,
@@ -224,6 +228,7 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
             devices,
             mem_size: plan.mem_size,
             disk: Mutex::new(disk),
+            disk_opts: plan.disk.clone(),
             tap,
             gen_file,
             pair_config,
@@ -263,6 +268,19 @@ fn disk_hashes(
 }
 
 impl Node {
+    /// Opens the disk again after a failed join dropped the machine that had it.
+    fn reopen_disk(&self) -> Result<(), NodeExit> {
+        let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        if d.is_none() {
+            if let Some(opts) = &self.disk_opts {
+                let (f, _) = crate::solo::open_disk(opts)
+                    .map_err(|e| NodeExit::Failed(format!("reopening the disk: {e}")))?;
+                *d = Some(f);
+            }
+        }
+        Ok(())
+    }
+
     fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::SeqCst)
     }
@@ -376,13 +394,24 @@ async fn main(node: Arc<Node>) -> NodeExit {
         }
     }
     tokio::spawn(listener(ep.clone(), node.clone()));
-    let r = match cold_start(&ep, &node).await {
-        Ok(Start::Primary) => run_primary(&node, None).await,
-        Ok(Start::Backup(link, reader)) => run_backup(&node, link, reader, None).await,
-        Ok(Start::Join(link, reader, generation)) => {
-            run_backup(&node, link, reader, Some(generation)).await
+    let r = loop {
+        let r = match cold_start(&ep, &node).await {
+            Ok(Start::Primary) => run_primary(&node, None).await,
+            Ok(Start::Backup(link, reader)) => run_backup(&node, link, reader, None).await,
+            Ok(Start::Join(link, reader, generation)) => {
+                run_backup(&node, link, reader, Some(generation)).await
+            }
+            Err(e) => e,
+        };
+        let NodeExit::JoinFailed(why) = r else {
+            break r;
+        };
+        tracing::warn!("join failed before the commit point: {why}; asking again");
+        node.shared.set_role(Role::Starting);
+        if let Err(e) = node.reopen_disk() {
+            break e;
         }
-        Err(e) => e,
+        tokio::time::sleep(Duration::from_millis(500)).await;
     };
     if let NodeExit::Denied(why) | NodeExit::Diverged(why) | NodeExit::Refused(why) = &r {
         node.shared.set_role(Role::Halted);
@@ -1283,6 +1312,7 @@ async fn run_backup(
         Some(_) => (None, None),
     };
     let is_live = Arc::new(AtomicBool::new(false));
+    let is_live_stop = is_live.clone();
     if let Some(t) = node.tap.clone() {
         let live = is_live.clone();
         let stop = node.stop.clone();
@@ -1444,13 +1474,27 @@ async fn run_backup(
             });
             NodeExit::Failed(format!("join failed: {e}"))
         };
+        // Before the commit a failed join leaves nothing behind: the machine is dropped (its
+        // thread ends once the copy's queue closes) and the node may ask again.
+        let retry = |e: String, vcpu: Vcpu| {
+            node.shared.update_join(|j| {
+                j.phase = "failed".into();
+                j.error = Some(e.clone());
+            });
+            // Stops the TAP drain thread of this attempt.
+            is_live_stop.store(true, Ordering::SeqCst);
+            async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), vcpu.done).await;
+                NodeExit::JoinFailed(e)
+            }
+        };
         let copied = match copied {
             Ok(c) => c,
-            Err(e) => return fail(e),
+            Err(e) => return retry(e, vcpu).await,
         };
         let k = match tokio::time::timeout(Duration::from_secs(30), restored_rx).await {
             Ok(Ok(Ok(k))) => k,
-            Ok(Ok(Err(e))) => return fail(format!("restoring the state: {e}")),
+            Ok(Ok(Err(e))) => return retry(format!("restoring the state: {e}"), vcpu).await,
             _ => return fail("the state was not restored within 30 s".into()),
         };
         joined_at = Some(k);
