@@ -334,6 +334,8 @@ fn render(v: &serde_json::Value) -> String {
         "witness_error",
         "failovers",
         "last_failover",
+        "joins",
+        "join",
         "halt_reason",
     ] {
         let val = g(k);

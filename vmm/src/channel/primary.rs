@@ -325,9 +325,10 @@ pub async fn output_task(
     let mut seq = 0u64;
     let mut stream_w: Boundary = 0;
     let mut attached = link.map(|(l, reader)| attach(l, reader));
-    stats
-        .peer_connected
-        .store(attached.is_some(), Ordering::Relaxed);
+    if attached.is_some() {
+        // (A backup's own output task starts without a link: its receive task owns the flag.)
+        stats.peer_connected.store(true, Ordering::Relaxed);
+    }
     let mut tick = tokio::time::interval(cfg.heartbeat.max(Duration::from_millis(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut finished = false;

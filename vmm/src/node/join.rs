@@ -609,12 +609,16 @@ pub async fn receive_copy(
             }
             Msg::Pages { bytes: b } => {
                 bytes += b.len() as u64;
-                let n = b.len() as u64 / 4096;
+                // The batch's page count (its first field; the batch is decoded and checked
+                // on the vCPU thread).
+                let n = b
+                    .get(..4)
+                    .map_or(0, |c| u32::from_le_bytes(c.try_into().expect("4")) as u64);
                 if parts.send(JoinPart::Pages(b)).is_err() {
                     return Err("the vCPU thread has ended".into());
                 }
                 shared.update_join(|j| {
-                    j.pages += n.max(1);
+                    j.pages += n;
                     j.bytes = bytes;
                 });
             }
@@ -624,6 +628,7 @@ pub async fn receive_copy(
                 disk_root,
                 state,
             } => {
+                let t_state = Instant::now();
                 if let Some(d) = &disk {
                     tokio::task::block_in_place(|| d.file.sync_data())
                         .map_err(|e| format!("syncing the disk: {e}"))?;
@@ -637,6 +642,10 @@ pub async fn receive_copy(
                     }
                 }
                 bytes += state.len() as u64;
+                tracing::info!(
+                    "joining: the state arrived; the disk synced and its root checked in {:.1} ms",
+                    t_state.elapsed().as_secs_f64() * 1e3
+                );
                 shared.update_join(|j| {
                     j.bytes = bytes;
                     j.phase = "restoring".into();
@@ -653,6 +662,11 @@ pub async fn receive_copy(
                 return Ok(Copied { generation });
             }
             Msg::RoundDone { round } => {
+                // Blocks are made durable round by round, so the commit's sync is small.
+                if let Some(d) = &disk {
+                    tokio::task::block_in_place(|| d.file.sync_data())
+                        .map_err(|e| format!("syncing the disk: {e}"))?;
+                }
                 let (tx, rx) = oneshot::channel();
                 if parts.send(JoinPart::Sync(tx)).is_err() {
                     return Err("the vCPU thread has ended".into());

@@ -268,6 +268,15 @@ fn disk_hashes(
 }
 
 impl Node {
+    /// Records the peer's role as this node last learned it.
+    fn set_peer_role(&self, r: Option<Role>) {
+        *self
+            .shared
+            .peer_role
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
     /// Opens the disk again after a failed join dropped the machine that had it.
     fn reopen_disk(&self) -> Result<(), NodeExit> {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
@@ -494,9 +503,7 @@ async fn listener(ep: quinn::Endpoint, node: Arc<Node>) {
             let role = node.shared.role();
             let reason = match role {
                 Role::Primary => "already has a backup".to_string(),
-                Role::Alone => {
-                    "running alone; joining a running primary is not supported yet".to_string()
-                }
+                Role::Alone => "running alone, not taking a joiner at this moment".to_string(),
                 r => format!("{} (not running the VM as primary)", r.name()),
             };
             tracing::debug!(
@@ -608,11 +615,13 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
         for p in &node.cfg.peers {
             match probe(ep, node, p.addr, &p.name).await? {
                 Probe::Accepted(link, reader, generation) => {
+                    node.set_peer_role(Some(Role::Primary));
                     // Adopt the primary's generation before the first ack.
                     node.persist(generation)?;
                     return Ok(Start::Backup(link, reader));
                 }
                 Probe::Join(link, reader, generation) => {
+                    node.set_peer_role(Some(Role::Alone));
                     // The generation is adopted once the state is restored (DESIGN §5).
                     return Ok(Start::Join(link, reader, generation));
                 }
@@ -762,6 +771,7 @@ async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit
             continue;
         }
         tracing::info!("{} is the backup", hello.node);
+        node.set_peer_role(Some(Role::Backup));
         break Ok((link, reader));
     };
     *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -1044,6 +1054,7 @@ async fn serve(node: &Arc<Node>, r: Running) -> NodeExit {
             }
             ev = ev_rx.recv() => match ev {
                 Some(OutputEvent::BackupLost(why)) => {
+                    node.set_peer_role(None);
                     if let Some(e) = primary_failover(node, &cmd_tx, format!("backup lost: {why}")).await {
                         halted = Some(e);
                         node.stop.raise(libc::SIGTERM);
@@ -1053,6 +1064,7 @@ async fn serve(node: &Arc<Node>, r: Running) -> NodeExit {
                     }
                 }
                 Some(OutputEvent::Diverged { boundary, what }) => {
+                    node.set_peer_role(None);
                     tracing::error!("the backup diverged at boundary {boundary}: {what}");
                     if let Some(e) = primary_failover(node, &cmd_tx, format!("backup diverged at boundary {boundary}: {what}")).await {
                         halted = Some(e);
@@ -1063,6 +1075,7 @@ async fn serve(node: &Arc<Node>, r: Running) -> NodeExit {
                 }
                 Some(OutputEvent::Attached { peer, from }) => {
                     join_busy = false;
+                    node.set_peer_role(Some(Role::Backup));
                     node.shared.joins.fetch_add(1, Ordering::Relaxed);
                     node.shared.set_role(Role::Primary);
                     tracing::info!("{peer} is the backup from boundary {from}");
@@ -1492,6 +1505,7 @@ async fn run_backup(
             Ok(c) => c,
             Err(e) => return retry(e, vcpu).await,
         };
+        let t_restore = Instant::now();
         let k = match tokio::time::timeout(Duration::from_secs(30), restored_rx).await {
             Ok(Ok(Ok(k))) => k,
             Ok(Ok(Err(e))) => return retry(format!("restoring the state: {e}"), vcpu).await,
@@ -1504,11 +1518,18 @@ async fn run_backup(
                 copied.generation
             ));
         }
+        let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
         // The commit, on this side: adopt the generation before the first ack.
+        let t_persist = Instant::now();
         if let Err(e) = node.persist(generation) {
             return e;
         }
+        tracing::info!(
+            "joining: state restored in {restore_ms:.1} ms, generation {generation} persisted in {:.1} ms",
+            t_persist.elapsed().as_secs_f64() * 1e3
+        );
         node.shared.set_role(Role::Backup);
+        node.set_peer_role(Some(Role::Primary));
         node.shared.update_join(|j| {
             j.phase = "done".into();
             j.boundary = k;
@@ -1763,6 +1784,7 @@ async fn backup_failover(
                 }
             }
             node.shared.set_role(Role::Alone);
+            node.set_peer_role(None);
             report.to_generation = generation;
             report.go_live_ms = t1.elapsed().as_secs_f64() * 1e3;
             tracing::warn!(
