@@ -130,6 +130,13 @@ fn check_joined(lab: &PairLab, primary: &str, backup: &str, generation: u64) {
     );
     let j = &sp["join"];
     eprintln!("join (primary side): {j}");
+    let log = std::fs::read_to_string(lab.log(backup)).unwrap_or_default();
+    for l in log
+        .lines()
+        .filter(|l| l.contains("joining:") || l.contains("joined at"))
+    {
+        eprintln!("  {backup}: {}", l.split_once("Z ").map_or(l, |x| x.1));
+    }
     assert_eq!(j["phase"], "done", "{sp}");
     assert!(j["pause_ms"].as_f64().unwrap() < 2000.0, "{sp}");
 }
