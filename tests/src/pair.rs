@@ -18,6 +18,17 @@ use crate::node::RunningNode;
 pub const CHANNEL_PORT: u16 = 7300;
 /// The witness's port.
 pub const WITNESS_PORT: u16 = 7200;
+/// The lab etcd's client port (in the witness's namespace; the peer port is the next one).
+pub const ETCD_PORT: u16 = 7379;
+
+/// Witness `w`'s config file name.
+fn witness_file(w: usize) -> String {
+    if w == 0 {
+        "witness.toml".into()
+    } else {
+        format!("witness-{w}.toml")
+    }
+}
 
 /// Path of the built `ftvm-witness`.
 pub fn witness_binary() -> Result<PathBuf> {
@@ -45,6 +56,9 @@ pub struct PairOptions {
     pub guest: String,
     /// Guest memory (default 64M).
     pub mem: String,
+    /// How many witnesses (default 1, on rocksdb). More share one etcd member (in the
+    /// witness's namespace) and every node lists them all.
+    pub witnesses: usize,
 }
 
 impl Default for PairOptions {
@@ -59,6 +73,7 @@ impl Default for PairOptions {
             extra: String::new(),
             guest: "kv".into(),
             mem: "64M".into(),
+            witnesses: 1,
         }
     }
 }
@@ -84,7 +99,8 @@ pub struct PairLab {
     pub channel: Vec<Ipv4Addr>,
     /// Certificates, configs, disks.
     pub dir: tempfile::TempDir,
-    witness_proc: Option<Spawned>,
+    witness_procs: Vec<Option<Spawned>>,
+    etcd: Option<Spawned>,
     opts: PairOptions,
     _turn: std::sync::MutexGuard<'static, ()>,
 }
@@ -127,16 +143,31 @@ impl PairLab {
         }
         let guest_ip = nodes[0].guest_ip.context("node")?;
         let mac = nodes[0].guest_mac.clone().context("node")?;
-        std::fs::write(
-            dir.path().join("witness.toml"),
-            format!(
-                "listen = \"{}:{WITNESS_PORT}\"\ndata_dir = \"{}\"\ntls_dir = \"{}\"\nidentity = \"witness\"\n\n[pairs.kv1]\nnodes = [{}]\n",
-                witness.ip,
-                dir.path().join("witness-data").display(),
-                tls.display(),
-                opts.nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
-            ),
-        )?;
+        let nw = opts.witnesses.max(1);
+        for w in 0..nw {
+            let store = if nw > 1 {
+                format!(
+                    "\n[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:{ETCD_PORT}\"]\nprefix = \"/ftvm-lab\"\ntimeout_ms = 1000\n"
+                )
+            } else {
+                String::new()
+            };
+            std::fs::write(
+                dir.path().join(witness_file(w)),
+                format!(
+                    "listen = \"{}:{}\"\ndata_dir = \"{}\"\ntls_dir = \"{}\"\nidentity = \"witness\"\n\n[pairs.kv1]\nnodes = [{}]\n{store}",
+                    witness.ip,
+                    WITNESS_PORT + w as u16,
+                    dir.path().join(format!("witness-data{}", if w == 0 { String::new() } else { w.to_string() })).display(),
+                    tls.display(),
+                    opts.nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+                ),
+            )?;
+        }
+        let witness_list = (0..nw)
+            .map(|w| format!("\"witness@{}:{}\"", witness.ip, WITNESS_PORT + w as u16))
+            .collect::<Vec<_>>()
+            .join(", ");
         for (i, me) in nodes.iter().enumerate() {
             let my_addr = channel[i];
             let others: Vec<String> = nodes
@@ -163,7 +194,7 @@ node = "{me_name}"
 tls = "{tls}"
 listen = "{my_addr}:{CHANNEL_PORT}"
 {peers}
-witness = "witness@{wip}:{WITNESS_PORT}"
+witness = [{witness_list}]
 control = "{dir}/{me_name}.sock"
 heartbeat = "{hb}"
 failure_timeout = "{ft}"
@@ -181,7 +212,6 @@ ip = "{guest_ip}/24"
                 me_name = me.role,
                 mem = opts.mem,
                 tls = tls.display(),
-                wip = witness.ip,
                 dir = dir.path().display(),
                 hb = opts.heartbeat,
                 ft = opts.failure_timeout,
@@ -202,7 +232,8 @@ ip = "{guest_ip}/24"
             guest_ip,
             channel,
             dir,
-            witness_proc: None,
+            witness_procs: (0..opts.witnesses.max(1)).map(|_| None).collect(),
+            etcd: None,
             opts,
             _turn: turn,
         })
@@ -233,11 +264,31 @@ ip = "{guest_ip}/24"
 
     /// Starts (or restarts) the witness and waits for it to be ready.
     pub fn start_witness(&mut self) -> Result<()> {
-        let data = self.dir.path().join("witness-data");
+        for w in 0..self.witness_procs.len() {
+            if self.witness_procs[w].is_none() {
+                self.start_witness_at(w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts witness `w` (of [`PairOptions::witnesses`]; the first start of the first one
+    /// initializes its store).
+    pub fn start_witness_at(&mut self, w: usize) -> Result<()> {
+        let shared = self.witness_procs.len() > 1;
+        if shared && self.etcd.is_none() {
+            self.start_etcd()?;
+        }
+        let marker = self.dir.path().join(format!("witness-{w}.started"));
+        let init = if shared {
+            w == 0 && !self.dir.path().join("witness-0.started").exists()
+        } else {
+            !self.dir.path().join("witness-data").exists()
+        };
         let mut cmd = self.witness.ns.command(witness_binary()?);
         cmd.args(["serve", "--config"])
-            .arg(self.dir.path().join("witness.toml"));
-        if !data.exists() {
+            .arg(self.dir.path().join(witness_file(w)));
+        if init {
             cmd.arg("--init");
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -255,16 +306,69 @@ ip = "{guest_ip}/24"
             match rx.recv_timeout(left) {
                 Ok(l) if l.contains("ftvm-witness ready") => break,
                 Ok(_) => {}
-                Err(_) => bail!("the witness did not become ready"),
+                Err(_) => bail!("witness {w} did not become ready"),
             }
         }
-        self.witness_proc = Some(sp);
+        std::fs::write(marker, b"")?;
+        self.witness_procs[w] = Some(sp);
         Ok(())
     }
 
-    /// Kills the witness (SIGKILL).
+    /// One etcd member on loopback in the witness's namespace (the witnesses' shared store).
+    fn start_etcd(&mut self) -> Result<()> {
+        let mut cmd = self.witness.ns.command("etcd");
+        cmd.arg("--name")
+            .arg("lab")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("etcd-data"))
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{ETCD_PORT}"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{ETCD_PORT}"))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", ETCD_PORT + 1))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", ETCD_PORT + 1))
+            .arg("--initial-cluster")
+            .arg(format!("lab=http://127.0.0.1:{}", ETCD_PORT + 1))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let sp = Spawned::start(cmd).context("etcd (scripts/setup installs etcd-server)")?;
+        // Ready when it accepts a client connection.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ns = self.witness.ns.clone();
+        loop {
+            let ok = ns
+                .command("bash")
+                .args([
+                    "-c",
+                    &format!("exec 3<>/dev/tcp/127.0.0.1/{ETCD_PORT} && printf 'GET /health HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q true <&3"),
+                ])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not become healthy");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.etcd = Some(sp);
+        Ok(())
+    }
+
+    /// Kills every witness (SIGKILL).
     pub fn kill_witness(&mut self) {
-        self.witness_proc = None;
+        for w in self.witness_procs.iter_mut() {
+            *w = None;
+        }
+    }
+
+    /// Kills witness `w` (SIGKILL).
+    pub fn kill_witness_at(&mut self, w: usize) {
+        self.witness_procs[w] = None;
     }
 
     /// Starts the witness and both nodes, waits until both guests booted and one node is
@@ -311,12 +415,9 @@ ip = "{guest_ip}/24"
             .position(|h| h.role == to)
             .context("no such node")?;
         let addr = format!("{}/32", self.channel[i]);
-        self.host(from).ns.ip(&[
-            "route",
-            if cut { "add" } else { "del" },
-            "blackhole",
-            &addr,
-        ])?;
+        self.host(from)
+            .ns
+            .ip(&["route", if cut { "add" } else { "del" }, "blackhole", &addr])?;
         Ok(())
     }
 

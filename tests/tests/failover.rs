@@ -226,7 +226,11 @@ fn one_way_cut(primary_to_backup: bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(code, Some(66), "{halted} halts: the witness gave the pair to the other");
+    assert_eq!(
+        code,
+        Some(66),
+        "{halted} halts: the witness gave the pair to the other"
+    );
     let winner = procs[0].0.clone();
     let s = lab.wait_role(&winner, "alone", ROLE).unwrap();
     assert_eq!(s["generation"], 2, "{s}");
@@ -243,6 +247,24 @@ fn the_channel_cut_from_primary_to_backup_only_leaves_one_node_running() {
 #[test]
 fn the_channel_cut_from_backup_to_primary_only_leaves_one_node_running() {
     one_way_cut(false);
+}
+
+#[test]
+fn with_two_witnesses_on_one_etcd_a_failover_goes_through_the_one_that_is_up() {
+    let mut lab = pair(PairOptions {
+        witnesses: 2,
+        ..PairOptions::default()
+    });
+    let (_pn, primary, bn, _backup) = start_pair(&mut lab);
+    let load = start_load(&lab);
+    std::thread::sleep(Duration::from_millis(800));
+    // The first witness every node asks is down; the second shares its store.
+    lab.kill_witness_at(0);
+    primary.kill9();
+    let s = lab.wait_role(&bn, "alone", ROLE).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_eq!(s["witness_reachable"], true, "{s}");
+    finish_load(&lab, load);
 }
 
 #[test]
