@@ -612,8 +612,15 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
             return Err(NodeExit::Stopped(sig));
         }
         let persisted = node.generation();
+        // Whether every peer answered that the pair is complete (one primary, one backup): a
+        // spare then asks less often.
+        let mut complete = !node.cfg.peers.is_empty();
         for p in &node.cfg.peers {
-            match probe(ep, node, p.addr, &p.name).await? {
+            let answer = probe(ep, node, p.addr, &p.name).await?;
+            if !matches!(answer, Probe::Busy(Role::Primary | Role::Backup, _, _)) {
+                complete = false;
+            }
+            match answer {
                 Probe::Accepted(link, reader, generation) => {
                     node.set_peer_role(Some(Role::Primary));
                     // Adopt the primary's generation before the first ack.
@@ -681,7 +688,10 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
                 None => return Err(NodeExit::Stopped(node.stop.signalled().unwrap_or(15))),
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A spare of a complete pair asks every second (each ask is a TLS handshake on the
+        // members); otherwise it asks again soon.
+        let pause = if complete { 1000 } else { 100 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
 }
 
