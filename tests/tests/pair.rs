@@ -338,6 +338,31 @@ fn garbage_on_the_channel_port_changes_nothing() {
     assert_eq!(lab.status(&bn).unwrap()["role"], "backup");
 }
 
+/// Waits until every thread of process `pid` is stopped (SIGSTOP takes effect on each thread
+/// as it next runs; a thread busy on another CPU may still act for a moment after `kill`).
+fn wait_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|st| {
+                        st.rsplit_once(") ")
+                            .and_then(|(_, rest)| rest.chars().next())
+                    })
+                    .is_some_and(|c| c == 'T' || c == 't')
+            });
+        if all {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn output_waits_for_the_backup_and_a_stopped_backup_holds_replies() {
     let mut lab = pair(PairOptions {
@@ -364,13 +389,17 @@ fn output_waits_for_the_backup_and_a_stopped_backup_holds_replies() {
     assert_eq!(&buf[..n], b"+PONG\r\n");
     let before = lab.status(&pn).unwrap();
     backup.signal(libc::SIGSTOP);
+    wait_stopped(backup.pid());
     c.write_all(b"PING\r\n").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(800)))
         .unwrap();
     let r = c.read(&mut buf);
     assert!(
         r.is_err(),
-        "a reply left while the backup could not acknowledge it: {r:?}"
+        "a reply left while the backup could not acknowledge it: {r:?} {:?}\nprimary: {}",
+        r.as_ref()
+            .map(|n| String::from_utf8_lossy(&buf[..*n]).to_string()),
+        lab.status(&pn).unwrap()
     );
     let during = lab.status(&pn).unwrap();
     assert!(

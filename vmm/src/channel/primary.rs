@@ -298,7 +298,10 @@ pub enum OutputCmd {
 
 struct Attached {
     out: mpsc::UnboundedSender<Vec<u8>>,
-    inbound: mpsc::UnboundedReceiver<Result<Msg, String>>,
+    /// The backup's half of the stream, read by the output task itself (an ack goes from the
+    /// socket to the gate without another task in between).
+    recv: quinn::RecvStream,
+    reader: MsgReader,
     conn: quinn::Connection,
     writer: tokio::task::JoinHandle<()>,
     last_receipt: u64,
@@ -533,21 +536,31 @@ fn lose(
     }
 }
 
+/// The backup's next message (`read_chunk` is cancel-safe: a branch of the output task's
+/// `select!` that loses the race loses no bytes).
 async fn recv_inbound(a: &mut Option<Attached>) -> Option<Result<Msg, String>> {
-    match a.as_mut() {
-        Some(a) => match a.inbound.recv().await {
-            Some(m) => Some(m),
-            None => Some(Err("the channel closed".into())),
-        },
-        None => std::future::pending().await,
+    let Some(a) = a.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match a.reader.next_msg() {
+            Ok(Some(m)) => return Some(Ok(m)),
+            Ok(None) => {}
+            Err(e) => return Some(Err(format!("bad message from the backup: {e}"))),
+        }
+        match a.recv.read_chunk(1 << 20, true).await {
+            Ok(Some(c)) => a.reader.push(&c.bytes),
+            Ok(None) => return Some(Err("the backup closed the channel".into())),
+            Err(e) => return Some(Err(format!("channel: {e}"))),
+        }
     }
 }
 
-fn attach(link: super::connect::Link, mut reader: MsgReader) -> Attached {
+fn attach(link: super::connect::Link, reader: MsgReader) -> Attached {
     let super::connect::Link {
         conn,
         mut send,
-        mut recv,
+        recv,
         ..
     } = link;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -563,40 +576,11 @@ fn attach(link: super::connect::Link, mut reader: MsgReader) -> Attached {
         let _ = send.finish();
         let _ = send.stopped().await;
     });
-    let (in_tx, in_rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            loop {
-                match reader.next_msg() {
-                    Ok(Some(m)) => {
-                        if in_tx.send(Ok(m)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = in_tx.send(Err(format!("bad message from the backup: {e}")));
-                        return;
-                    }
-                }
-            }
-            match recv.read_chunk(1 << 20, true).await {
-                Ok(Some(c)) => reader.push(&c.bytes),
-                Ok(None) => {
-                    let _ = in_tx.send(Err("the backup closed the channel".into()));
-                    return;
-                }
-                Err(e) => {
-                    let _ = in_tx.send(Err(format!("channel: {e}")));
-                    return;
-                }
-            }
-        }
-    });
     let now = now_ns();
     Attached {
         out: out_tx,
-        inbound: in_rx,
+        recv,
+        reader,
         conn,
         writer,
         last_receipt: now,
