@@ -90,7 +90,14 @@ fn main() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     ftvm_benches::build_bins(&[("vmm", "ftvm-node"), ("ftvm-witness", "ftvm-witness")])?;
-    let opts = PairOptions::default();
+    // The timeouts of the run (default: the tests'): FTVM_BENCH_HEARTBEAT, FTVM_BENCH_TIMEOUT.
+    let mut opts = PairOptions::default();
+    if let Ok(v) = std::env::var("FTVM_BENCH_HEARTBEAT") {
+        opts.heartbeat = v;
+    }
+    if let Ok(v) = std::env::var("FTVM_BENCH_TIMEOUT") {
+        opts.failure_timeout = v;
+    }
     let mut rs = Vec::new();
     for i in 0..trials {
         match trial(&opts) {

@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--parts" ]]; then
   exec scripts/demo-parts.sh
 fi
-scripts/setup
-cargo build --release --workspace --bins
+# Installing and building is noisy: it goes to a log, shown only if it fails.
+log="${TMPDIR:-/tmp}/ftvm-demo-build.log"
+echo "== installing what is needed and building (log: $log)"
+if ! { scripts/setup && cargo build --release --workspace --bins; } >"$log" 2>&1; then
+  tail -n 30 "$log" >&2
+  echo "demo: FAILED: setup or build (the whole log: $log)" >&2
+  exit 1
+fi
 exec target/release/ftvm-demo
