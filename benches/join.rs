@@ -521,6 +521,9 @@ fn main() -> Result<()> {
         j1g.link_mb_s
     );
 
+    println!(
+        "    x copy mem / x copy needed: join time over the baseline's time for the guest memory size / for the join's needed bytes"
+    );
     println!("1. guest pause, 256M guest, {} joins", j256.count());
     if j256.joins.is_empty() {
         println!("  no join completed");
@@ -601,6 +604,14 @@ fn main() -> Result<()> {
         );
     }
 
+    println!(
+        "  of the bytes sent, the 9-byte header every page costs (round 1 sends every page, zero pages as a header): {}",
+        mem_rows
+            .iter()
+            .map(|(n, m, _)| format!("{n} {:.2} MiB", mib((m / 4096 * 9) as f64)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "3. against the share of the joiner's disk diverged (64M guest, {DISK} disk), medians"
     );
