@@ -33,6 +33,7 @@
 //! `FTVM_BENCH_REPS` (joins per other row, default 3), `FTVM_BENCH_QUICK=1` (3 and 1),
 //! `FTVM_BENCH_FAILURE_TIMEOUT` (default 5s: with the lab's 200ms the primary drops a
 //! joiner of a 256M or larger guest right after the commit, see the lag figures).
+//! 24 joins in about 3 minutes; quick, 7 in about 1.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
