@@ -1,10 +1,12 @@
-//! Block geometry and blake3 leaf hashing, on all cores, reading large and sequentially.
+//! Block geometry and blake3 leaf hashing, on all cores (rayon), reading large and sequentially.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use rayon::iter::{ParallelBridge, ParallelIterator};
 
 use crate::stats::Stats;
 use crate::{Error, Result};
@@ -123,11 +125,9 @@ pub fn is_zero(data: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
-/// Number of hashing threads: every core.
+/// Number of hashing threads: every core (rayon's global pool).
 pub fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
+    rayon::current_num_threads()
 }
 
 /// Hashes every block of `file`.
@@ -153,8 +153,10 @@ pub fn hash_file(
 
 /// Hashes the blocks in `runs` (`(first block, count)`, ascending, disjoint) into `leaves`.
 ///
-/// The file is memory-mapped; work is cut into segments of up to 8 MiB taken in ascending
-/// order by one thread per core, so the file is read in large, nearly sequential runs.
+/// The file is memory-mapped; work is cut into segments of up to 8 MiB that rayon's threads
+/// (one per core) take in ascending order, so the file is read in large, nearly sequential
+/// runs. Each segment's hashes go straight into its own part of `leaves`. On an error
+/// (`cancel` raised, the file shrank) `leaves` may be partly updated.
 pub fn hash_runs(
     file: &File,
     path: &Path,
@@ -165,23 +167,35 @@ pub fn hash_runs(
     cancel: &AtomicBool,
 ) -> Result<()> {
     let per_seg = (SEGMENT_BYTES / geo.block_size as u64).max(1);
-    let mut segs = Vec::new();
+    // (first block, its leaves), ascending: `leaves` cut into one disjoint slice per segment.
+    let mut segs: Vec<(u64, &mut [Hash])> = Vec::new();
+    let mut rest = leaves;
+    let mut base = 0u64;
     for &(start, count) in runs {
         let end = start + count;
         assert!(end <= geo.blocks(), "run beyond the end of the disk");
+        assert!(start >= base, "runs not ascending and disjoint");
         let mut s = start;
         while s < end {
             let n = per_seg.min(end - s);
-            segs.push((s, n));
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - base) as usize);
+            let (seg, tail) = tail.split_at_mut(n as usize);
+            segs.push((s, seg));
+            rest = tail;
+            base = s + n;
             s += n;
         }
     }
+    let span = |s: u64, n: usize| {
+        let (off, _) = geo.block(s);
+        let (loff, llen) = geo.block(s + n as u64 - 1);
+        (off, loff + llen as u64)
+    };
     let total: u64 = segs
         .iter()
-        .map(|&(s, n)| {
-            let (off, _) = geo.block(s);
-            let (loff, llen) = geo.block(s + n - 1);
-            loff + llen as u64 - off
+        .map(|(s, seg)| {
+            let (off, end) = span(*s, seg.len());
+            end - off
         })
         .sum();
     stats.bytes_to_hash.store(total, Ordering::Relaxed);
@@ -195,51 +209,37 @@ pub fn hash_runs(
     let map =
         unsafe { memmap2::MmapOptions::new().map(file) }.map_err(|e| Error::io("mmap", path, e))?;
     let _ = map.advise(memmap2::Advice::Sequential);
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(u64, Vec<Hash>)>> = Mutex::new(Vec::with_capacity(segs.len()));
-    let cancelled = AtomicBool::new(false);
-    let nthreads = threads().min(segs.len()).max(1);
     let bs = geo.block_size as usize;
-    std::thread::scope(|sc| {
-        for _ in 0..nthreads {
-            sc.spawn(|| loop {
-                if cancel.load(Ordering::Relaxed) {
-                    cancelled.store(true, Ordering::Relaxed);
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(s, n)) = segs.get(i) else { return };
-                let (off, _) = geo.block(s);
-                let (loff, llen) = geo.block(s + n - 1);
-                let end = loff + llen as u64;
-                if end > map.len() as u64 {
-                    cancelled.store(true, Ordering::Relaxed);
-                    return;
-                }
-                let data = &map[off as usize..end as usize];
-                let hashes: Vec<Hash> = data.chunks(bs).map(leaf_hash).collect();
-                Stats::add(&stats.bytes_hashed, data.len() as u64);
-                results.lock().unwrap().push((s, hashes));
-            });
+    // `par_bridge` hands the segments out one at a time in the order of the iterator (not
+    // split into far-apart halves as an indexed parallel iterator would be).
+    let hashed = segs.into_iter().par_bridge().try_for_each(|(s, out)| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
         }
+        let (off, end) = span(s, out.len());
+        if end > map.len() as u64 {
+            return Err(Error::io(
+                "hash",
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while hashing",
+                ),
+            ));
+        }
+        let data = &map[off as usize..end as usize];
+        for (h, block) in out.iter_mut().zip(data.chunks(bs)) {
+            *h = leaf_hash(block);
+        }
+        Stats::add(&stats.bytes_hashed, data.len() as u64);
+        Ok(())
     });
+    // A cancel raised while the last segments were hashed (or while another thread met a
+    // shrunk file) still cancels.
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    if cancelled.load(Ordering::Relaxed) {
-        return Err(Error::io(
-            "hash",
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file shrank while hashing",
-            ),
-        ));
-    }
-    for (s, hashes) in results.into_inner().unwrap() {
-        leaves[s as usize..s as usize + hashes.len()].copy_from_slice(&hashes);
-    }
-    Ok(())
+    hashed
 }
 
 /// Turns a sorted list of block indices into `(first, count)` runs.
@@ -298,6 +298,54 @@ mod tests {
         v[4098] = 1;
         assert!(!is_zero(&v));
         assert!(!is_zero(&v[3..]));
+    }
+
+    /// Segments hashed on every core give each block's own leaf hash, in place, for whole
+    /// files and for runs with gaps (several segments, a short last block).
+    #[test]
+    fn parallel_hashing_matches_block_by_block() {
+        let bs = 4096u32;
+        let size = 3 * SEGMENT_BYTES + 5 * bs as u64 + 123;
+        let mut data = vec![0u8; size as usize];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        let geo = Geometry::new(size, bs).unwrap();
+        let want: Vec<Hash> = data.chunks(bs as usize).map(leaf_hash).collect();
+        let stats = Stats::default();
+        let no = AtomicBool::new(false);
+        let p = Path::new("test.img");
+        assert_eq!(hash_file(&f, p, geo, &stats, &no).unwrap(), want);
+        assert_eq!(stats.bytes_hashed.load(Ordering::Relaxed), size);
+
+        let n = geo.blocks();
+        let runs = [(0, 1), (5, 2100), (3000, 3000), (n - 2, 2)];
+        let mut leaves = vec![[7u8; 32]; n as usize];
+        hash_runs(&f, p, geo, &runs, &mut leaves, &stats, &no).unwrap();
+        for (i, l) in leaves.iter().enumerate() {
+            let i = i as u64;
+            let hashed = runs.iter().any(|&(s, c)| (s..s + c).contains(&i));
+            assert_eq!(
+                *l,
+                if hashed { want[i as usize] } else { [7; 32] },
+                "block {i}"
+            );
+        }
+
+        let yes = AtomicBool::new(true);
+        assert!(matches!(
+            hash_file(&f, p, geo, &stats, &yes),
+            Err(Error::Cancelled)
+        ));
+        let bigger = Geometry::new(size + SEGMENT_BYTES, bs).unwrap();
+        let e = hash_file(&f, p, bigger, &stats, &no).unwrap_err();
+        assert!(e.to_string().contains("file shrank"), "{e}");
     }
 
     #[test]

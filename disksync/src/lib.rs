@@ -35,9 +35,6 @@ pub use hash::{Geometry, Hash, DEFAULT_BLOCK_SIZE};
 pub use merkle::Tree;
 pub use stats::Stats;
 
-/// ALPN protocol identifier of the resync protocol.
-pub const ALPN: &[u8] = b"ftvm-resync/1";
-
 /// Sidecar file names next to a disk image `PATH`: `PATH.ftvm-written` (written-block
 /// record), `PATH.ftvm-leaves` (leaf cache), `PATH.ftvm-pull` (resume state of a pull).
 pub fn sidecar(disk: &std::path::Path, suffix: &str) -> std::path::PathBuf {

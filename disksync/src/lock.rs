@@ -32,6 +32,13 @@ impl DiskLock {
             .write(true)
             .open(path)
             .map_err(|e| Error::io("open", path, e))?;
+        Self::lock_exclusive(file, path)
+    }
+
+    /// Locks `file`, already opened read-write from `path` (by a caller that opens it its own
+    /// way, e.g. creating it), exclusively, with the same checks as [`DiskLock::exclusive`].
+    pub fn lock_exclusive(file: File, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
         match file.try_lock() {
             Ok(()) => Self::no_other_writer(Self {
                 file,
@@ -84,6 +91,12 @@ impl DiskLock {
     /// True for an exclusive (writer's) lock.
     pub fn is_exclusive(&self) -> bool {
         self.exclusive
+    }
+
+    /// The open image, still locked: the lock belongs to the open file and lasts until the
+    /// file (and every descriptor duplicated from it) is closed.
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 
@@ -154,6 +167,29 @@ mod tests {
         drop(r1);
         drop(_r2);
         assert!(DiskLock::exclusive(&p).unwrap().is_exclusive());
+    }
+
+    #[test]
+    fn a_file_opened_by_the_caller_keeps_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .unwrap()
+        };
+        let f = DiskLock::lock_exclusive(open(), &p).unwrap().into_file();
+        assert!(matches!(
+            DiskLock::lock_exclusive(open(), &p),
+            Err(Error::Locked(_))
+        ));
+        assert!(matches!(DiskLock::shared(&p), Err(Error::Locked(_))));
+        drop(f);
+        assert!(DiskLock::shared(&p).is_ok());
     }
 
     #[test]

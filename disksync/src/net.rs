@@ -9,7 +9,8 @@ use quinn::{Connection, Endpoint};
 
 use crate::session::{pull_connection, serve_connection, PullOptions, SourceDisk, TargetDisk};
 use crate::stats::{Stats, Summary};
-use crate::{Error, Result, ALPN};
+use crate::{Error, Result};
+use ftvm_tls::ALPN_RESYNC as ALPN;
 
 /// Transport settings: the shared defaults of `ftvm-tls` plus larger flow-control windows
 /// (so one stream fills a fast link) and path-MTU discovery up to the UDP maximum.

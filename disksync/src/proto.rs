@@ -6,7 +6,10 @@
 //! ([`Msg::GetBlocks`] → a [`Msg::Block`] or [`Msg::Zero`] per block, in order), and ends with
 //! [`Msg::Verify`] → [`Msg::Verified`]. Either side may send [`Msg::Error`] and close.
 //! Anything malformed — unknown tag, oversized or inconsistent length, a stream that ends
-//! inside a message — is a [`Error::Protocol`] that ends the session.
+//! inside a message, trailing bytes, a flag other than 0/1, an error text that is not UTF-8
+//! or longer than [`MAX_ERROR`] — is a [`Error::Protocol`] that ends the session. Integers
+//! are little-endian; the last field of a payload (a bitmap, block data, a list of
+//! fixed-size entries, the error text) runs to its end (`docs/wire.md`).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -23,6 +26,8 @@ pub const MAX_MSG: usize = MAX_BLOCK_SIZE as usize + 64;
 pub const MAX_NODES: usize = 1 << 16;
 /// Most runs in one GetBlocks.
 pub const MAX_RUNS: usize = 1 << 16;
+/// Longest error text, in bytes (longer texts are cut at a character boundary when sent).
+pub const MAX_ERROR: usize = 4096;
 
 /// Fast-path offer of the client: its record's generation and bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +180,13 @@ impl Msg {
                 p.extend_from_slice(root);
                 p.push(*equal as u8);
             }
-            Msg::Error { message } => p.extend_from_slice(message.as_bytes()),
+            Msg::Error { message } => {
+                let mut end = message.len().min(MAX_ERROR);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                p.extend_from_slice(&message.as_bytes()[..end]);
+            }
         }
         let mut out = Vec::with_capacity(5 + p.len());
         out.push(self.tag());
@@ -285,9 +296,15 @@ impl Msg {
                     equal: p[32] == 1,
                 }
             }
-            10 => Msg::Error {
-                message: String::from_utf8_lossy(&p[..p.len().min(4096)]).into_owned(),
-            },
+            10 => {
+                if p.len() > MAX_ERROR {
+                    return Err(bad("error text longer than 4096 bytes"));
+                }
+                Msg::Error {
+                    message: String::from_utf8(p.to_vec())
+                        .map_err(|_| bad("error text is not UTF-8"))?,
+                }
+            }
             t => {
                 return Err(Error::Protocol(format!(
                     "unknown message type {t:#04x} (garbage on the stream or a different protocol)"
@@ -440,6 +457,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn error_texts_are_strict_and_cut_to_fit() {
+        let long = "é".repeat(MAX_ERROR); // 2 bytes each: cut at a character boundary
+        let e = Msg::Error { message: long }.encode();
+        let text = std::str::from_utf8(&e[5..]).unwrap();
+        assert_eq!(text.len(), MAX_ERROR);
+        assert!(matches!(Msg::decode(10, &e[5..]), Ok(Msg::Error { .. })));
+        let err = Msg::decode(10, &[b'x'; MAX_ERROR + 1]).unwrap_err();
+        assert!(err.to_string().contains("longer than 4096"), "{err}");
+        let err = Msg::decode(10, &[b'o', b'k', 0xff]).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
     #[tokio::test]

@@ -1,8 +1,8 @@
 //! One resync session over an established QUIC connection: the source side
 //! ([`serve_connection`]) and the target side ([`pull_connection`], also used by `verify`).
 //!
-//! `ftvm-node` can run these over its own connections (ALPN [`crate::ALPN`]) with a disk it
-//! already holds open and locked; `ftvm-resync` wraps them in [`crate::net`].
+//! `ftvm-node` can run these over its own connections (ALPN [`ftvm_tls::ALPN_RESYNC`]) with a
+//! disk it already holds open and locked; `ftvm-resync` wraps them in [`crate::net`].
 
 use std::fs::File;
 use std::path::PathBuf;

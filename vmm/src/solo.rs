@@ -155,15 +155,17 @@ pub fn open_disk(opts: &DiskOptions) -> Result<(File, u64), VmmError> {
                 _ => err(e.to_string()),
             },
         )?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            return Err(err(
-                "in use by another process (ftvm-node or ftvm-resync)".into()
-            ))
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(err(format!("cannot lock: {e}"))),
-    }
+    let file = disksync::lock::DiskLock::lock_exclusive(file, &opts.path)
+        .map_err(|e| match e {
+            disksync::Error::Locked(_) => {
+                err("in use by another process (ftvm-node or ftvm-resync)".into())
+            }
+            disksync::Error::OpenForWriting { pids, .. } => err(format!(
+                "in use by another process: open for writing by process(es) {pids:?}"
+            )),
+            e => err(e.to_string()),
+        })?
+        .into_file();
     if created {
         if opts.create_size == 0 || !opts.create_size.is_multiple_of(SECTOR) {
             return Err(err(format!(

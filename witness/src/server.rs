@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -104,7 +103,17 @@ impl Server {
     /// [`Server::start`] with the store `open` returns (the configuration's store is ignored).
     pub async fn start_with(config: &Config, open: StoreOpener) -> Result<Server, ServeError> {
         let pairs = config.pair_map();
-        let metrics = Arc::new(Metrics::default());
+        // The metrics listener is bound first (the exporter binds as it is built): a taken
+        // port fails the start before the store is opened.
+        let (metrics, metrics_listener) = match config.metrics_listen {
+            Some(maddr) => {
+                let (m, addr, listener) =
+                    Metrics::serve(maddr).map_err(|e| ServeError::Bind(maddr, e))?;
+                (m, Some((addr, listener)))
+            }
+            None => (Metrics::default(), None),
+        };
+        let metrics = Arc::new(metrics);
         let (tx, rx) = mpsc::channel::<Job>(4096);
         let (ready_tx, ready_rx) = oneshot::channel();
         let dmetrics = metrics.clone();
@@ -157,12 +166,26 @@ impl Server {
 
         let mut tasks = Vec::new();
         let mut metrics_addr = None;
-        if let Some(maddr) = config.metrics_listen {
-            let l = tokio::net::TcpListener::bind(maddr)
-                .await
-                .map_err(|e| ServeError::Bind(maddr, e))?;
-            metrics_addr = l.local_addr().ok();
-            tasks.push(tokio::spawn(crate::metrics::serve_http(l, metrics.clone())));
+        match metrics_listener {
+            Some((addr, listener)) => {
+                metrics_addr = Some(addr);
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = listener.await {
+                        warn!(event = "metrics_failed", error = ?e, "metrics listener stopped");
+                    }
+                }));
+            }
+            None => {
+                // Served metrics are kept up by the exporter; these ones are not scraped.
+                let m = metrics.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        tick.tick().await;
+                        m.upkeep();
+                    }
+                }));
+            }
         }
         let ep = endpoint.clone();
         tasks.push(tokio::spawn(accept_loop(ep, shared)));
@@ -208,23 +231,20 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    shared.metrics.handshake_failures.fetch_add(1, Relaxed);
+                    shared.metrics.handshake_failures.increment(1);
                     warn!(event = "refused", reason = "handshake", remote = %remote, error = %e, "connection refused");
                     return;
                 }
             };
             let Some(node) = peer_identity(&conn) else {
-                shared.metrics.handshake_failures.fetch_add(1, Relaxed);
+                shared.metrics.handshake_failures.increment(1);
                 warn!(event = "refused", reason = "no_identity", remote = %remote, "connection refused");
                 conn.close(CLOSE_NOT_AUTHORIZED.into(), b"no certificate identity");
                 return;
             };
             let known = shared.roster.knows_node(&node);
             if !known {
-                shared
-                    .metrics
-                    .refused_unknown_identity
-                    .fetch_add(1, Relaxed);
+                shared.metrics.refused_unknown_identity.increment(1);
                 warn!(event = "refused", reason = "unknown_identity", node = %node, remote = %remote, "connection refused: identity is a node of no pair");
                 conn.close(
                     CLOSE_NOT_AUTHORIZED.into(),
@@ -232,7 +252,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 );
                 return;
             }
-            shared.metrics.connections.fetch_add(1, Relaxed);
+            shared.metrics.connections.increment(1);
             info!(event = "connected", node = %node, remote = %remote);
             let node: Arc<str> = node.into();
             loop {
@@ -274,7 +294,7 @@ async fn handle_stream(
     let resp = match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_to_end(MAX_REQUEST)).await
     {
         Err(_) => {
-            m.request_timeouts.fetch_add(1, Relaxed);
+            m.request_timeouts.increment(1);
             warn!(event = "refused", reason = "timeout", node, remote = %remote, "request not received in time");
             error(
                 ErrorCode::Timeout,
@@ -282,8 +302,8 @@ async fn handle_stream(
             )
         }
         Ok(Err(quinn::ReadToEndError::TooLong)) => {
-            m.oversized_requests.fetch_add(1, Relaxed);
-            m.bad_requests.fetch_add(1, Relaxed);
+            m.oversized_requests.increment(1);
+            m.bad_requests.increment(1);
             warn!(event = "refused", reason = "too_large", node, remote = %remote, "oversized request");
             let _ = recv.stop(0u32.into());
             error(
@@ -301,7 +321,7 @@ async fn handle_stream(
                 if message_version(&buf) == Some(VERSION_V1) {
                     reply_version = VERSION_V1;
                 }
-                m.bad_requests.fetch_add(1, Relaxed);
+                m.bad_requests.increment(1);
                 warn!(event = "refused", reason = e.code().label(), node, remote = %remote, error = %e, len = buf.len(), "bad request");
                 decode_error(&e)
             }
@@ -320,7 +340,7 @@ fn decode_error(e: &DecodeError) -> Response {
 fn refusal(r: Refusal, op: &str, pair: &str, node: &str, m: &Metrics) -> Response {
     match r {
         Refusal::UnknownPair => {
-            m.refused_unknown_pair.fetch_add(1, Relaxed);
+            m.refused_unknown_pair.increment(1);
             warn!(
                 event = "refused",
                 op,
@@ -335,7 +355,7 @@ fn refusal(r: Refusal, op: &str, pair: &str, node: &str, m: &Metrics) -> Respons
             )
         }
         Refusal::NotAuthorized => {
-            m.refused_not_authorized.fetch_add(1, Relaxed);
+            m.refused_not_authorized.increment(1);
             warn!(
                 event = "refused",
                 op,
@@ -356,7 +376,7 @@ async fn answer(req: Request, node: &str, shared: &Shared) -> Response {
     let m = &shared.metrics;
     match req {
         Request::Ping => {
-            m.pings.fetch_add(1, Relaxed);
+            m.pings.increment(1);
             Response::Pong
         }
         Request::Status { pair } => submit(shared, pair, node, JobKind::Status).await,
@@ -459,7 +479,7 @@ impl Decider {
             }
             if let Some(why) = &self.poisoned {
                 for j in jobs {
-                    self.metrics.store_failures.fetch_add(1, Relaxed);
+                    self.metrics.store_failures.increment(1);
                     let _ = j.reply.send(error(ErrorCode::Unavailable, why.clone()));
                 }
                 continue;
@@ -482,7 +502,7 @@ impl Decider {
                         why
                     };
                     for j in jobs {
-                        self.metrics.store_failures.fetch_add(1, Relaxed);
+                        self.metrics.store_failures.increment(1);
                         let _ = j.reply.send(error(ErrorCode::Unavailable, why.clone()));
                     }
                 }
@@ -541,7 +561,7 @@ impl Decider {
             match self.store.commit(&expect, &writes)? {
                 Commit::Done(new_versions) => {
                     if !writes.is_empty() {
-                        self.metrics.synced_writes.fetch_add(1, Relaxed);
+                        self.metrics.synced_writes.increment(1);
                     }
                     for (p, st) in &writes {
                         self.metrics.set_generation(p, st.generation);
@@ -551,7 +571,7 @@ impl Decider {
                     return Ok((decided, !writes.is_empty()));
                 }
                 Commit::Conflict(current) => {
-                    self.metrics.store_conflicts.fetch_add(1, Relaxed);
+                    self.metrics.store_conflicts.increment(1);
                     for (p, v) in current {
                         self.metrics.set_generation(&p, v.state.generation);
                         self.witness.apply(&p, v.state);
@@ -576,7 +596,7 @@ impl Decider {
                 })),
                 _,
             ) => {
-                m.status.fetch_add(1, Relaxed);
+                m.status.increment(1);
                 info!(event = "status", pair = %j.pair, node = %j.node, generation, holder = holder.as_deref().unwrap_or("-"));
                 Response::Status { generation, holder }
             }
@@ -585,7 +605,7 @@ impl Decider {
                 let seen = *seen;
                 match d {
                     ClaimDecision::Grant { new_state } => {
-                        m.grants.fetch_add(1, Relaxed);
+                        m.grants.increment(1);
                         m.observe_claim_latency(latency);
                         info!(event = "claim", decision = "granted", pair = %j.pair, node = %j.node, seen, claim_id = %claim_id, generation = new_state.generation, latency_us = lat_us);
                         Response::Granted {
@@ -594,7 +614,7 @@ impl Decider {
                         }
                     }
                     ClaimDecision::Regrant { state } => {
-                        m.regrants.fetch_add(1, Relaxed);
+                        m.regrants.increment(1);
                         m.observe_claim_latency(latency);
                         info!(event = "claim", decision = "regranted", pair = %j.pair, node = %j.node, seen, claim_id = %claim_id, generation = state.generation, latency_us = lat_us);
                         Response::Granted {
@@ -603,7 +623,7 @@ impl Decider {
                         }
                     }
                     ClaimDecision::Deny { state } => {
-                        m.denials.fetch_add(1, Relaxed);
+                        m.denials.increment(1);
                         m.observe_claim_latency(latency);
                         info!(event = "claim", decision = "denied", pair = %j.pair, node = %j.node, seen, claim_id = %claim_id, generation = state.generation, holder = state.holder.as_deref().unwrap_or("-"), latency_us = lat_us);
                         Response::Denied {

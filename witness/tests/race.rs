@@ -115,7 +115,9 @@ async fn racing_clients(etcd: bool) {
         w.metric("ftvm_witness_pair_generation{pair=\"race\"}"),
         rounds
     );
-    assert_eq!(w.http_status("/nope"), "HTTP/1.0 404 Not Found");
+    // The exporter (metrics-exporter-prometheus) answers every path but /health with the
+    // metrics, and /health with OK.
+    assert_eq!(w.http_status("/health"), "HTTP/1.0 200 OK");
     assert!(w
         .metrics_text()
         .contains("# TYPE ftvm_witness_claim_latency_seconds histogram"));
