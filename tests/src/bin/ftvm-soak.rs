@@ -4,6 +4,7 @@
 //! ```text
 //! ftvm-soak [--trials N] [--minutes M] [--seed S] [--faults K] [--clients C]
 //!           [--reply-timeout-ms T] [--heal-limit-s H] [--out DIR] [--keep] [--verbose]
+//!           [--no-operator]
 //! ```
 //!
 //! Trial `i` (from 0) uses seed `S + i`, so `--trials 1 --seed S+i` repeats it. Needs root,
@@ -18,6 +19,7 @@ use ftvm_tests::soak::Totals;
 
 const USAGE: &str = "usage: ftvm-soak [--trials N] [--minutes M] [--seed S] [--faults K] \
 [--clients C] [--reply-timeout-ms T] [--heal-limit-s H] [--out DIR] [--keep] [--verbose]
+[--no-operator]
 
   --trials N          trials to run (default 1, or as many as fit in --minutes)
   --minutes M         start no trial, and no step of a trial, after M minutes
@@ -29,6 +31,8 @@ const USAGE: &str = "usage: ftvm-soak [--trials N] [--minutes M] [--seed S] [--f
   --out DIR           where failing trials are recorded (default target/ftvm-soak)
   --keep              record every trial, not only the failing ones
   --verbose           print every event as it happens
+  --no-operator       never act as the operator (a backup refused because its disk
+                      differs is otherwise brought in line with ftvm-resync, and counted)
 
 The last line of the output is
   soak: trials=N faults=F acked=A lost=L stale_reads=S dual_primary=D client_errors=E
@@ -46,6 +50,7 @@ struct Args {
     out: PathBuf,
     keep: bool,
     verbose: bool,
+    operator: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -62,6 +67,7 @@ fn parse() -> Result<Args, String> {
         out: PathBuf::from("target/ftvm-soak"),
         keep: false,
         verbose: false,
+        operator: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +85,7 @@ fn parse() -> Result<Args, String> {
             "--heal-limit-s" => a.heal_limit = Duration::from_secs(num(&flag, value()?)?),
             "--out" => a.out = PathBuf::from(value()?),
             "--keep" => a.keep = true,
+            "--no-operator" => a.operator = false,
             "--verbose" | "-v" => a.verbose = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -136,6 +143,7 @@ fn main() -> ExitCode {
             keep: a.keep,
             deadline,
             verbose: a.verbose,
+            operator: a.operator,
         };
         let r = run_trial(&cfg);
         let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
@@ -143,7 +151,7 @@ fn main() -> ExitCode {
             *kinds.entry(&e.kind).or_default() += 1;
         }
         println!(
-            "soak: trial {} seed={} steps={} faults={} ops={} acked={} lost={} stale={} dual={} client_errors={}{} gap={:.0}ms heal_max={:.1}s exits={:?} {:.0}s {}{}",
+            "soak: trial {} seed={} steps={} faults={} ops={} acked={} lost={} stale={} dual={} client_errors={}{} gap={:.0}ms heal_max={:.1}s exits={} resyncs={} {:.0}s {}{}",
             i + 1,
             r.seed,
             r.steps,
@@ -161,7 +169,8 @@ fn main() -> ExitCode {
             },
             r.gap.ns as f64 / 1e6,
             r.heal_max.as_secs_f64(),
-            r.exits,
+            r.exits.values().sum::<usize>(),
+            r.resyncs.len(),
             r.elapsed.as_secs_f64(),
             if r.ok() { "ok" } else { "FAILED" },
             r.saved

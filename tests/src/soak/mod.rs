@@ -35,7 +35,7 @@ pub struct Totals {
     pub dual: usize,
     /// Client errors, by kind.
     pub error_kinds: BTreeMap<String, usize>,
-    /// Nodes' own exits, by code.
+    /// Nodes' own exits, by code and reason.
     pub exits: BTreeMap<String, usize>,
     /// Generations granted after each trial's first.
     pub failovers: usize,
@@ -47,6 +47,8 @@ pub struct Totals {
     pub failed: Vec<(u64, String, Option<PathBuf>)>,
     /// Trials with an exit other than 66 (recorded, not failed).
     pub unexpected_exits: Vec<(u64, Option<PathBuf>)>,
+    /// Operator resyncs needed, with their trial's seed.
+    pub resyncs: Vec<(u64, String)>,
 }
 
 impl Totals {
@@ -86,6 +88,9 @@ impl Totals {
                 what.push(f.lines().next().unwrap_or_default().to_string());
             }
             self.failed.push((r.seed, what.join(", "), r.saved.clone()));
+        }
+        for x in &r.resyncs {
+            self.resyncs.push((r.seed, x.clone()));
         }
         if !r.unexpected.is_empty() {
             self.unexpected_exits.push((r.seed, r.saved.clone()));
@@ -155,19 +160,20 @@ impl Totals {
                 kinds.join(", ")
             }
         );
-        let exits: Vec<String> = self
-            .exits
-            .iter()
-            .map(|(c, n)| format!("{c} ×{n}"))
-            .collect();
         s += &format!(
-            "soak: node exits of their own (not our kill -9): {}\n",
-            if exits.is_empty() {
-                "none".to_string()
-            } else {
-                exits.join(", ")
-            }
+            "soak: node exits of their own (not our kill -9), by code and reason: {}\n",
+            self.exits.values().sum::<usize>()
         );
+        for (c, n) in &self.exits {
+            s += &format!("soak:   {n} × {c}\n");
+        }
+        s += &format!(
+            "soak: operator resyncs needed (the pair could not re-form by itself): {}\n",
+            self.resyncs.len()
+        );
+        for (seed, what) in &self.resyncs {
+            s += &format!("soak:   trial seed {seed} at {what}\n");
+        }
         for (seed, p) in &self.unexpected_exits {
             s += &format!(
                 "soak: trial seed {seed} had an exit other than 66{}\n",

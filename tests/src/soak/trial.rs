@@ -45,6 +45,9 @@ pub struct TrialConfig {
     pub deadline: Option<Instant>,
     /// Print every event as it happens.
     pub verbose: bool,
+    /// Act as the operator where the docs tell one to (a backup refused because its disk
+    /// differs: `ftvm-resync`); without it such a trial fails to heal.
+    pub operator: bool,
 }
 
 /// The longest a client waited between two answers.
@@ -83,7 +86,7 @@ pub struct TrialResult {
     pub malformed: Vec<String>,
     /// Every client error.
     pub client_errors: Vec<ClientError>,
-    /// Exits the nodes made on their own (not our kill -9), by code.
+    /// Exits the nodes made on their own (not our kill -9), by code and reason.
     pub exits: BTreeMap<String, usize>,
     /// Exits other than 66 (a lost claim), with the log's tail.
     pub unexpected: Vec<String>,
@@ -95,6 +98,8 @@ pub struct TrialResult {
     pub heal_max: Duration,
     /// Generations granted after the first (every failover, every restart from the disk).
     pub failovers: usize,
+    /// Operator resyncs the pair needed to re-form.
+    pub resyncs: Vec<String>,
     /// Where the record went, if it was written.
     pub saved: Option<PathBuf>,
     /// How long the trial took.
@@ -191,6 +196,40 @@ struct Rig<'a> {
     ev: Events,
     exits: BTreeMap<String, usize>,
     unexpected: Vec<String>,
+    /// A node refused as backup because its disk differs (exit 68 `disk_root`): the
+    /// operator's resync is due.
+    needs_resync: Option<String>,
+    /// Whether the soak may act as the operator.
+    operator: bool,
+    resyncs: Vec<String>,
+}
+
+/// The reason in a node's `node exiting:` log line, with numbers and hashes elided so that
+/// equal reasons group together.
+fn exit_reason(log_tail: &str) -> String {
+    let Some(line) = log_tail
+        .lines()
+        .rev()
+        .find(|l| l.contains("node exiting: "))
+    else {
+        return "no exit line".into();
+    };
+    let r = line.split("node exiting: ").nth(1).unwrap_or_default();
+    let r = r.split(" released_frames=").next().unwrap_or(r);
+    let mut out = String::new();
+    let mut last_digit = false;
+    for c in r.chars() {
+        if c.is_ascii_hexdigit() && (c.is_ascii_digit() || last_digit) {
+            if !last_digit {
+                out.push('#');
+            }
+            last_digit = true;
+        } else {
+            last_digit = false;
+            out.push(c);
+        }
+    }
+    out.chars().take(140).collect()
 }
 
 impl<'a> Rig<'a> {
@@ -209,6 +248,9 @@ impl<'a> Rig<'a> {
             ev,
             exits: BTreeMap::new(),
             unexpected: Vec::new(),
+            needs_resync: None,
+            operator: true,
+            resyncs: Vec::new(),
         }
     }
 
@@ -298,12 +340,17 @@ impl<'a> Rig<'a> {
                 "68" => "refused: configuration mismatch",
                 _ => "UNEXPECTED",
             };
-            self.ev.note(format!("{name} exited {code} ({why})"));
-            *self.exits.entry(code.clone()).or_default() += 1;
+            let log = std::fs::read_to_string(self.lab.log(&name)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            let reason = exit_reason(&tail);
+            self.ev
+                .note(format!("{name} exited {code} ({why}): {reason}"));
+            *self.exits.entry(format!("{code} {reason}")).or_default() += 1;
+            if code == "68" && reason.contains("disk_root differs") {
+                self.needs_resync = Some(name.clone());
+            }
             if code != "66" {
-                let log = std::fs::read_to_string(self.lab.log(&name)).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
                 self.unexpected.push(format!(
                     "{name} exited {code} at {:.3}s ({why}); its log ends:\n{tail}",
                     self.ev.epoch.elapsed().as_secs_f64()
@@ -376,6 +423,78 @@ impl<'a> Rig<'a> {
         Ok(())
     }
 
+    /// What docs/operations.md tells an operator to do when a backup is refused because
+    /// its disk differs: stop the node that keeps the good disk, bring the other disk in
+    /// line with `ftvm-resync pull`, start both again.
+    fn operator_resync(&mut self, stale: &str) -> Result<()> {
+        let good = self.other(stale);
+        self.ev.note(format!(
+            "OPERATOR: {stale} was refused as backup (its disk differs from {good}'s): stop \
+             {good}, ftvm-resync pull {stale}'s disk from {good}, start both"
+        ));
+        self.resyncs.push(format!(
+            "{:.1}s: {stale} refused by {good} (disk_root differs)",
+            self.ev.epoch.elapsed().as_secs_f64()
+        ));
+        if let Some(node) = self.nodes.get_mut(&good).and_then(Option::take) {
+            node.signal(libc::SIGTERM);
+            match node.wait(Duration::from_secs(20)) {
+                Ok((st, _)) => self.ev.note(format!("  {good} stopped: {st}")),
+                Err(e) => self
+                    .ev
+                    .note(format!("  {good} did not stop ({e:#}): killed")),
+            }
+        }
+        self.stopped.remove(&good);
+        let resync = crate::netns::sibling_binary("ftvm-resync", "FTVM_RESYNC")?;
+        let log_path = self.lab.path().join("resync.log");
+        let log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+        };
+        let host = self.lab.host(&good);
+        let listen = format!("{}:7410", host.ip);
+        let mut serve = host.ns.command(&resync);
+        serve
+            .args(["serve", "--disk"])
+            .arg(self.lab.disk(&good))
+            .args(["--listen", &listen, "--tls"])
+            .arg(self.lab.tls())
+            .args(["--node", &good, "--allow", stale])
+            .stdin(Stdio::null())
+            .stdout(log()?)
+            .stderr(log()?);
+        let server = Spawned::start(serve)?;
+        let mut pulled = false;
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut pull = self.lab.host(stale).ns.command(&resync);
+            pull.args(["pull", "--from", &format!("{good}@{listen}"), "--disk"])
+                .arg(self.lab.disk(stale))
+                .arg("--tls")
+                .arg(self.lab.tls())
+                .args(["--node", stale])
+                .stdin(Stdio::null())
+                .stdout(log()?)
+                .stderr(log()?);
+            if pull.status()?.success() {
+                pulled = true;
+                break;
+            }
+        }
+        drop(server);
+        if !pulled {
+            bail!("the operator's ftvm-resync pull of {stale} from {good} failed (resync.log)");
+        }
+        self.ev
+            .note(format!("  {stale}'s disk now equals {good}'s"));
+        self.start_node(&good)?;
+        self.start_node(stale)?;
+        Ok(())
+    }
+
     /// Every node's role (`down`: no process; `?`: no answer).
     fn roles(&self) -> BTreeMap<String, String> {
         self.names
@@ -413,6 +532,12 @@ impl<'a> Rig<'a> {
             if roles != last {
                 self.ev.note(format!("  roles {roles:?}"));
                 last = roles.clone();
+            }
+            if let Some(stale) = self.needs_resync.take() {
+                if self.operator {
+                    self.operator_resync(&stale)?;
+                    continue;
+                }
             }
             for name in self.names.clone() {
                 if self.nodes[&name].is_some() {
@@ -504,6 +629,7 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
         verbose: cfg.verbose,
     };
     let mut rig = Rig::new(&lab, ev);
+    rig.operator = cfg.operator;
     rig.ev
         .note(format!("trial seed {}: {} steps", cfg.seed, schedule.len()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -611,6 +737,7 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
     }
     res.exits = std::mem::take(&mut rig.exits);
     res.unexpected = std::mem::take(&mut rig.unexpected);
+    res.resyncs = std::mem::take(&mut rig.resyncs);
     res.elapsed = started.elapsed();
     rig.ev.note(format!(
         "done: {} ops, {} acked writes, lost {}, stale {}, dual {}, {} client errors, {} releases, {} grants",
@@ -749,6 +876,7 @@ fn save(
     section("dual primary", &res.dual);
     section("malformed history", &res.malformed);
     section("unexpected exits", &res.unexpected);
+    section("operator resyncs", &res.resyncs);
     section("failure", &res.failure.iter().cloned().collect::<Vec<_>>());
     section(
         "client errors",
