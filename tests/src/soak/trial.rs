@@ -216,19 +216,26 @@ fn exit_reason(log_tail: &str) -> String {
     };
     let r = line.split("node exiting: ").nth(1).unwrap_or_default();
     let r = r.split(" released_frames=").next().unwrap_or(r);
+    // Every word with a digit in it (numbers, hashes) becomes `#`.
     let mut out = String::new();
-    let mut last_digit = false;
-    for c in r.chars() {
-        if c.is_ascii_hexdigit() && (c.is_ascii_digit() || last_digit) {
-            if !last_digit {
-                out.push('#');
-            }
-            last_digit = true;
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.chars().any(|c| c.is_ascii_digit()) {
+            out.push('#');
         } else {
-            last_digit = false;
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in r.chars() {
+        if c.is_ascii_alphanumeric() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
             out.push(c);
         }
     }
+    flush(&mut word, &mut out);
     out.chars().take(140).collect()
 }
 
@@ -916,4 +923,27 @@ fn save(
         }
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit_reason;
+
+    #[test]
+    fn exit_reasons_group_without_their_numbers() {
+        let tail = "x\n2026-12-01T12:59:48.428258Z  INFO vmm::node::run: node exiting: \
+                    Refused(\"b refused the pairing: disk_root differs (b has a8d9, this node has \
+                    7b62)\") released_frames=0 last_release_unix_ns=0\nftvm-node: …";
+        assert_eq!(
+            exit_reason(tail),
+            "Refused(\"b refused the pairing: disk_root differs (b has #, this node has #)\")"
+        );
+        assert_eq!(
+            exit_reason(
+                "node exiting: Denied(\"the witness gave the pair to a (generation 12): halting\")"
+            ),
+            "Denied(\"the witness gave the pair to a (generation #): halting\")"
+        );
+        assert_eq!(exit_reason("nothing"), "no exit line");
+    }
 }
