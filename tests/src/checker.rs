@@ -597,18 +597,25 @@ pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<String> 
             }
         }
     }
-    // A superseded generation releasing after a newer one did.
-    let mut newest: Option<&Release> = None;
+    // A superseded generation releasing after another node released under a newer one.
+    let mut newest: BTreeMap<&str, &Release> = BTreeMap::new();
     let mut late: BTreeMap<(&str, u64), (usize, &Release, &Release)> = BTreeMap::new();
     for r in &sorted {
-        match newest {
-            Some(n) if n.generation > r.generation => {
-                late.entry((&r.node, r.generation))
-                    .and_modify(|e| e.0 += 1)
-                    .or_insert((1, r, n));
+        let newer = newest
+            .iter()
+            .filter(|(n, x)| **n != r.node && x.generation > r.generation)
+            .map(|(_, x)| *x)
+            .max_by_key(|x| x.generation);
+        if let Some(n) = newer {
+            late.entry((&r.node, r.generation))
+                .and_modify(|e| e.0 += 1)
+                .or_insert((1, r, n));
+        }
+        match newest.get(r.node.as_str()) {
+            Some(x) if x.generation >= r.generation => {}
+            _ => {
+                newest.insert(&r.node, r);
             }
-            Some(n) if n.generation >= r.generation => {}
-            _ => newest = Some(r),
         }
     }
     for ((node, g), (n, first, newer)) in late {
@@ -1199,6 +1206,22 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(p.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn a_fenced_primary_releasing_after_its_successor_is_reported() {
+        // No overlap in time, but a released under generation 1 after b went live in 2.
+        let rels = vec![
+            rel("a", 1, 10, 20),
+            rel("b", 2, 30, 40),
+            rel("a", 1, 50, 51),
+        ];
+        let p = check_split_brain(&rels, &[grant(1, "a"), grant(2, "b")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("a released 1 batch(es) under generation 1"),
+            "{p:?}"
+        );
     }
 
     #[test]
