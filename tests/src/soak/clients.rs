@@ -49,7 +49,12 @@ pub struct ClientRun {
     pub errors: Vec<ClientError>,
     /// The longest time between two answers, and when it began (ns on the trial's clock).
     pub max_gap: (u64, u64),
+    /// Every gap between two answers of at least [`GAP_RECORDED`]: (when it began, how long).
+    pub gaps: Vec<(u64, u64)>,
 }
+
+/// The shortest gap between two answers that [`ClientRun::gaps`] records (ns).
+pub const GAP_RECORDED: u64 = 300_000_000;
 
 /// The kind of an I/O error, for the summary.
 pub fn kind_of(e: &std::io::Error) -> String {
@@ -155,6 +160,9 @@ fn run(id: u32, cfg: &ClientConfig, stop: &AtomicBool) -> ClientRun {
                 let gap = t.saturating_sub(last_answer);
                 if gap > out.max_gap.0 {
                     out.max_gap = (gap, last_answer);
+                }
+                if gap >= GAP_RECORDED {
+                    out.gaps.push((last_answer, gap));
                 }
                 last_answer = t;
                 let outcome = match (&call, r) {

@@ -43,6 +43,8 @@ pub struct Totals {
     pub heal_max: Duration,
     /// The longest client-observed gap, with its trial's seed.
     pub gap: Option<(u64, Gap)>,
+    /// The longest gap (ns) per kind of step.
+    pub gap_by_kind: BTreeMap<&'static str, u64>,
     /// Trials that found something or could not complete: seed, what, record.
     pub failed: Vec<(u64, String, Option<PathBuf>)>,
     /// Trials with an exit other than 66 (recorded, not failed).
@@ -69,6 +71,10 @@ impl Totals {
         }
         self.failovers += r.failovers;
         self.heal_max = self.heal_max.max(r.heal_max);
+        for (k, g) in &r.gap_by_kind {
+            let e = self.gap_by_kind.entry(k).or_default();
+            *e = (*e).max(*g);
+        }
         if self.gap.as_ref().is_none_or(|(_, g)| r.gap.ns > g.ns) {
             self.gap = Some((r.seed, r.gap.clone()));
         }
@@ -146,6 +152,12 @@ impl Totals {
                 g.at_s,
                 g.during
             );
+        }
+        if !self.gap_by_kind.is_empty() {
+            s += "soak: longest gap by the kind of step it fell in (gaps of 300 ms or more):\n";
+            for (k, g) in &self.gap_by_kind {
+                s += &format!("soak:   {k}: {:.0} ms\n", *g as f64 / 1e6);
+            }
         }
         let kinds: Vec<String> = self
             .error_kinds

@@ -70,6 +70,40 @@ pub enum Fault {
     },
 }
 
+impl Fault {
+    /// The fault's kind, for figures per kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Kill(Target::Primary) => "kill -9 primary",
+            Fault::Kill(Target::Backup) => "kill -9 backup",
+            Fault::Stop { ms, .. } if *ms < FAILURE_TIMEOUT_MS => "SIGSTOP < timeout",
+            Fault::Stop {
+                target: Target::Primary,
+                ..
+            } => "SIGSTOP primary > timeout",
+            Fault::Stop { .. } => "SIGSTOP backup > timeout",
+            Fault::CutChannel { .. } => "channel cut",
+            Fault::CutClient { .. } => "primary's client link cut",
+            Fault::KillWitness { .. } => "witness killed",
+            Fault::Restart {
+                target: Target::Primary,
+                ..
+            } => "restart primary",
+            Fault::Restart { .. } => "restart backup",
+        }
+    }
+}
+
+impl Step {
+    /// The step's kind: its fault's, or `combination`.
+    pub fn kind(&self) -> &'static str {
+        match self.faults.as_slice() {
+            [(_, f)] => f.kind(),
+            _ => "combination",
+        }
+    }
+}
+
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rel = |ms: u64| {

@@ -59,7 +59,8 @@ pub struct Gap {
     pub client: u32,
     /// When it began (s into the trial).
     pub at_s: f64,
-    /// The step in force when it began, and any begun before it ended.
+    /// The step it belongs to (the first begun at most 100 ms before it began, else the one
+    /// in force).
     pub during: String,
 }
 
@@ -94,6 +95,8 @@ pub struct TrialResult {
     pub failure: Option<String>,
     /// The longest client-observed gap.
     pub gap: Gap,
+    /// The longest gap (ns) per kind of step it belongs to (gaps of 300 ms or more).
+    pub gap_by_kind: BTreeMap<&'static str, u64>,
     /// The longest heal.
     pub heal_max: Duration,
     /// Generations granted after the first (every failover, every restart from the disk).
@@ -121,8 +124,21 @@ impl TrialResult {
 struct Events {
     epoch: Instant,
     lines: Vec<String>,
-    steps: Vec<(u64, String)>,
+    /// When each step began, its label and kind.
+    steps: Vec<(u64, String, &'static str)>,
     verbose: bool,
+}
+
+impl Events {
+    /// The step a gap belongs to: the first begun at most 100 ms before the gap began (its
+    /// last answer came just before the fault) and before it ended; else the one in force.
+    fn step_of_gap(&self, start: u64, len: u64) -> Option<usize> {
+        let early = start.saturating_sub(100_000_000);
+        self.steps
+            .iter()
+            .position(|(t, _, _)| *t >= early && *t < start + len)
+            .or_else(|| self.steps.iter().rposition(|(t, _, _)| *t <= start))
+    }
 }
 
 impl Events {
@@ -685,20 +701,9 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
     // Gaps and errors.
     for (i, r) in runs.iter().enumerate() {
         if r.max_gap.0 > res.gap.ns {
-            let (start, end) = (r.max_gap.1, r.max_gap.1 + r.max_gap.0);
-            // The step in force when the gap began, and any begun before it ended.
-            let steps = &rig.ev.steps;
-            let first = steps.iter().rposition(|(t, _)| *t <= start);
-            let mut during: Vec<&str> = Vec::new();
-            for (i, (t, s)) in steps.iter().enumerate() {
-                if Some(i) == first || (*t > start && *t <= end) {
-                    during.push(s);
-                }
-            }
-            let during = if during.is_empty() {
-                "before the first step".to_string()
-            } else {
-                during.join(" / ")
+            let during = match rig.ev.step_of_gap(r.max_gap.1, r.max_gap.0) {
+                Some(i) => rig.ev.steps[i].1.clone(),
+                None => "before the first step".to_string(),
             };
             res.gap = Gap {
                 ns: r.max_gap.0,
@@ -708,6 +713,14 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
             };
         }
         res.client_errors.extend(r.errors.iter().cloned());
+        for (start, len) in &r.gaps {
+            let kind = rig
+                .ev
+                .step_of_gap(*start, *len)
+                .map_or("before the first step", |i| rig.ev.steps[i].2);
+            let e = res.gap_by_kind.entry(kind).or_default();
+            *e = (*e).max(*len);
+        }
     }
     // Everything stops; then the split-brain check on what the nodes and the witness wrote.
     let names = rig.names.clone();
@@ -820,7 +833,7 @@ fn drive(
         );
         rig.ev.note(&label);
         let now = rig.ev.now_ns();
-        rig.ev.steps.push((now, label));
+        rig.ev.steps.push((now, label, step.kind()));
         let t0 = Instant::now();
         for (at, a) in acts {
             let when = t0 + Duration::from_millis(at);
