@@ -34,7 +34,9 @@
 //! ([`parse_witness_grants`]: the `claim` lines of `ftvm-witness --log-json serve`): no
 //! generation granted to two nodes; no node releasing under a generation the witness did not
 //! grant it; no two nodes' release intervals overlapping; and no release under a generation
-//! after a release under a newer one (a fenced primary's late output).
+//! after another node released under a newer one (a fenced primary's late output). Each
+//! [`SplitBrain`] is one episode (a batch overlapped, a node's late generation), however
+//! many of the other node's batches it involves.
 //!
 //! # The simple writer
 //!
@@ -531,12 +533,141 @@ pub fn parse_witness_grants(text: &str) -> Vec<Grant> {
     out
 }
 
-/// Every sign of two primaries in the releases and grants (empty: none). One line per
-/// problem: a generation granted to two nodes; a node releasing under a generation not
-/// granted to it (grouped per node and generation); two nodes' release intervals
-/// overlapping (per pair of batches); a release under a generation older than one already
-/// released under (grouped per node and generation).
-pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<String> {
+/// One sign of two primaries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SplitBrain {
+    /// The witness granted one generation to more than one node.
+    GrantedTwice {
+        /// The generation.
+        generation: u64,
+        /// The nodes.
+        nodes: Vec<String>,
+    },
+    /// A node released under a generation the witness did not grant it.
+    Ungranted {
+        /// The node.
+        node: String,
+        /// The generation.
+        generation: u64,
+        /// How many batches.
+        batches: usize,
+        /// Whom the witness granted it to (empty: nobody).
+        holders: Vec<String>,
+    },
+    /// Another node released while this batch was being written (one episode per batch).
+    Overlap {
+        /// The batch that began first.
+        batch: Release,
+        /// The first of the other node's batches that began inside it.
+        other: Release,
+        /// How many of the other node's batches began inside it.
+        others: usize,
+    },
+    /// A node released under a generation after another node had released under a newer
+    /// one (one episode per node and generation).
+    Late {
+        /// The first late batch.
+        first: Release,
+        /// How many late batches that node released under that generation.
+        batches: usize,
+        /// The newer generation's release that came before it.
+        newer: Release,
+    },
+}
+
+impl SplitBrain {
+    /// The batch of the superseded primary, where there is one: for an overlap the batch of
+    /// the older generation, for a late release the first late batch.
+    pub fn stale_batch(&self) -> Option<&Release> {
+        match self {
+            SplitBrain::Overlap { batch, other, .. } => {
+                Some(if other.generation < batch.generation {
+                    other
+                } else {
+                    batch
+                })
+            }
+            SplitBrain::Late { first, .. } => Some(first),
+            _ => None,
+        }
+    }
+
+    /// For a late release: how many batches were late.
+    pub fn late_batches(&self) -> usize {
+        match self {
+            SplitBrain::Late { batches, .. } => *batches,
+            _ => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for SplitBrain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e6;
+        match self {
+            SplitBrain::GrantedTwice { generation, nodes } => write!(
+                f,
+                "generation {generation} was granted to {} nodes: {nodes:?}",
+                nodes.len()
+            ),
+            SplitBrain::Ungranted {
+                node,
+                generation,
+                batches,
+                holders,
+            } => write!(
+                f,
+                "{node} released {batches} batch(es) under generation {generation}, {}",
+                if holders.is_empty() {
+                    "never granted".to_string()
+                } else {
+                    format!("granted to {holders:?}")
+                }
+            ),
+            SplitBrain::Overlap {
+                batch,
+                other,
+                others,
+            } => write!(
+                f,
+                "{} released a batch (generation {}, {} frames) from {} to {} ns ({:.1} ms) while \
+                 {} released {others} batch(es) under generation {}, the first at {} ns",
+                batch.node,
+                batch.generation,
+                batch.frames,
+                batch.first_ns,
+                batch.last_ns,
+                ms(batch.first_ns, batch.last_ns),
+                other.node,
+                other.generation,
+                other.first_ns
+            ),
+            SplitBrain::Late {
+                first,
+                batches,
+                newer,
+            } => write!(
+                f,
+                "{} released {batches} batch(es) under generation {} (the first at {} ns) after {} \
+                 had released under generation {} at {} ns ({:.1} ms before)",
+                first.node,
+                first.generation,
+                first.first_ns,
+                newer.node,
+                newer.generation,
+                newer.first_ns,
+                ms(newer.first_ns, first.first_ns)
+            ),
+        }
+    }
+}
+
+/// Every sign of two primaries in the releases and grants (empty: none), one entry per
+/// episode: a generation granted to two nodes; a node releasing under a generation not
+/// granted to it (per node and generation); another node releasing while a batch was being
+/// written (per batch); a release under a generation after another node released under a
+/// newer one (per node and generation).
+pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<SplitBrain> {
     let mut out = Vec::new();
     let mut holders: BTreeMap<u64, BTreeSet<&str>> = BTreeMap::new();
     for g in grants {
@@ -544,10 +675,10 @@ pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<String> 
     }
     for (g, nodes) in &holders {
         if nodes.len() > 1 {
-            out.push(format!(
-                "generation {g} was granted to {} nodes: {nodes:?}",
-                nodes.len()
-            ));
+            out.push(SplitBrain::GrantedTwice {
+                generation: *g,
+                nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            });
         }
     }
     let mut sorted: Vec<&Release> = releases.iter().collect();
@@ -562,32 +693,26 @@ pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<String> 
         }
     }
     for ((node, g), n) in ungranted {
-        let who = match holders.get(&g) {
-            Some(h) => format!("granted to {h:?}"),
-            None => "never granted".to_string(),
-        };
-        out.push(format!(
-            "{node} released {n} batch(es) under generation {g}, {who}"
-        ));
+        out.push(SplitBrain::Ungranted {
+            node: node.to_string(),
+            generation: g,
+            batches: n,
+            holders: holders
+                .get(&g)
+                .map(|h| h.iter().map(|n| n.to_string()).collect())
+                .unwrap_or_default(),
+        });
     }
-    // Overlaps: the latest-ending batch of every node so far.
+    // Overlaps: the latest-ending batch of every node so far; an episode per batch overlapped.
     let mut open: BTreeMap<&str, &Release> = BTreeMap::new();
+    let mut overlapped: BTreeMap<(&str, u64), (&Release, &Release, usize)> = BTreeMap::new();
     for r in &sorted {
         for (node, o) in &open {
             if *node != r.node && o.last_ns >= r.first_ns {
-                out.push(format!(
-                    "{} released (generation {}, {} frames) from {} to {} ns while {} \
-                     released (generation {}) from {} to {} ns",
-                    r.node,
-                    r.generation,
-                    r.frames,
-                    r.first_ns,
-                    r.last_ns,
-                    o.node,
-                    o.generation,
-                    o.first_ns,
-                    o.last_ns
-                ));
+                overlapped
+                    .entry((&o.node, o.first_ns))
+                    .and_modify(|e| e.2 += 1)
+                    .or_insert((o, r, 1));
             }
         }
         match open.get(r.node.as_str()) {
@@ -596,6 +721,13 @@ pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<String> 
                 open.insert(&r.node, r);
             }
         }
+    }
+    for (batch, other, others) in overlapped.into_values() {
+        out.push(SplitBrain::Overlap {
+            batch: batch.clone(),
+            other: other.clone(),
+            others,
+        });
     }
     // A superseded generation releasing after another node released under a newer one.
     let mut newest: BTreeMap<&str, &Release> = BTreeMap::new();
@@ -618,12 +750,12 @@ pub fn check_split_brain(releases: &[Release], grants: &[Grant]) -> Vec<String> 
             }
         }
     }
-    for ((node, g), (n, first, newer)) in late {
-        out.push(format!(
-            "{node} released {n} batch(es) under generation {g} (the first at {} ns) after {} \
-             had released under generation {} at {} ns",
-            first.first_ns, newer.node, newer.generation, newer.first_ns
-        ));
+    for (batches, first, newer) in late.into_values() {
+        out.push(SplitBrain::Late {
+            first: first.clone(),
+            batches,
+            newer: newer.clone(),
+        });
     }
     out
 }
@@ -1188,24 +1320,45 @@ mod tests {
             rel("a", 3, 70, 80),
         ];
         let grants = vec![grant(1, "a"), grant(2, "b"), grant(2, "b"), grant(3, "a")];
-        assert_eq!(check_split_brain(&rels, &grants), Vec::<String>::new());
+        assert_eq!(check_split_brain(&rels, &grants), Vec::<SplitBrain>::new());
     }
 
     #[test]
     fn two_overlapping_generations_are_reported() {
+        // a's generation-1 batch is still being written when b releases three under 2 (one
+        // episode), and a releases once more after b went live (another).
         let rels = vec![
             rel("a", 1, 10, 20),
-            rel("b", 2, 15, 25),
+            rel("b", 2, 15, 16),
+            rel("b", 2, 17, 18),
+            rel("b", 2, 19, 25),
             rel("a", 1, 30, 31),
         ];
         let grants = vec![grant(1, "a"), grant(2, "b")];
         let p = check_split_brain(&rels, &grants);
-        assert!(p.iter().any(|l| l.contains("while a released")), "{p:?}");
-        assert!(
-            p.iter().any(|l| l.contains("after b had released")),
-            "{p:?}"
-        );
         assert_eq!(p.len(), 2, "{p:?}");
+        let SplitBrain::Overlap { batch, others, .. } = &p[0] else {
+            panic!("{p:?}")
+        };
+        assert_eq!((batch.node.as_str(), batch.first_ns, *others), ("a", 10, 3));
+        assert_eq!(p[0].stale_batch(), Some(&rel("a", 1, 10, 20)));
+        assert!(
+            p[0].to_string().contains("while b released 3 batch(es)"),
+            "{}",
+            p[0]
+        );
+        let SplitBrain::Late {
+            first,
+            batches,
+            newer,
+        } = &p[1]
+        else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            (first.first_ns, *batches, newer.node.as_str()),
+            (30, 1, "b")
+        );
     }
 
     #[test]
@@ -1218,9 +1371,10 @@ mod tests {
         ];
         let p = check_split_brain(&rels, &[grant(1, "a"), grant(2, "b")]);
         assert_eq!(p.len(), 1, "{p:?}");
+        let text = p[0].to_string();
         assert!(
-            p[0].contains("a released 1 batch(es) under generation 1"),
-            "{p:?}"
+            text.contains("a released 1 batch(es) under generation 1"),
+            "{text}"
         );
     }
 
@@ -1228,9 +1382,15 @@ mod tests {
     fn one_generation_granted_twice_or_released_by_another_node_is_reported() {
         let p = check_split_brain(&[], &[grant(1, "a"), grant(2, "a"), grant(2, "b")]);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("granted to 2 nodes"), "{p:?}");
+        assert!(p[0].to_string().contains("granted to 2 nodes"), "{p:?}");
         let p = check_split_brain(&[rel("b", 1, 0, 1), rel("a", 5, 2, 3)], &[grant(1, "a")]);
         assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter().any(
+                |x| matches!(x, SplitBrain::Ungranted { node, holders, .. } if node == "b" && holders == &["a"])
+            ),
+            "{p:?}"
+        );
     }
 
     #[test]

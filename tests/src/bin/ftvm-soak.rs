@@ -151,7 +151,7 @@ fn main() -> ExitCode {
             *kinds.entry(&e.kind).or_default() += 1;
         }
         println!(
-            "soak: trial {} seed={} steps={} faults={} ops={} acked={} lost={} stale={} dual={} client_errors={}{} gap={:.0}ms heal_max={:.1}s exits={} resyncs={} {:.0}s {}{}",
+            "soak: trial {} seed={} steps={} faults={} ops={} acked={} lost={} stale={} dual={}{} client_errors={}{} gap={:.0}ms heal_max={:.1}s exits={} resyncs={} {:.0}s {}{}",
             i + 1,
             r.seed,
             r.steps,
@@ -161,6 +161,11 @@ fn main() -> ExitCode {
             r.lost.len(),
             r.stale.len(),
             r.dual.len(),
+            if r.dual_window > 0 {
+                format!(" ({} in the documented window)", r.dual_window)
+            } else {
+                String::new()
+            },
             r.client_errors.len(),
             if kinds.is_empty() {
                 String::new()

@@ -31,8 +31,10 @@ pub struct Totals {
     pub lost: usize,
     /// Stale or impossible reads.
     pub stale: usize,
-    /// Signs of two primaries.
+    /// Signs of two primaries (episodes).
     pub dual: usize,
+    /// Of those, the episodes in the window docs/operations.md names.
+    pub dual_window: usize,
     /// Client errors, by kind.
     pub error_kinds: BTreeMap<String, usize>,
     /// Nodes' own exits, by code and reason.
@@ -63,6 +65,7 @@ impl Totals {
         self.lost += r.lost.len();
         self.stale += r.stale.len();
         self.dual += r.dual.len();
+        self.dual_window += r.dual_window;
         for e in &r.client_errors {
             *self.error_kinds.entry(e.kind.clone()).or_default() += 1;
         }
@@ -178,6 +181,14 @@ impl Totals {
         );
         for (c, n) in &self.exits {
             s += &format!("soak:   {n} × {c}\n");
+        }
+        if self.dual > 0 {
+            s += &format!(
+                "soak: dual_primary episodes: {}, of which {} in the window docs/operations.md \
+                 names (a primary stopped between its lease check and its TAP writes writes that \
+                 batch when resumed)\n",
+                self.dual, self.dual_window
+            );
         }
         s += &format!(
             "soak: operator resyncs needed (the pair could not re-form by itself): {}\n",

@@ -18,7 +18,7 @@ use super::clients::{self, ClientConfig, ClientError, ClientRun};
 use super::rng::Rng;
 use super::schedule::{self, Action, Step};
 use crate::checker::{
-    check_kv, check_split_brain, parse_releases, parse_witness_grants, read_finals, Op,
+    check_kv, check_split_brain, parse_releases, parse_witness_grants, read_finals, Op, SplitBrain,
 };
 use crate::netns::{Netns, Spawned};
 use crate::node::{node_binary, RunningNode};
@@ -81,8 +81,10 @@ pub struct TrialResult {
     pub lost: Vec<String>,
     /// Stale or impossible reads.
     pub stale: Vec<String>,
-    /// Signs of two primaries.
+    /// Signs of two primaries (one per episode).
     pub dual: Vec<String>,
+    /// Of those, the episodes in the window docs/operations.md names ([`in_stop_window`]).
+    pub dual_window: usize,
     /// Problems of the recorded history itself.
     pub malformed: Vec<String>,
     /// Every client error.
@@ -218,6 +220,27 @@ struct Rig<'a> {
     /// Whether the soak may act as the operator.
     operator: bool,
     resyncs: Vec<String>,
+    /// Every SIGSTOP: node, unix ns of the stop, of the SIGCONT (`u64::MAX` until then).
+    stops: Vec<(String, u64, u64)>,
+}
+
+/// Whether a split-brain episode is the one window docs/operations.md names: the superseded
+/// primary was stopped between its lease check and its TAP writes, and wrote that one batch
+/// when it was resumed — a single batch, begun at most 5 ms before the SIGSTOP was sent (the
+/// signal takes a moment to land) or at most 50 ms after the SIGCONT, and finished after it.
+pub fn in_stop_window(sb: &SplitBrain, stops: &[(String, u64, u64)]) -> bool {
+    let Some(b) = sb.stale_batch() else {
+        return false;
+    };
+    if sb.late_batches() != 1 {
+        return false;
+    }
+    stops.iter().any(|(n, stop, cont)| {
+        *n == b.node
+            && b.first_ns + 5_000_000 >= *stop
+            && b.first_ns <= cont.saturating_add(50_000_000)
+            && b.last_ns + 1_000_000 >= *cont
+    })
 }
 
 /// The reason in a node's `node exiting:` log line, with numbers and hashes elided so that
@@ -274,6 +297,7 @@ impl<'a> Rig<'a> {
             needs_resync: None,
             operator: true,
             resyncs: Vec::new(),
+            stops: Vec::new(),
         }
     }
 
@@ -395,6 +419,7 @@ impl<'a> Rig<'a> {
             }
             Action::Stop(n) => {
                 if let Some(Some(node)) = self.nodes.get(n) {
+                    self.stops.push((n.clone(), unix_ns(), u64::MAX));
                     node.signal(libc::SIGSTOP);
                     self.stopped.insert(n.clone());
                 }
@@ -403,6 +428,10 @@ impl<'a> Rig<'a> {
                 if self.stopped.remove(n) {
                     if let Some(Some(node)) = self.nodes.get(n) {
                         node.signal(libc::SIGCONT);
+                    }
+                    let now = unix_ns();
+                    if let Some(s) = self.stops.iter_mut().rev().find(|s| s.0 == *n) {
+                        s.2 = s.2.min(now);
                     }
                 }
             }
@@ -750,7 +779,17 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
         .collect::<BTreeSet<_>>()
         .len()
         .saturating_sub(1);
-    res.dual = check_split_brain(&releases, &grants);
+    for sb in check_split_brain(&releases, &grants) {
+        if in_stop_window(&sb, &rig.stops) {
+            res.dual_window += 1;
+            res.dual.push(format!(
+                "{sb} [the documented window: stopped after its lease check, the batch written \
+                 when resumed]"
+            ));
+        } else {
+            res.dual.push(sb.to_string());
+        }
+    }
     if releases.is_empty() && res.failure.is_none() {
         res.malformed
             .push("no release was logged at all (is release_log honoured?)".into());
@@ -940,7 +979,52 @@ fn save(
 
 #[cfg(test)]
 mod tests {
-    use super::exit_reason;
+    use super::{exit_reason, in_stop_window};
+    use crate::checker::{Release, SplitBrain};
+
+    fn rel(node: &str, g: u64, a: u64, b: u64) -> Release {
+        Release {
+            first_ns: a,
+            last_ns: b,
+            node: node.into(),
+            generation: g,
+            frames: 2,
+            boundary: 0,
+        }
+    }
+
+    #[test]
+    fn a_batch_written_across_a_stop_is_the_documented_window() {
+        const MS: u64 = 1_000_000;
+        let stops = vec![("a".to_string(), 1000 * MS, 2000 * MS)];
+        // The stop landed inside a's batch, which finished after the SIGCONT.
+        let sb = SplitBrain::Overlap {
+            batch: rel("a", 4, 1000 * MS + 20_000, 2000 * MS + 500_000),
+            other: rel("b", 5, 1300 * MS, 1300 * MS + 1),
+            others: 40,
+        };
+        assert!(in_stop_window(&sb, &stops));
+        // The stop came between the lease check and the first write: the batch began later.
+        let late = |batches| SplitBrain::Late {
+            first: rel("a", 4, 2000 * MS + 300_000, 2000 * MS + 400_000),
+            batches,
+            newer: rel("b", 5, 1300 * MS, 1300 * MS + 1),
+        };
+        assert!(in_stop_window(&late(1), &stops));
+        // Two late batches, or no stop of that node: not the window.
+        assert!(!in_stop_window(&late(2), &stops));
+        assert!(!in_stop_window(
+            &sb,
+            &[("b".to_string(), 1000 * MS, 2000 * MS)]
+        ));
+        // A batch long after the resume is not either.
+        let sb = SplitBrain::Overlap {
+            batch: rel("a", 4, 2500 * MS, 2600 * MS),
+            other: rel("b", 5, 2550 * MS, 2550 * MS + 1),
+            others: 1,
+        };
+        assert!(!in_stop_window(&sb, &stops));
+    }
 
     #[test]
     fn exit_reasons_group_without_their_numbers() {
