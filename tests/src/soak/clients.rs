@@ -216,5 +216,14 @@ fn run(id: u32, cfg: &ClientConfig, stop: &AtomicBool) -> ClientRun {
             outcome,
         });
     }
+    // A wait still going on when the clients stop counts as well (the pair may have been
+    // unreachable until the end).
+    let gap = now().saturating_sub(last_answer);
+    if gap > out.max_gap.0 {
+        out.max_gap = (gap, last_answer);
+    }
+    if gap >= GAP_RECORDED {
+        out.gaps.push((last_answer, gap));
+    }
     out
 }
