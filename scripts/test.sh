@@ -9,4 +9,5 @@ cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 (cd guest && cargo clippy --release -- -D warnings)
 cargo test --release --workspace
+cargo build --release --workspace --bins && target/release/ftvm-soak --trials 3 --seed 1  # short soak: docs/testing.md
 scripts/check-release-hooks.sh
