@@ -160,6 +160,45 @@ fn start_pair(lab: &mut PairLab) -> Result<Pair> {
     })
 }
 
+/// CPU time (user + system, in clock ticks) of every thread of `pid`, by thread name.
+fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut m = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return m;
+    };
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ... utime stime are fields 14 and 15; comm may hold spaces.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        *m.entry(comm).or_insert(0) += ticks;
+    }
+    m
+}
+
+/// The CPU each thread group used between two samples, in ms.
+fn cpu_delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let tick_ms = 1000.0 / 100.0; // USER_HZ
+    let mut parts: Vec<String> = after
+        .iter()
+        .map(|(k, v)| (k, (v - before.get(k).copied().unwrap_or(0)) as f64 * tick_ms))
+        .filter(|(_, ms)| *ms > 0.0)
+        .map(|(k, ms)| format!("{k} {ms:.0}"))
+        .collect();
+    parts.sort();
+    parts.join(", ")
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -197,9 +236,15 @@ fn main() -> Result<()> {
         // Solo, host a's quota.
         let s = start_solo(&lab)?;
         ga.add(s.pid())?;
+        let (c0, t0) = (thread_cpu(s.pid()), Instant::now());
         for (i, r) in throughput(&lab, n)?.into_iter().enumerate() {
             solo[i].push(r);
         }
+        eprintln!(
+            "  CPU ms by thread, solo, {:.1} s: {}",
+            t0.elapsed().as_secs_f64(),
+            cpu_delta(&c0, &thread_cpu(s.pid()))
+        );
         drop(s);
         let _ = std::fs::remove_file(lab.disk("solo"));
         // The pair, each node in its host's quota.
@@ -207,6 +252,7 @@ fn main() -> Result<()> {
         ga.add(p.nodes[0].pid())?;
         gb.add(p.nodes[1].pid())?;
         let before = lab.status(&p.primary)?;
+        let cpu0: Vec<_> = p.nodes.iter().map(|n| thread_cpu(n.pid())).collect();
         let t0 = Instant::now();
         // Sample the lag while the -P 16 SET runs.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -235,6 +281,14 @@ fn main() -> Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         lag.extend(sampler.join().unwrap());
         let secs = t0.elapsed().as_secs_f64();
+        for (i, n) in p.nodes.iter().enumerate() {
+            let name = ["a", "b"][i];
+            let role = if name == p.primary { "primary" } else { "backup" };
+            eprintln!(
+                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}",
+                cpu_delta(&cpu0[i], &thread_cpu(n.pid()))
+            );
+        }
         let after = lab.status(&p.primary)?;
         let bytes =
             after["log_bytes"].as_u64().unwrap_or(0) - before["log_bytes"].as_u64().unwrap_or(0);

@@ -158,25 +158,28 @@ impl OutputGate {
 
     /// The frames that may be written now, in transmit order.
     pub fn release(&mut self, now: u64) -> Vec<(Boundary, Vec<u8>)> {
-        let mut out = Vec::new();
-        loop {
-            let ok = match (self.mode, self.held.front()) {
-                (_, None) => false,
-                (GateMode::Holding, _) => false,
-                (GateMode::Alone, _) => true,
-                (GateMode::Replicated, Some((b, _))) => {
-                    b.saturating_sub(1) <= self.acked && now < self.lease_until
-                }
-            };
-            if !ok {
-                break;
+        std::iter::from_fn(|| self.release_one(now)).collect()
+    }
+
+    /// The next frame that may be written at `now`, if any. The output task asks for each
+    /// frame with a clock read just before its write, so a process stopped in the middle of a
+    /// burst finds its lease run out for the rest when it resumes.
+    pub fn release_one(&mut self, now: u64) -> Option<(Boundary, Vec<u8>)> {
+        let ok = match (self.mode, self.held.front()) {
+            (_, None) => false,
+            (GateMode::Holding, _) => false,
+            (GateMode::Alone, _) => true,
+            (GateMode::Replicated, Some((b, _))) => {
+                b.saturating_sub(1) <= self.acked && now < self.lease_until
             }
-            let (b, f) = self.held.pop_front().expect("front exists");
-            self.held_bytes -= f.len();
-            self.released += 1;
-            out.push((b, f));
+        };
+        if !ok {
+            return None;
         }
-        out
+        let (b, f) = self.held.pop_front().expect("front exists");
+        self.held_bytes -= f.len();
+        self.released += 1;
+        Some((b, f))
     }
 }
 
@@ -293,5 +296,19 @@ mod tests {
         assert_eq!(g.dropped, 1);
         assert_eq!(g.held(), 2);
         assert_eq!(g.held_bytes(), 8);
+    }
+
+    #[test]
+    fn a_burst_stops_where_the_lease_runs_out() {
+        let mut g = gate();
+        g.sent(1, 0);
+        g.hold(2, vec![1]);
+        g.hold(3, vec![2]);
+        g.ack(1, 5);
+        let deadline = FT - MARGIN;
+        assert_eq!(g.release_one(deadline - 1), Some((2, vec![1])));
+        // Stopped here, resumed after the lease: the rest of the burst stays held.
+        assert_eq!(g.release_one(deadline), None);
+        assert_eq!(g.held(), 1);
     }
 }

@@ -479,28 +479,34 @@ pub async fn output_task(
         stats
             .throttled
             .store(l > cfg.max_lag.as_nanos() as u64, Ordering::Relaxed);
-        // The lease is checked against a clock read just now; a stop between this check and
-        // the writes below can still let this one batch out late (docs/operations.md).
-        let batch = gate.release(now_ns());
-        if !batch.is_empty() {
-            let first_unix = unix_ns();
-            let (frames, top) = (batch.len(), batch.last().map_or(0, |(b, _)| *b));
-            for (b, f) in batch {
-                ChannelStats::add(&stats.frames_released, 1);
-                stats.released_boundary.fetch_max(b, Ordering::Relaxed);
-                if let Some(t) = &tap {
-                    if let Err(e) = t.write_frame(&f) {
-                        tracing::warn!("TAP {}: dropped a frame: {e}", t.name());
-                    }
+        // The lease is checked against a clock read just before each frame's write: a process
+        // stopped in the middle of a burst finds the lease run out for the rest when it resumes.
+        // A stop between one check and its `write` can still let that one frame out late
+        // (docs/operations.md).
+        let mut released = 0usize;
+        let (mut first_unix, mut top) = (0u64, 0);
+        while let Some((b, f)) = gate.release_one(now_ns()) {
+            if released == 0 {
+                first_unix = unix_ns();
+            }
+            if let Some(t) = &tap {
+                if let Err(e) = t.write_frame(&f) {
+                    tracing::warn!("TAP {}: dropped a frame: {e}", t.name());
                 }
             }
+            released += 1;
+            top = b;
+            ChannelStats::add(&stats.frames_released, 1);
+            stats.released_boundary.fetch_max(b, Ordering::Relaxed);
+        }
+        if released > 0 {
             let last_unix = unix_ns();
             let prev = stats
                 .last_release_unix_ns
                 .swap(last_unix, Ordering::Relaxed);
             ChannelStats::set(&stats.prev_release_unix_ns, prev);
             if let Some(log) = &cfg.release_log {
-                log.record(first_unix, last_unix, frames, top);
+                log.record(first_unix, last_unix, released, top);
             }
         }
         ChannelStats::set(&stats.frames_held, gate.held() as u64);
