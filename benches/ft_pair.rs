@@ -102,7 +102,12 @@ const CASES: &[(&str, u32)] = &[("set", 1), ("get", 1), ("set", 16), ("get", 16)
 fn throughput(lab: &PairLab, n: u32) -> Result<Vec<f64>> {
     CASES
         .iter()
-        .map(|(t, p)| redis_benchmark(&lab.client, lab.guest_ip, t, n, 50, *p).map(|b| b.rps))
+        .map(|(t, p)| {
+            let t0 = Instant::now();
+            let r = redis_benchmark(&lab.client, lab.guest_ip, t, n, 50, *p).map(|b| b.rps);
+            eprintln!("  {t} -P{p}: {:.1} s", t0.elapsed().as_secs_f64());
+            r
+        })
         .collect()
 }
 
@@ -129,6 +134,9 @@ fn start_solo(lab: &PairLab) -> Result<RunningNode> {
     .collect();
     let mut n = RunningNode::start(&a.ns, &args)?;
     n.expect_line("kv: listening on", Duration::from_secs(60))?;
+    // A solo run sends no gratuitous ARP: the fabric may still send the guest's MAC to the
+    // host where the pair's primary ran.
+    lab.lab.forget_macs()?;
     Ok(n)
 }
 
@@ -191,7 +199,12 @@ fn cpu_delta(
     let tick_ms = 1000.0 / 100.0; // USER_HZ
     let mut parts: Vec<String> = after
         .iter()
-        .map(|(k, v)| (k, (v - before.get(k).copied().unwrap_or(0)) as f64 * tick_ms))
+        .map(|(k, v)| {
+            (
+                k,
+                (v - before.get(k).copied().unwrap_or(0)) as f64 * tick_ms,
+            )
+        })
         .filter(|(_, ms)| *ms > 0.0)
         .map(|(k, ms)| format!("{k} {ms:.0}"))
         .collect();
@@ -283,7 +296,11 @@ fn main() -> Result<()> {
         let secs = t0.elapsed().as_secs_f64();
         for (i, n) in p.nodes.iter().enumerate() {
             let name = ["a", "b"][i];
-            let role = if name == p.primary { "primary" } else { "backup" };
+            let role = if name == p.primary {
+                "primary"
+            } else {
+                "backup"
+            };
             eprintln!(
                 "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}",
                 cpu_delta(&cpu0[i], &thread_cpu(n.pid()))

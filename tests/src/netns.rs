@@ -456,6 +456,32 @@ impl Lab {
         &self.fabric
     }
 
+    /// Makes the fabric bridge and every node's bridge forget where each MAC address was
+    /// learned (a VM that moved to another host without announcing itself is found again by
+    /// flooding).
+    pub fn forget_macs(&self) -> Result<()> {
+        let mut bridges = vec![(&self.fabric, self.bridge.as_str())];
+        for h in &self.hosts {
+            if let Some(b) = &h.bridge {
+                bridges.push((&h.ns, b.as_str()));
+            }
+        }
+        for (ns, br) in bridges {
+            let o = ns
+                .command("bridge")
+                .args(["fdb", "flush", "dev", br, "nopermanent", "nostatic"])
+                .output()
+                .context("bridge fdb flush")?;
+            if !o.status.success() {
+                bail!(
+                    "bridge fdb flush dev {br}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The hosts added so far.
     pub fn hosts(&self) -> &[Host] {
         &self.hosts

@@ -103,7 +103,7 @@ fn finish_load(lab: &PairLab, load: Load) {
 
 #[test]
 fn kill_9_of_the_primary_under_load_the_backup_goes_live_and_nothing_is_lost() {
-    let mut lab = pair(PairOptions::default());
+    let mut lab = pair(PairOptions::fast_failover());
     let (_pn, primary, bn, _backup) = start_pair(&mut lab);
     let load = start_load(&lab);
     std::thread::sleep(Duration::from_millis(800));
@@ -118,7 +118,7 @@ fn kill_9_of_the_primary_under_load_the_backup_goes_live_and_nothing_is_lost() {
 
 #[test]
 fn kill_9_of_the_backup_under_load_the_primary_goes_on_alone() {
-    let mut lab = pair(PairOptions::default());
+    let mut lab = pair(PairOptions::fast_failover());
     let (pn, _primary, _bn, backup) = start_pair(&mut lab);
     let load = start_load(&lab);
     std::thread::sleep(Duration::from_millis(800));

@@ -336,6 +336,9 @@ pub async fn output_task(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut finished = false;
     let mut out = Vec::new();
+    // The watermark the messages sent so far cover; whether `out` must go at once.
+    let mut sent_w: Boundary = stream_w;
+    let mut urgent = false;
     loop {
         tokio::select! {
             biased;
@@ -351,6 +354,7 @@ pub async fn output_task(
                 let Some(first) = m else {
                     finished = true;
                     if attached.is_none() { break; }
+                    send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
                     continue;
                 };
                 let mut next = Some(first);
@@ -364,6 +368,8 @@ pub async fn output_task(
                             }
                             if watermark != Boundary::MAX {
                                 stream_w = stream_w.max(watermark);
+                            } else {
+                                urgent = true;
                             }
                         }
                         ToChannel::Frame { boundary, frame } => {
@@ -372,6 +378,8 @@ pub async fn output_task(
                                 Encoder::new().encode(&Record::Watermark(need), &mut out);
                                 stream_w = need;
                             }
+                            // The frame waits for an ack of `need`: what covers it goes now.
+                            urgent |= need > sent_w;
                             gate.hold(boundary, frame);
                         }
                         ToChannel::Attach { link, reader, preamble, from } => {
@@ -388,6 +396,7 @@ pub async fn output_task(
                             gate.reset_backup(from);
                             gate.set_mode(GateMode::Replicated);
                             stream_w = from;
+                            sent_w = from;
                             lag = LagTracker::new();
                             stats.peer_connected.store(true, Ordering::Relaxed);
                             ChannelStats::set(&stats.acked, from);
@@ -399,21 +408,12 @@ pub async fn output_task(
                         next = rx.try_recv().ok();
                     }
                 }
-                if let Some(a) = attached.as_mut() {
-                    if !out.is_empty() {
-                        seq += 1;
-                        let now = now_ns();
-                        let mut frame = Vec::with_capacity(out.len() + 16);
-                        msg::encode(&Msg::Log { seq, bytes: std::mem::take(&mut out) }, &mut frame);
-                        if a.out.send(frame).is_err() {
-                            lose(&mut attached, &events, &stats, "the channel's writer stopped".into());
-                        } else {
-                            gate.sent(seq, now);
-                            lag.sent(stream_w, stats.busy_ns());
-                            a.last_sent = now;
-                            ChannelStats::add(&stats.messages_sent, 1);
-                        }
-                    }
+                // Records no held frame waits for go with the next frame, at the next tick, or
+                // once 64 KiB have gathered: one message (and one ack) per burst, not per
+                // boundary.
+                if urgent || out.len() >= FLUSH_BYTES {
+                    send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
+                    urgent = false;
                 }
             }
             m = recv_inbound(&mut attached) => {
@@ -448,6 +448,9 @@ pub async fn output_task(
                 }
             }
             _ = tick.tick() => {
+                if !out.is_empty() {
+                    send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
+                }
                 let now = now_ns();
                 if let Some(a) = attached.as_mut() {
                     ChannelStats::set(&stats.rtt_ns, a.conn.rtt().as_nanos() as u64);
@@ -520,6 +523,55 @@ pub async fn output_task(
     }
     let _ = events.send(OutputEvent::Finished);
     gate
+}
+
+/// Records gathered past this go out without waiting for a frame or a tick.
+const FLUSH_BYTES: usize = 64 << 10;
+
+/// Sends what `out` holds as one log message (nothing if it is empty or there is no backup).
+#[allow(clippy::too_many_arguments)]
+fn send_log(
+    attached: &mut Option<Attached>,
+    out: &mut Vec<u8>,
+    seq: &mut u64,
+    gate: &mut OutputGate,
+    lag: &mut LagTracker,
+    events: &mpsc::UnboundedSender<OutputEvent>,
+    stats: &ChannelStats,
+    stream_w: Boundary,
+    sent_w: &mut Boundary,
+) {
+    let Some(a) = attached.as_mut() else {
+        out.clear();
+        return;
+    };
+    if out.is_empty() {
+        return;
+    }
+    *seq += 1;
+    let now = now_ns();
+    let mut frame = Vec::with_capacity(out.len() + 16);
+    msg::encode(
+        &Msg::Log {
+            seq: *seq,
+            bytes: std::mem::take(out),
+        },
+        &mut frame,
+    );
+    if a.out.send(frame).is_err() {
+        lose(
+            attached,
+            events,
+            stats,
+            "the channel's writer stopped".into(),
+        );
+    } else {
+        gate.sent(*seq, now);
+        lag.sent(stream_w, stats.busy_ns());
+        a.last_sent = now;
+        *sent_w = stream_w;
+        ChannelStats::add(&stats.messages_sent, 1);
+    }
 }
 
 fn unix_ns() -> u64 {

@@ -81,6 +81,12 @@ impl BlockWrites {
         std::mem::take(&mut *self.lock()).into_iter().collect()
     }
 
+    /// Whether block `i` was written since the last take (a copier skips it: the next set
+    /// has it).
+    pub fn pending(&self, i: u64) -> bool {
+        self.lock().contains(&i)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
         self.dirty.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,5 +1,6 @@
-//! The gratuitous ARP a backup sends when it goes live, so that switches learn the guest's
-//! MAC on the new host's port and neighbours refresh their caches.
+//! The gratuitous ARP a node sends when it becomes primary (at a cold start or when it goes
+//! live), so that switches learn the guest's MAC on its host's port and neighbours refresh
+//! their caches.
 
 use std::net::Ipv4Addr;
 

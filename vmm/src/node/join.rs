@@ -135,44 +135,68 @@ async fn send(link: &mut Link, m: &Msg, bytes: &mut u64) -> Result<(), String> {
         .map_err(|e| format!("sending to the joiner: {e}"))
 }
 
-/// Sends the pages of `dirty`, in batches; returns how many.
+/// Pages a round reads between two looks at what the guest wrote again (4 MiB).
+const PEEK_PAGES: usize = 1024;
+
+/// Sends the pages of `dirty` (this round's set, taken from `precopy`), in batches; returns how
+/// many. A page the guest wrote again since the set was taken is skipped: it is still in
+/// `precopy`'s record, so the next round (or the pause) sends its newer contents once instead
+/// of this one now and that one later.
 async fn send_pages(
     link: &mut Link,
     pages: &GuestPages,
     dirty: &crate::state::dirty::DirtyPages,
+    precopy: &DirtyConsumer,
     needed: &mut Needed,
     bytes: &mut u64,
-) -> Result<u64, String> {
-    let mut it = dirty.iter().peekable();
-    let mut n = 0;
-    while it.peek().is_some() {
-        let batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
-            .map_err(|e| format!("reading guest memory: {e}"))?;
-        n += batch.pages.len() as u64;
-        needed.pages(&batch);
-        send(
-            link,
-            &Msg::Pages {
-                bytes: batch.encode(),
-            },
-            bytes,
-        )
-        .await?;
+) -> Result<(u64, u64), String> {
+    let list: Vec<u64> = dirty.iter().collect();
+    let (mut n, mut skipped) = (0, 0);
+    for chunk in list.chunks(PEEK_PAGES) {
+        let again = precopy.peek().map_err(|e| format!("dirty tracking: {e}"))?;
+        let mut it = chunk
+            .iter()
+            .copied()
+            .filter(|&p| !again.contains(p))
+            .peekable();
+        while it.peek().is_some() {
+            let batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
+                .map_err(|e| format!("reading guest memory: {e}"))?;
+            n += batch.pages.len() as u64;
+            needed.pages(&batch);
+            send(
+                link,
+                &Msg::Pages {
+                    bytes: batch.encode(),
+                },
+                bytes,
+            )
+            .await?;
+        }
+        skipped += chunk.iter().filter(|&&p| again.contains(p)).count() as u64;
     }
-    Ok(n)
+    Ok((n, skipped))
 }
 
 /// Sends blocks `list` of the disk, updating `leaves` with what was read; returns how many.
+/// With `writes`, a block the guest wrote again since `list` was taken is skipped: the next
+/// set has it.
+#[allow(clippy::too_many_arguments)]
 async fn send_blocks(
     link: &mut Link,
     disk: &File,
     geo: Geometry,
     list: &[u64],
+    writes: Option<&BlockWrites>,
     leaves: &mut [[u8; 32]],
     needed: &mut Needed,
     bytes: &mut u64,
 ) -> Result<u64, String> {
-    let mut it = list.iter().copied().peekable();
+    let mut it = list
+        .iter()
+        .copied()
+        .filter(|&i| !writes.is_some_and(|w| w.pending(i)))
+        .peekable();
     let mut n = 0;
     while it.peek().is_some() {
         let batch = tokio::task::block_in_place(|| BlockBatch::read(disk, geo, &mut it))
@@ -371,17 +395,37 @@ async fn copy_rounds(
             geo.blocks()
         );
         shared.update_join(|j| j.blocks_differing = differing.len() as u64);
-        let n = send_blocks(link, disk, geo, &differing, &mut leaves, needed, bytes).await?;
+        let n = send_blocks(
+            link,
+            disk,
+            geo,
+            &differing,
+            Some(w.as_ref()),
+            &mut leaves,
+            needed,
+            bytes,
+        )
+        .await?;
         shared.update_join(|j| j.blocks += n);
     }
     loop {
         let before = *bytes;
         let dirty = precopy.take().map_err(|e| format!("dirty tracking: {e}"))?;
-        let np = send_pages(link, &src.pages, &dirty, needed, bytes).await?;
+        let (np, skipped) = send_pages(link, &src.pages, &dirty, precopy, needed, bytes).await?;
         let mut nb = 0;
         if let Some((w, disk)) = &src.disk {
             let list = w.take();
-            nb = send_blocks(link, disk, w.geometry(), &list, &mut leaves, needed, bytes).await?;
+            nb = send_blocks(
+                link,
+                disk,
+                w.geometry(),
+                &list,
+                Some(w.as_ref()),
+                &mut leaves,
+                needed,
+                bytes,
+            )
+            .await?;
         }
         // Wait until the joiner has applied what it got: the pause must find it caught up.
         let round = rounds.done() + 1;
@@ -400,7 +444,7 @@ async fn copy_rounds(
             j.bytes = *bytes;
         });
         tracing::debug!(
-            "join of {}: round {}: {np} pages, {nb} blocks, {sent} bytes",
+            "join of {}: round {}: {np} pages ({skipped} written again, left for later), {nb} blocks, {sent} bytes",
             link.peer,
             rounds.done()
         );

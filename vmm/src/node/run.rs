@@ -911,6 +911,20 @@ fn vm_result(
 }
 
 /// Runs the VM as primary (with the backup's `link` if there is one).
+/// Sends the gratuitous ARP of the guest's address from this host, so that switches learn its
+/// MAC on this host's port (a cold start on the other host than last time, or a go-live). It is
+/// the node's frame, not the guest's: it carries nothing the guest computed.
+fn announce(node: &Node) {
+    if let (Some(tap), Some(net)) = (&node.tap, &node.devices.net) {
+        let arp = super::garp::gratuitous_arp(net.mac, net.ip);
+        for _ in 0..2 {
+            if let Err(e) = tap.write_frame(&arp) {
+                tracing::warn!("gratuitous ARP: {e}");
+            }
+        }
+    }
+}
+
 async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeExit {
     let link = match link {
         Some(l) => Some(l),
@@ -921,6 +935,8 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
         None => None,
     };
     let replicated = link.is_some();
+    // The guest's MAC may have been on the other host's port until now.
+    announce(node);
     node.shared.set_role(if replicated {
         Role::Primary
     } else {
@@ -1785,14 +1801,7 @@ async fn backup_failover(
             }
             let t1 = Instant::now();
             let _ = decide.send(Decision::GoLive);
-            if let (Some(tap), Some(net)) = (&node.tap, &node.devices.net) {
-                let arp = super::garp::gratuitous_arp(net.mac, net.ip);
-                for _ in 0..2 {
-                    if let Err(e) = tap.write_frame(&arp) {
-                        tracing::warn!("gratuitous ARP: {e}");
-                    }
-                }
-            }
+            announce(node);
             node.shared.set_role(Role::Alone);
             node.set_peer_role(None);
             report.to_generation = generation;

@@ -223,6 +223,18 @@ impl DirtyConsumer {
         Ok(std::mem::replace(mine, DirtyPages::none(t.pages)))
     }
 
+    /// The pages written since this consumer's last `take`, without clearing its record (a
+    /// pre-copy skips a page written again since its round began: the next round sends it).
+    pub fn peek(&self) -> Result<DirtyPages, VmmError> {
+        let t = &self.tracker;
+        let mut cs = t.consumers.lock().unwrap_or_else(PoisonError::into_inner);
+        t.harvest(&mut cs)?;
+        Ok(cs[self.slot]
+            .as_ref()
+            .expect("a live consumer keeps its slot")
+            .clone())
+    }
+
     /// The tracker.
     pub fn tracker(&self) -> &Arc<DirtyTracker> {
         &self.tracker
