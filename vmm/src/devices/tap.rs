@@ -101,3 +101,10 @@ impl Tap {
         }
     }
 }
+
+/// The TAP's descriptor, to poll for a waiting frame.
+impl std::os::fd::AsFd for Tap {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
