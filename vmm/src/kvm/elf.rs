@@ -1,6 +1,16 @@
 //! Loading a guest ELF: a freestanding, statically linked x86-64 executable whose loadable
 //! segments sit between [`IMAGE_MIN_ADDR`] and the stack. The image is untrusted input:
 //! every field is checked before anything is copied, and each failure names what is wrong.
+//!
+//! Ours rather than `linux-loader`'s ELF loader (0.14), which loads vmlinux kernels and would
+//! load these images but not check them: it does not check the class (64-bit), type
+//! (ET_EXEC), machine (x86-64), number of program headers, `p_filesz <= p_memsz`, that
+//! segments lie at or above [`IMAGE_MIN_ADDR`] (below it are the page tables, GDT and boot
+//! information) and below the stack, that they do not overlap, or that the entry point is
+//! inside one; its errors are bare variants that name no segment or address; and it skips
+//! segments with no file bytes, so its end of image leaves out a trailing `.bss` segment (our
+//! guests have one), which is where the heap would then start. Checking all that first
+//! leaves it only the copy below.
 
 use ftvm_abi::layout::{IMAGE_MIN_ADDR, PAGE_SIZE, STACK_SIZE};
 
