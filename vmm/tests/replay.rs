@@ -334,7 +334,7 @@ fn the_incremental_memory_digest_equals_a_full_one() {
         dirty_log: true,
         ..Default::default()
     };
-    let mut m = vmm::solo::build_machine(
+    let mut m = vmm::setup::build_machine(
         vmm::guests::bundled("clockwork").unwrap(),
         32 << 20,
         &params,
