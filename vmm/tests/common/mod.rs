@@ -6,19 +6,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// Fails loudly when KVM is unusable here: these tests need it, and CI has it.
-pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!(
-            "\n*** this test needs /dev/kvm (read/write) and cannot run here: {e} ***\n\
-             *** run the tests as root on a host with KVM ***\n"
-        );
-    }
-}
+pub use ftvm_tests::node::require_kvm;
 
 /// The node binary.
 pub fn node() -> Command {
