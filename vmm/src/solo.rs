@@ -46,8 +46,9 @@ pub struct RunSummary {
 pub struct HostResources {
     /// The TAP for the NIC.
     pub tap: Option<Arc<Tap>>,
-    /// The disk image and its capacity in sectors.
-    pub disk: Option<(File, u64)>,
+    /// The disk image (from [`crate::devices::disk::open_disk`]; the machine checks its
+    /// capacity against the setup's).
+    pub disk: Option<File>,
 }
 
 /// Runs a VM alone with live inputs (recording them if `record` is given).
@@ -66,11 +67,10 @@ pub fn run_live(
         }
         None => Box::new(DropFrames),
     };
-    let disk = host.disk.map(|(f, _)| f);
     let t = std::time::Instant::now();
     let (mut m, stats) = match record {
         None => (
-            assemble(setup, disk, sink, Box::new(live), console, stop, false)?,
+            assemble(setup, host.disk, sink, Box::new(live), console, stop, false)?,
             None,
         ),
         Some(opts) => {
@@ -87,7 +87,15 @@ pub fn run_live(
             )?;
             let stats = recorder.stats_handle();
             (
-                assemble(setup, disk, sink, Box::new(recorder), console, stop, true)?,
+                assemble(
+                    setup,
+                    host.disk,
+                    sink,
+                    Box::new(recorder),
+                    console,
+                    stop,
+                    true,
+                )?,
                 Some(stats),
             )
         }

@@ -365,7 +365,7 @@ fn run(a: RunArgs) -> ExitCode {
         match vmm::devices::disk::open_disk(d) {
             Ok((f, sectors)) => {
                 p.devices.disk_sectors = Some(sectors);
-                host.disk = Some((f, sectors));
+                host.disk = Some(f);
             }
             Err(e) => return fail(65, e),
         }

@@ -98,11 +98,12 @@ pub fn parse(image: &[u8], mem_size: u64) -> Result<LoadedImage, VmmError> {
             "{phnum} program headers (1..={MAX_PHDRS} allowed)"
         )));
     }
-    let table_end = phoff
+    if phoff
         .checked_add((phnum * PHDR_SIZE) as u64)
-        .filter(|&e| e <= image.len() as u64)
-        .ok_or_else(|| bad("program header table lies outside the file".into()))?;
-    let _ = table_end;
+        .is_none_or(|end| end > image.len() as u64)
+    {
+        return Err(bad("program header table lies outside the file".into()));
+    }
     let limit = mem_size.saturating_sub(STACK_SIZE);
     let mut segments = Vec::new();
     for i in 0..phnum {
