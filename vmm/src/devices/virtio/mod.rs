@@ -69,7 +69,7 @@ pub fn pop_request(queue: &mut Queue, mem: &GuestMemory) -> Option<Request> {
 pub fn complete(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> Result<(), VmmError> {
     queue
         .add_used(mem.mmap(), head, len)
-        .map_err(|e| VmmError::Memory(format!("virtio used ring: {e}")))
+        .map_err(|e| crate::kvm::memory::MemoryError::UsedRing(e).into())
 }
 
 /// Requests available in `queue` and not yet taken.
