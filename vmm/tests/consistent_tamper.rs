@@ -7,7 +7,8 @@ mod common;
 
 use std::path::Path;
 
-use vmm::replay::codec::{inputs_hash, Decoder, Encoder, Event, Record};
+use common::{read_log, write_log};
+use vmm::replay::codec::{inputs_hash, Event, Record};
 
 fn record(guest: &str, args: &str, digest_every: &str, log: &Path, disk: Option<&str>) {
     let mut a = vec![
@@ -31,25 +32,6 @@ fn record(guest: &str, args: &str, digest_every: &str, log: &Path, disk: Option<
         "record {guest}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-fn read_log(p: &Path) -> Vec<Record> {
-    let bytes = std::fs::read(p).unwrap();
-    let mut d = Decoder::new(&bytes);
-    let mut v = Vec::new();
-    while let Some(r) = d.next_record().unwrap() {
-        v.push(r);
-    }
-    v
-}
-
-fn write_log(p: &Path, recs: &[Record]) {
-    let mut e = Encoder::new();
-    let mut b = Vec::new();
-    for r in recs {
-        e.encode(r, &mut b);
-    }
-    std::fs::write(p, b).unwrap();
 }
 
 /// Changes the first event after boundary `after` that `f` changes, and recomputes that

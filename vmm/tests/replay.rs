@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use common::run;
-use vmm::replay::codec::{Decoder, Encoder, Event, Record};
+use common::{read_log, run, write_log};
+use vmm::replay::codec::{Decoder, Event, Record};
 
 fn out(o: &std::process::Output) -> (String, String) {
     (
@@ -44,25 +44,6 @@ fn field(summary: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name}= in {summary:?}"))
         .parse()
         .unwrap()
-}
-
-fn read_log(p: &Path) -> Vec<Record> {
-    let bytes = std::fs::read(p).unwrap();
-    let mut d = Decoder::new(&bytes);
-    let mut v = Vec::new();
-    while let Some(r) = d.next_record().unwrap() {
-        v.push(r);
-    }
-    v
-}
-
-fn write_log(p: &Path, recs: &[Record]) {
-    let mut e = Encoder::new();
-    let mut b = Vec::new();
-    for r in recs {
-        e.encode(r, &mut b);
-    }
-    std::fs::write(p, b).unwrap();
 }
 
 #[test]

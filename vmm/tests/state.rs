@@ -141,21 +141,14 @@ fn differences(a: &VmState, b: &VmState) -> Vec<String> {
         a.memory_digest == b.memory_digest,
         String::new(),
     );
-    check(
-        "regs",
-        x.regs == y.regs,
-        format!("{:x?} vs {:x?}", x.regs, y.regs),
-    );
-    check(
-        "sregs",
-        x.sregs == y.sregs,
-        format!("{:x?} vs {:x?}", x.sregs, y.sregs),
-    );
-    check(
-        "fpu",
-        x.fpu == y.fpu,
-        format!("{:x?} vs {:x?}", x.fpu, y.fpu),
-    );
+    macro_rules! show {
+        ($name:literal, $p:expr, $q:expr) => {
+            check($name, $p == $q, format!("{:x?} vs {:x?}", $p, $q))
+        };
+    }
+    show!("regs", x.regs, y.regs);
+    show!("sregs", x.sregs, y.sregs);
+    show!("fpu", x.fpu, y.fpu);
     let xs: Vec<usize> = (0..x.xsave.len().min(y.xsave.len()))
         .filter(|&i| x.xsave[i] != y.xsave[i])
         .collect();
@@ -164,21 +157,9 @@ fn differences(a: &VmState, b: &VmState) -> Vec<String> {
         x.xsave == y.xsave,
         format!("bytes {:?}", &xs[..xs.len().min(16)]),
     );
-    check(
-        "xcrs",
-        x.xcrs == y.xcrs,
-        format!("{:x?} vs {:x?}", x.xcrs, y.xcrs),
-    );
-    check(
-        "debugregs",
-        x.debugregs == y.debugregs,
-        format!("{:x?} vs {:x?}", x.debugregs, y.debugregs),
-    );
-    check(
-        "events",
-        x.events == y.events,
-        format!("{:?} vs {:?}", x.events, y.events),
-    );
+    show!("xcrs", x.xcrs, y.xcrs);
+    show!("debugregs", x.debugregs, y.debugregs);
+    show!("events", x.events, y.events);
     check("mp_state", x.mp_state == y.mp_state, String::new());
     let ms: Vec<String> = x
         .msrs

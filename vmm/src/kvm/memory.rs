@@ -126,18 +126,14 @@ impl GuestMemory {
 
     /// Reads `buf.len()` bytes at `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmmError> {
-        if !self.contains(addr, buf.len() as u64) {
-            return Err(VmmError::GuestAddress {
-                addr,
-                len: buf.len() as u64,
-            });
+        let len = buf.len() as u64;
+        let outside = || VmmError::GuestAddress { addr, len };
+        if !self.contains(addr, len) {
+            return Err(outside());
         }
         self.mmap
             .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress {
-                addr,
-                len: buf.len() as u64,
-            })
+            .map_err(|_| outside())
     }
 
     /// Reads a little-endian u64 at `addr`.
@@ -150,18 +146,15 @@ impl GuestMemory {
     /// Writes `data` at `addr` and records the pages touched. Only the boundary code (and boot)
     /// may call this: see the epoch invariant in DESIGN §3.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmmError> {
-        if !self.contains(addr, data.len() as u64) {
-            return Err(VmmError::GuestAddress {
-                addr,
-                len: data.len() as u64,
-            });
+        let len = data.len() as u64;
+        let outside = || VmmError::GuestAddress { addr, len };
+        // Checked first: vm-memory would write the part inside before failing.
+        if !self.contains(addr, len) {
+            return Err(outside());
         }
         self.mmap
             .write_slice(data, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress {
-                addr,
-                len: data.len() as u64,
-            })
+            .map_err(|_| outside())
     }
 
     /// The underlying mapping, for code that works on vm-memory's traits (virtio queues).

@@ -2,9 +2,12 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use vmm::replay::codec::{Decoder, Encoder, Record};
 
 pub use ftvm_tests::node::require_kvm;
 
@@ -80,4 +83,25 @@ impl Running {
             Err(_) => panic!("ftvm-node did not exit within {limit:?}"),
         }
     }
+}
+
+/// The records of the log at `p`.
+pub fn read_log(p: &Path) -> Vec<Record> {
+    let bytes = std::fs::read(p).unwrap();
+    let mut d = Decoder::new(&bytes);
+    let mut v = Vec::new();
+    while let Some(r) = d.next_record().unwrap() {
+        v.push(r);
+    }
+    v
+}
+
+/// Writes `recs` as a log at `p` (re-encoded: clocks as deltas from the records before).
+pub fn write_log(p: &Path, recs: &[Record]) {
+    let mut e = Encoder::new();
+    let mut b = Vec::new();
+    for r in recs {
+        e.encode(r, &mut b);
+    }
+    std::fs::write(p, b).unwrap();
 }
