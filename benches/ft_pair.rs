@@ -191,7 +191,12 @@ fn cpu_delta(
     let tick_ms = 1000.0 / 100.0; // USER_HZ
     let mut parts: Vec<String> = after
         .iter()
-        .map(|(k, v)| (k, (v - before.get(k).copied().unwrap_or(0)) as f64 * tick_ms))
+        .map(|(k, v)| {
+            (
+                k,
+                (v - before.get(k).copied().unwrap_or(0)) as f64 * tick_ms,
+            )
+        })
         .filter(|(_, ms)| *ms > 0.0)
         .map(|(k, ms)| format!("{k} {ms:.0}"))
         .collect();
@@ -283,7 +288,11 @@ fn main() -> Result<()> {
         let secs = t0.elapsed().as_secs_f64();
         for (i, n) in p.nodes.iter().enumerate() {
             let name = ["a", "b"][i];
-            let role = if name == p.primary { "primary" } else { "backup" };
+            let role = if name == p.primary {
+                "primary"
+            } else {
+                "backup"
+            };
             eprintln!(
                 "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}",
                 cpu_delta(&cpu0[i], &thread_cpu(n.pid()))

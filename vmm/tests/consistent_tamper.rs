@@ -5,34 +5,8 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{read_log, write_log};
+use common::{read_log, record, write_log};
 use vmm::replay::codec::{inputs_hash, Event, Record};
-
-fn record(guest: &str, args: &str, digest_every: &str, log: &Path, disk: Option<&str>) {
-    let mut a = vec![
-        "run",
-        "--solo",
-        "--guest",
-        guest,
-        "--guest-args",
-        args,
-        "--record",
-        log.to_str().unwrap(),
-        "--digest-every",
-        digest_every,
-    ];
-    if let Some(d) = disk {
-        a.extend(["--disk", d]);
-    }
-    let o = common::run(&a);
-    assert!(
-        o.status.success(),
-        "record {guest}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// Changes the first event after boundary `after` that `f` changes, and recomputes that
 /// record's inputs hash: the log stays internally consistent. Returns the boundary.

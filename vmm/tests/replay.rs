@@ -16,21 +16,7 @@ fn out(o: &std::process::Output) -> (String, String) {
 }
 
 fn record(guest: &str, args: &str, log: &Path) -> (String, String) {
-    let o = run(&[
-        "run",
-        "--solo",
-        "--guest",
-        guest,
-        "--guest-args",
-        args,
-        "--record",
-        log.to_str().unwrap(),
-        "--digest-every",
-        "500",
-    ]);
-    let (so, se) = out(&o);
-    assert!(o.status.success(), "record {guest}: {:?}\n{se}", o.status);
-    (so, se)
+    out(&common::record(guest, args, "500", log, None))
 }
 
 fn replay(guest: &str, log: &Path) -> std::process::Output {

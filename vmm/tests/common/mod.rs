@@ -105,3 +105,37 @@ pub fn write_log(p: &Path, recs: &[Record]) {
     }
     std::fs::write(p, b).unwrap();
 }
+
+/// Records a solo run of `guest` with `args` into `log`, a memory digest every
+/// `digest_every` boundaries, with `disk` if given; asserts that the run succeeded.
+pub fn record(
+    guest: &str,
+    args: &str,
+    digest_every: &str,
+    log: &Path,
+    disk: Option<&str>,
+) -> Output {
+    let mut a = vec![
+        "run",
+        "--solo",
+        "--guest",
+        guest,
+        "--guest-args",
+        args,
+        "--record",
+        log.to_str().unwrap(),
+        "--digest-every",
+        digest_every,
+    ];
+    if let Some(d) = disk {
+        a.extend(["--disk", d]);
+    }
+    let o = run(&a);
+    assert!(
+        o.status.success(),
+        "record {guest}: {:?}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
