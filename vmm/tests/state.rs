@@ -59,16 +59,7 @@ fn record<I: Inputs + 'static>(
 ) -> End {
     let out = BufWriter::new(File::create(log).unwrap());
     let rec = Recorder::new(live, out, setup.log_header(digest_every)).unwrap();
-    let mut m = assemble(
-        setup,
-        disk.map(open_rw),
-        Box::new(DropFrames),
-        Box::new(rec),
-        Box::new(Quiet),
-        stop(),
-        true,
-    )
-    .unwrap();
+    let mut m = machine(setup, disk, Box::new(rec));
     m.run().unwrap();
     m.end().expect("an end").clone()
 }
@@ -84,11 +75,16 @@ fn replayer(
     if let Some(k) = from {
         r.skip_through(k);
     }
+    machine(setup, disk, Box::new(r))
+}
+
+/// A machine of `setup` (with dirty logging) on `inputs`, its console and frames dropped.
+fn machine(setup: &VmSetup<'_>, disk: Option<&Path>, inputs: Box<dyn Inputs>) -> Machine {
     assemble(
         setup,
         disk.map(open_rw),
         Box::new(DropFrames),
-        Box::new(r),
+        inputs,
         Box::new(Quiet),
         stop(),
         true,
@@ -311,30 +307,12 @@ fn a_restore_that_differs_from_the_saved_machine_is_refused_or_caught() {
 
     // A machine with other memory size or other devices does not take the state.
     let other = VmSetup::plain(image, 128 << 20, "300");
-    let mut m3 = assemble(
-        &other,
-        None,
-        Box::new(DropFrames),
-        Box::new(LiveInputs::new(stop(), 0)),
-        Box::new(Quiet),
-        stop(),
-        true,
-    )
-    .unwrap();
+    let mut m3 = machine(&other, None, Box::new(LiveInputs::new(stop(), 0)));
     let e = m3.restore_state(&state).unwrap_err();
     assert!(e.to_string().contains("bytes of memory"), "{e}");
     let mut with_rng = setup.clone();
     with_rng.devices.rng = true;
-    let mut m4 = assemble(
-        &with_rng,
-        None,
-        Box::new(DropFrames),
-        Box::new(LiveInputs::new(stop(), 0)),
-        Box::new(Quiet),
-        stop(),
-        true,
-    )
-    .unwrap();
+    let mut m4 = machine(&with_rng, None, Box::new(LiveInputs::new(stop(), 0)));
     copy_memory(&m1, &m4);
     let e = m4.restore_state(&state).unwrap_err();
     assert!(
