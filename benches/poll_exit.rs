@@ -27,7 +27,7 @@ fn measure(kind: &str, n: u64) -> anyhow::Result<u64> {
         args: format!("{kind} {n}"),
         ..Default::default()
     };
-    let mut m = vmm::solo::build_machine(
+    let mut m = vmm::setup::build_machine(
         image,
         64 << 20,
         &params,

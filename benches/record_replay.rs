@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         let mem = 64 << 20;
         // Baseline: the same guest, unrecorded.
         let t = Instant::now();
-        let mut m = vmm::solo::build_machine(
+        let mut m = vmm::setup::build_machine(
             image,
             mem,
             &params,
@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         let bytes = std::fs::read(&log)?;
         let rep_out = Capture::default();
-        let rep = vmm::solo::replay(
+        let rep = vmm::replay::run::replay(
             image,
             &bytes,
             None,

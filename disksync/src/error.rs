@@ -46,6 +46,9 @@ pub enum Error {
     /// Invalid parameters.
     #[error("{0}")]
     Invalid(String),
+    /// A fault injected by the test hooks fired (the serving side ends on it).
+    #[error("fault injection: {0}")]
+    Injected(crate::session::Fault),
     /// The operation was cancelled.
     #[error("interrupted; what was written is kept, rerun to resume")]
     Cancelled,

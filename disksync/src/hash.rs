@@ -121,6 +121,8 @@ pub fn file_geometry(file: &File, path: &Path, block_size: u32) -> Result<Geomet
 
 /// True if every byte of `data` is zero.
 pub fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128, and `align_to` views as u128 only the
+    // aligned middle of `data`, which it borrows.
     let (pre, mid, post) = unsafe { data.align_to::<u128>() };
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
@@ -204,8 +206,9 @@ pub fn hash_runs(
     if segs.is_empty() {
         return Ok(());
     }
-    // Map the file: hashing straight from the page cache saves a copy per byte (the caller
-    // holds the disk lock, so the file is not truncated under the mapping).
+    // Map the file: hashing straight from the page cache saves a copy per byte.
+    // SAFETY: the caller holds the disk lock, so no one truncates or writes the file while
+    // the mapping lives (a truncation under it would fault).
     let map =
         unsafe { memmap2::MmapOptions::new().map(file) }.map_err(|e| Error::io("mmap", path, e))?;
     let _ = map.advise(memmap2::Advice::Sequential);

@@ -177,7 +177,7 @@ pub async fn serve(
             Some(r) = rx.recv() => {
                 ended += 1;
                 if let Err(e) = r {
-                    if e.to_string().contains("fault injection") {
+                    if matches!(e, Error::Injected(_)) {
                         ep.close(0u32.into(), b"fault injection");
                         ep.wait_idle().await;
                         return Err(e);

@@ -172,12 +172,6 @@ impl WrittenBlocks {
         }
     }
 
-    /// True if block `i` is marked.
-    pub fn is_marked(&self, i: u64) -> bool {
-        i < self.geo.blocks()
-            && self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
-    }
-
     /// Number of marked blocks.
     pub fn count(&self) -> u64 {
         self.words

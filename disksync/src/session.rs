@@ -125,6 +125,19 @@ pub enum Fault {
     TruncateAfterBlocks(u64),
 }
 
+/// What the fault did, once it fired.
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::CloseAfterBlocks(n) => write!(f, "connection closed after {n} blocks"),
+            Fault::GarbageAfterBlocks(n) => write!(f, "garbage sent after {n} blocks"),
+            Fault::TruncateAfterBlocks(n) => {
+                write!(f, "truncated message sent after {n} blocks")
+            }
+        }
+    }
+}
+
 /// The source disk served to pulls. The caller keeps whatever lock protects it.
 #[derive(Debug)]
 pub struct SourceDisk {
@@ -440,15 +453,11 @@ async fn serve_stream(
 
 async fn inject(f: Fault, sent: u64, send: &mut SendStream) -> Result<()> {
     match f {
-        Fault::CloseAfterBlocks(n) if sent >= n => Err(Error::Invalid(format!(
-            "fault injection: connection closed after {n} blocks"
-        ))),
+        Fault::CloseAfterBlocks(n) if sent >= n => Err(Error::Injected(f)),
         Fault::GarbageAfterBlocks(n) if sent >= n => {
             let _ = send.write_all(&[0xa5; 300]).await;
             let _ = send.finish();
-            Err(Error::Invalid(format!(
-                "fault injection: garbage sent after {n} blocks"
-            )))
+            Err(Error::Injected(f))
         }
         Fault::TruncateAfterBlocks(n) if sent >= n => {
             let m = Msg::Block {
@@ -458,9 +467,7 @@ async fn inject(f: Fault, sent: u64, send: &mut SendStream) -> Result<()> {
             .encode();
             let _ = send.write_all(&m[..m.len() / 2]).await;
             let _ = send.finish();
-            Err(Error::Invalid(format!(
-                "fault injection: truncated message sent after {n} blocks"
-            )))
+            Err(Error::Injected(f))
         }
         _ => Ok(()),
     }

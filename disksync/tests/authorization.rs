@@ -14,18 +14,7 @@ const BS: u64 = 4096;
 
 /// `pull --node NODE` against `server`, naming the server `server`.
 fn pull_as(server: &Server, node: &str, disk: &Path, tls: &Path) -> std::process::Output {
-    let from = format!("server@{}", server.addr);
-    run(&[
-        OsStr::new("pull"),
-        "--from".as_ref(),
-        from.as_ref(),
-        "--node".as_ref(),
-        node.as_ref(),
-        "--disk".as_ref(),
-        disk.as_os_str(),
-        "--tls".as_ref(),
-        tls.as_os_str(),
-    ])
+    pull_from(&format!("server@{}", server.addr), node, disk, tls)
 }
 
 #[test]
@@ -133,17 +122,7 @@ fn a_witness_or_unmarked_key_does_not_serve_and_a_node_does_not_pull_from_anothe
     // A server of pair vm2 (its own certificate) serving to vm1's node: the client refuses it.
     let server = Server::start_as(&src, &tls, "vm2-a", &[]);
     let from = format!("vm2-a@{}", server.addr);
-    let out = run(&[
-        OsStr::new("pull"),
-        "--from".as_ref(),
-        from.as_ref(),
-        "--node".as_ref(),
-        "client".as_ref(),
-        "--disk".as_ref(),
-        dst.as_os_str(),
-        "--tls".as_ref(),
-        tls.as_os_str(),
-    ]);
+    let out = pull_from(&from, "client", &dst, &tls);
     assert!(!out.status.success(), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a node certificate of pair \"vm2\""), "{err}");

@@ -325,17 +325,7 @@ fn wrong_certificate_is_refused() {
 
     // Right CA, but the server must be "other": its certificate names "server".
     let from = format!("other@{}", server.addr);
-    let out = run(&[
-        OsStr::new("pull"),
-        "--from".as_ref(),
-        from.as_ref(),
-        "--node".as_ref(),
-        "client".as_ref(),
-        "--disk".as_ref(),
-        dst.as_os_str(),
-        "--tls".as_ref(),
-        tls.as_os_str(),
-    ]);
+    let out = pull_from(&from, "client", &dst, &tls);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -346,17 +336,7 @@ fn wrong_certificate_is_refused() {
     );
 
     // Right CA and name, but "other" is not allowed to pull.
-    let out = run(&[
-        OsStr::new("pull"),
-        "--from".as_ref(),
-        format!("server@{}", server.addr).as_ref(),
-        "--node".as_ref(),
-        "other".as_ref(),
-        "--disk".as_ref(),
-        dst.as_os_str(),
-        "--tls".as_ref(),
-        tls.as_os_str(),
-    ]);
+    let out = pull_from(&format!("server@{}", server.addr), "other", &dst, &tls);
     assert!(!out.status.success(), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not allowed"),

@@ -16,14 +16,18 @@ pub fn node_binary() -> Result<PathBuf> {
     crate::netns::sibling_binary("ftvm-node", "FTVM_NODE")
 }
 
-/// Fails loudly when KVM is unusable: these tests need it, and CI has it.
+/// Fails loudly when KVM is unusable here: these tests need it, and CI has it. The one check
+/// of every test crate that runs guests (the VMM's own tests use it too).
 pub fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
-        panic!("\n*** this test needs /dev/kvm (read/write) and cannot run here: {e} ***\n");
+        panic!(
+            "\n*** this test needs /dev/kvm (read/write) and cannot run here: {e} ***\n\
+             *** run the tests as root on a host with KVM ***\n"
+        );
     }
 }
 

@@ -8,9 +8,9 @@ pub enum VmmError {
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
-    /// Guest memory could not be set up.
-    #[error("{0}")]
-    Memory(String),
+    /// Guest memory could not be set up or copied.
+    #[error(transparent)]
+    Memory(#[from] crate::kvm::memory::MemoryError),
     /// The requested memory size is not usable.
     #[error("invalid memory size {size}: {why}")]
     MemSize {

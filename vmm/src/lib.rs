@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod channel;
+pub mod console;
 pub mod devices;
 pub mod epoch;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod machine;
 pub mod node;
 pub mod plan;
 pub mod replay;
+pub mod setup;
 pub mod signals;
 pub mod solo;
 pub mod spec;

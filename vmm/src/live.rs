@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+
 use crate::devices::tap::Tap;
 use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
 use crate::signals::StopSignal;
@@ -82,7 +85,7 @@ impl Inputs for LiveInputs {
 
     fn entropy(&mut self, _b: Boundary) -> Result<u64, InputError> {
         let mut b = [0u8; 8];
-        getrandom(&mut b)?;
+        getrandom::fill(&mut b).map_err(std::io::Error::from)?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -101,7 +104,7 @@ impl Inputs for LiveInputs {
 
     fn random(&mut self, _b: Boundary, len: usize) -> Result<Vec<u8>, InputError> {
         let mut v = vec![0u8; len];
-        getrandom(&mut v)?;
+        getrandom::fill(&mut v).map_err(std::io::Error::from)?;
         Ok(v)
     }
 
@@ -118,66 +121,36 @@ impl Inputs for LiveInputs {
                 return Ok(now);
             }
             let left = deadline_ns - now.mono_ns;
-            let ts = libc::timespec {
-                tv_sec: (left / 1_000_000_000).min(i64::MAX as u64) as libc::time_t,
-                tv_nsec: (left % 1_000_000_000) as libc::c_long,
+            let ts = Timespec {
+                tv_sec: (left / 1_000_000_000).min(i64::MAX as u64) as i64,
+                tv_nsec: (left % 1_000_000_000) as i64,
             };
-            let pause_fd = self.pause.as_ref().map_or(-1, |p| p.fd());
-            let tap_fd = match (&self.tap, rx_room > 0) {
-                (Some(t), true) => t.fd(),
-                _ => -1,
-            };
-            // A negative fd is ignored by ppoll.
-            let mut pfds = [
-                libc::pollfd {
-                    fd: self.stop.fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: tap_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: pause_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: three valid pollfds, a valid timespec, no signal mask change.
-            let r = unsafe { libc::ppoll(pfds.as_mut_ptr(), 3, &ts, std::ptr::null()) };
-            if pfds[1].revents != 0 {
+            // The stop eventfd always; the TAP when a frame could be delivered; the pause
+            // eventfd when there is one.
+            let stop = PollFd::new(&*self.stop, PollFlags::IN);
+            let mut fds = [stop.clone(), stop.clone(), stop];
+            let mut n = 1;
+            let mut tap_at = None;
+            if let (Some(t), true) = (&self.tap, rx_room > 0) {
+                fds[n] = PollFd::new(&**t, PollFlags::IN);
+                tap_at = Some(n);
+                n += 1;
+            }
+            if let Some(fd) = self.pause.as_ref().and_then(|p| p.wake_fd()) {
+                fds[n] = PollFd::from_borrowed_fd(fd, PollFlags::IN);
+                n += 1;
+            }
+            let r = poll(&mut fds[..n], Some(&ts));
+            if tap_at.is_some_and(|i| !fds[i].revents().is_empty()) {
                 return Ok(self.now());
             }
             if self.pause.as_ref().is_some_and(|p| p.requested()) {
                 return Ok(self.now());
             }
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e.into());
-                }
+            match r {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(std::io::Error::from(e).into()),
             }
         }
     }
-}
-
-/// Fills `buf` from the kernel's CSPRNG.
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let r =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        } else {
-            filled += r as usize;
-        }
-    }
-    Ok(())
 }

@@ -151,12 +151,11 @@ struct PauseInner {
 
 impl Default for PauseInner {
     fn default() -> Self {
-        // SAFETY: eventfd(2) with valid flags; the result is checked before it is owned.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        let wake = (fd >= 0).then(|| {
-            // SAFETY: `fd` is a new descriptor nothing else owns.
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-        });
+        let wake = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .ok();
         PauseInner {
             requested: std::sync::atomic::AtomicBool::new(false),
             wake,
@@ -176,21 +175,17 @@ impl PauseHandle {
             .requested
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(fd) = &self.0.wake {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
-            unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(fd), one.as_ptr().cast(), 8) };
+            // A full counter (EAGAIN) is readable already.
+            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
         }
     }
     /// Whether a pause is requested and not yet taken.
     pub fn requested(&self) -> bool {
         self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
     }
-    /// The eventfd that becomes readable on a request (-1 if there is none).
-    pub fn fd(&self) -> i32 {
-        self.0
-            .wake
-            .as_ref()
-            .map_or(-1, std::os::fd::AsRawFd::as_raw_fd)
+    /// The eventfd that becomes readable on a request (`None` if it could not be made).
+    pub fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.0.wake.as_ref().map(std::os::fd::AsFd::as_fd)
     }
     fn take(&self) -> bool {
         let was = self
@@ -199,15 +194,8 @@ impl PauseHandle {
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         if was {
             if let Some(fd) = &self.0.wake {
-                let mut b = [0u8; 8];
-                // SAFETY: reads at most 8 bytes into a live buffer from a non-blocking eventfd.
-                unsafe {
-                    libc::read(
-                        std::os::fd::AsRawFd::as_raw_fd(fd),
-                        b.as_mut_ptr().cast(),
-                        8,
-                    )
-                };
+                // Non-blocking: nothing to read (EAGAIN) is fine.
+                let _ = rustix::io::read(fd, &mut [0u8; 8]);
             }
         }
         was

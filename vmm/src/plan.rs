@@ -57,8 +57,8 @@ impl VmOptions {
             .guest
             .as_deref()
             .ok_or("--guest is required (a bundled name or an ELF path)")?;
-        let mem_size = crate::solo::parse_size(self.mem.as_deref().unwrap_or("64M"))
-            .map_err(|e| format!("--mem: {e}"))?;
+        let mem_size =
+            parse_size(self.mem.as_deref().unwrap_or("64M")).map_err(|e| format!("--mem: {e}"))?;
         crate::kvm::boot::check_mem_size(mem_size).map_err(|e| format!("--mem: {e}"))?;
         let image = crate::guests::resolve(guest)?;
         let net = match (&self.tap, &self.mac, &self.ip) {
@@ -98,10 +98,8 @@ impl VmOptions {
                 }
                 Some(DiskOptions {
                     path: path.clone(),
-                    create_size: crate::solo::parse_size(
-                        self.disk_size.as_deref().unwrap_or("64M"),
-                    )
-                    .map_err(|e| format!("--disk-size: {e}"))?,
+                    create_size: parse_size(self.disk_size.as_deref().unwrap_or("64M"))
+                        .map_err(|e| format!("--disk-size: {e}"))?,
                 })
             }
             None if self.disk_size.is_some() => return Err("--disk-size needs --disk".into()),
@@ -119,5 +117,44 @@ impl VmOptions {
             disk,
             tap: self.tap.clone(),
         })
+    }
+}
+
+/// Parses a size: a number of bytes with an optional K/M/G (or KiB/MiB/GiB) suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional K, M or G suffix")
+    })?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use K, M or G)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-5M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
     }
 }

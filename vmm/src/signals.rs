@@ -2,24 +2,28 @@
 //! or blocks in a WAIT: the handler records the signal, wakes any WAIT through an eventfd and
 //! makes the vCPU leave guest mode through `immediate_exit`.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use rustix::event::{eventfd, EventfdFlags};
 
 use crate::kvm::vcpu::KickHandle;
 
 static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+/// The process's one stop state, made by the first [`install`] and never dropped (the
+/// handler reaches its eventfd through here).
+static INSTALLED: OnceLock<Arc<StopSignal>> = OnceLock::new();
 static KICK: AtomicPtr<AtomicU8> = AtomicPtr::new(std::ptr::null_mut());
 
-extern "C" fn on_signal(sig: libc::c_int) {
+/// What a stop signal does; async-signal-safe (atomic loads and stores and one `write(2)`).
+fn note_stop(sig: libc::c_int) {
     SIGNALLED.store(sig, Ordering::SeqCst);
-    let fd = WAKE_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the eventfd stays open for the process's
-        // life once installed (`StopSignal` is leaked into a static Arc).
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    // `OnceLock::get` is one atomic load: it is `None` until `install` has finished.
+    if let Some(stop) = INSTALLED.get() {
+        // write(2) is async-signal-safe (rustix makes the raw syscall); a full counter
+        // (EAGAIN) already wakes every poller.
+        let _ = rustix::io::write(&stop.wake, &1u64.to_ne_bytes());
     }
     let kick = KICK.load(Ordering::SeqCst);
     if !kick.is_null() {
@@ -29,11 +33,15 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
+extern "C" fn on_signal(sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    note_stop(sig);
+}
+
 /// The process-wide stop state: which signal (if any) asked the node to stop, and an eventfd
 /// that becomes readable when it happens.
 #[derive(Debug)]
 pub struct StopSignal {
-    fd: OwnedFd,
+    wake: OwnedFd,
 }
 
 impl StopSignal {
@@ -44,45 +52,33 @@ impl StopSignal {
             s => Some(s),
         }
     }
-    /// The eventfd to poll together with other sources.
-    pub fn fd(&self) -> i32 {
-        self.fd.as_raw_fd()
-    }
     /// Requests a stop as if `sig` had arrived (used by tests and the node's own shutdown).
     pub fn raise(&self, sig: i32) {
-        on_signal(sig);
+        note_stop(sig);
+    }
+}
+
+/// The eventfd to poll together with other sources.
+impl AsFd for StopSignal {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
     }
 }
 
 /// Installs SIGINT/SIGTERM handling once per process and returns the stop state.
 pub fn install() -> std::io::Result<Arc<StopSignal>> {
-    static INSTALLED: std::sync::OnceLock<Arc<StopSignal>> = std::sync::OnceLock::new();
     if let Some(s) = INSTALLED.get() {
         return Ok(s.clone());
     }
-    // SAFETY: eventfd(2) with valid flags; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor we own.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
     let stop = INSTALLED
-        .get_or_init(|| Arc::new(StopSignal { fd: owned }))
+        .get_or_init(|| Arc::new(StopSignal { wake }))
         .clone();
-    WAKE_FD.store(stop.fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction with a valid handler and an empty mask is a valid
-        // argument; no SA_RESTART so that KVM_RUN and poll return EINTR.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_signal as *const () as usize;
-            libc::sigemptyset(&mut act.sa_mask);
-            act.sa_flags = 0;
-            if libc::sigaction(sig, &act, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        // No SA_RESTART, so that KVM_RUN and poll return EINTR; the handler only does
+        // async-signal-safe work (`note_stop`).
+        vmm_sys_util::signal::register_signal_handler(sig, on_signal)
+            .map_err(std::io::Error::from)?;
     }
     Ok(stop)
 }

@@ -5,52 +5,8 @@
 
 mod common;
 
-use std::path::Path;
-
-use vmm::replay::codec::{inputs_hash, Decoder, Encoder, Event, Record};
-
-fn record(guest: &str, args: &str, digest_every: &str, log: &Path, disk: Option<&str>) {
-    let mut a = vec![
-        "run",
-        "--solo",
-        "--guest",
-        guest,
-        "--guest-args",
-        args,
-        "--record",
-        log.to_str().unwrap(),
-        "--digest-every",
-        digest_every,
-    ];
-    if let Some(d) = disk {
-        a.extend(["--disk", d]);
-    }
-    let o = common::run(&a);
-    assert!(
-        o.status.success(),
-        "record {guest}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn read_log(p: &Path) -> Vec<Record> {
-    let bytes = std::fs::read(p).unwrap();
-    let mut d = Decoder::new(&bytes);
-    let mut v = Vec::new();
-    while let Some(r) = d.next_record().unwrap() {
-        v.push(r);
-    }
-    v
-}
-
-fn write_log(p: &Path, recs: &[Record]) {
-    let mut e = Encoder::new();
-    let mut b = Vec::new();
-    for r in recs {
-        e.encode(r, &mut b);
-    }
-    std::fs::write(p, b).unwrap();
-}
+use common::{read_log, record, write_log};
+use vmm::replay::codec::{inputs_hash, Event, Record};
 
 /// Changes the first event after boundary `after` that `f` changes, and recomputes that
 /// record's inputs hash: the log stays internally consistent. Returns the boundary.

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use common::run;
-use vmm::replay::codec::{Decoder, Encoder, Event, Record};
+use common::{read_log, run, write_log};
+use vmm::replay::codec::{Decoder, Event, Record};
 
 fn out(o: &std::process::Output) -> (String, String) {
     (
@@ -16,21 +16,7 @@ fn out(o: &std::process::Output) -> (String, String) {
 }
 
 fn record(guest: &str, args: &str, log: &Path) -> (String, String) {
-    let o = run(&[
-        "run",
-        "--solo",
-        "--guest",
-        guest,
-        "--guest-args",
-        args,
-        "--record",
-        log.to_str().unwrap(),
-        "--digest-every",
-        "500",
-    ]);
-    let (so, se) = out(&o);
-    assert!(o.status.success(), "record {guest}: {:?}\n{se}", o.status);
-    (so, se)
+    out(&common::record(guest, args, "500", log, None))
 }
 
 fn replay(guest: &str, log: &Path) -> std::process::Output {
@@ -44,25 +30,6 @@ fn field(summary: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name}= in {summary:?}"))
         .parse()
         .unwrap()
-}
-
-fn read_log(p: &Path) -> Vec<Record> {
-    let bytes = std::fs::read(p).unwrap();
-    let mut d = Decoder::new(&bytes);
-    let mut v = Vec::new();
-    while let Some(r) = d.next_record().unwrap() {
-        v.push(r);
-    }
-    v
-}
-
-fn write_log(p: &Path, recs: &[Record]) {
-    let mut e = Encoder::new();
-    let mut b = Vec::new();
-    for r in recs {
-        e.encode(r, &mut b);
-    }
-    std::fs::write(p, b).unwrap();
 }
 
 #[test]
@@ -334,7 +301,7 @@ fn the_incremental_memory_digest_equals_a_full_one() {
         dirty_log: true,
         ..Default::default()
     };
-    let mut m = vmm::solo::build_machine(
+    let mut m = vmm::setup::build_machine(
         vmm::guests::bundled("clockwork").unwrap(),
         32 << 20,
         &params,

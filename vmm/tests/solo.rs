@@ -83,20 +83,14 @@ fn bad_images_are_refused_with_one_line() {
         );
         assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
     }
-    let o = run(&["run", "--solo", "--guest", "/nonexistent/guest.elf"]);
-    assert_eq!(o.status.code(), Some(65));
-    assert!(
-        stderr(&o).contains("cannot read guest image"),
-        "{}",
-        stderr(&o)
-    );
-    let o = run(&["run", "--solo", "--guest", "no-such-guest"]);
-    assert_eq!(o.status.code(), Some(65));
-    assert!(
-        stderr(&o).contains("no bundled guest named"),
-        "{}",
-        stderr(&o)
-    );
+    for (guest, why) in [
+        ("/nonexistent/guest.elf", "cannot read guest image"),
+        ("no-such-guest", "no bundled guest named"),
+    ] {
+        let o = run(&["run", "--solo", "--guest", guest]);
+        assert_eq!(o.status.code(), Some(65), "{guest}");
+        assert!(stderr(&o).contains(why), "{}", stderr(&o));
+    }
 }
 
 #[test]

@@ -21,8 +21,8 @@ use vmm::machine::{Machine, Outcome};
 use vmm::replay::codec::{Decoder, End, Event, Record};
 use vmm::replay::recorder::Recorder;
 use vmm::replay::replayer::Replayer;
+use vmm::setup::{assemble, VmSetup};
 use vmm::signals::{self, StopSignal};
-use vmm::solo::{assemble, VmSetup};
 use vmm::spec::{DeviceSpec, NetSpec};
 use vmm::state::pages::PageBatch;
 use vmm::state::{DeviceKind, StateError, VmState};
@@ -59,16 +59,7 @@ fn record<I: Inputs + 'static>(
 ) -> End {
     let out = BufWriter::new(File::create(log).unwrap());
     let rec = Recorder::new(live, out, setup.log_header(digest_every)).unwrap();
-    let mut m = assemble(
-        setup,
-        disk.map(open_rw),
-        Box::new(DropFrames),
-        Box::new(rec),
-        Box::new(Quiet),
-        stop(),
-        true,
-    )
-    .unwrap();
+    let mut m = machine(setup, disk, Box::new(rec));
     m.run().unwrap();
     m.end().expect("an end").clone()
 }
@@ -84,11 +75,16 @@ fn replayer(
     if let Some(k) = from {
         r.skip_through(k);
     }
+    machine(setup, disk, Box::new(r))
+}
+
+/// A machine of `setup` (with dirty logging) on `inputs`, its console and frames dropped.
+fn machine(setup: &VmSetup<'_>, disk: Option<&Path>, inputs: Box<dyn Inputs>) -> Machine {
     assemble(
         setup,
         disk.map(open_rw),
         Box::new(DropFrames),
-        Box::new(r),
+        inputs,
         Box::new(Quiet),
         stop(),
         true,
@@ -141,21 +137,14 @@ fn differences(a: &VmState, b: &VmState) -> Vec<String> {
         a.memory_digest == b.memory_digest,
         String::new(),
     );
-    check(
-        "regs",
-        x.regs == y.regs,
-        format!("{:x?} vs {:x?}", x.regs, y.regs),
-    );
-    check(
-        "sregs",
-        x.sregs == y.sregs,
-        format!("{:x?} vs {:x?}", x.sregs, y.sregs),
-    );
-    check(
-        "fpu",
-        x.fpu == y.fpu,
-        format!("{:x?} vs {:x?}", x.fpu, y.fpu),
-    );
+    macro_rules! show {
+        ($name:literal, $p:expr, $q:expr) => {
+            check($name, $p == $q, format!("{:x?} vs {:x?}", $p, $q))
+        };
+    }
+    show!("regs", x.regs, y.regs);
+    show!("sregs", x.sregs, y.sregs);
+    show!("fpu", x.fpu, y.fpu);
     let xs: Vec<usize> = (0..x.xsave.len().min(y.xsave.len()))
         .filter(|&i| x.xsave[i] != y.xsave[i])
         .collect();
@@ -164,21 +153,9 @@ fn differences(a: &VmState, b: &VmState) -> Vec<String> {
         x.xsave == y.xsave,
         format!("bytes {:?}", &xs[..xs.len().min(16)]),
     );
-    check(
-        "xcrs",
-        x.xcrs == y.xcrs,
-        format!("{:x?} vs {:x?}", x.xcrs, y.xcrs),
-    );
-    check(
-        "debugregs",
-        x.debugregs == y.debugregs,
-        format!("{:x?} vs {:x?}", x.debugregs, y.debugregs),
-    );
-    check(
-        "events",
-        x.events == y.events,
-        format!("{:?} vs {:?}", x.events, y.events),
-    );
+    show!("xcrs", x.xcrs, y.xcrs);
+    show!("debugregs", x.debugregs, y.debugregs);
+    show!("events", x.events, y.events);
     check("mp_state", x.mp_state == y.mp_state, String::new());
     let ms: Vec<String> = x
         .msrs
@@ -330,30 +307,12 @@ fn a_restore_that_differs_from_the_saved_machine_is_refused_or_caught() {
 
     // A machine with other memory size or other devices does not take the state.
     let other = VmSetup::plain(image, 128 << 20, "300");
-    let mut m3 = assemble(
-        &other,
-        None,
-        Box::new(DropFrames),
-        Box::new(LiveInputs::new(stop(), 0)),
-        Box::new(Quiet),
-        stop(),
-        true,
-    )
-    .unwrap();
+    let mut m3 = machine(&other, None, Box::new(LiveInputs::new(stop(), 0)));
     let e = m3.restore_state(&state).unwrap_err();
     assert!(e.to_string().contains("bytes of memory"), "{e}");
     let mut with_rng = setup.clone();
     with_rng.devices.rng = true;
-    let mut m4 = assemble(
-        &with_rng,
-        None,
-        Box::new(DropFrames),
-        Box::new(LiveInputs::new(stop(), 0)),
-        Box::new(Quiet),
-        stop(),
-        true,
-    )
-    .unwrap();
+    let mut m4 = machine(&with_rng, None, Box::new(LiveInputs::new(stop(), 0)));
     copy_memory(&m1, &m4);
     let e = m4.restore_state(&state).unwrap_err();
     assert!(

@@ -210,21 +210,12 @@ impl WitnessClient {
 
     /// The pair's current `(generation, holder)`.
     pub async fn status(&self, pair: &str) -> Result<PairStatus, WitnessError> {
-        check_pair(pair)?;
-        status_reply(
-            self.request(&Request::Status {
-                pair: pair.to_string(),
-            })
-            .await?,
-        )
+        status_reply(self.request(&status_request(pair)?).await?)
     }
 
     /// A round trip that touches no state (checks reachability and authentication).
     pub async fn ping(&self) -> Result<(), WitnessError> {
-        match self.request(&Request::Ping).await? {
-            Response::Pong => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        pong_reply(self.request(&Request::Ping).await?)
     }
 
     /// Sends raw bytes as one request and returns the raw reply (for tests and diagnostics).
@@ -378,6 +369,20 @@ fn claim_reply(node: &str, seen: u64, r: Response) -> Result<ClaimOutcome, Witne
             Ok(ClaimOutcome::Granted { generation })
         }
         Response::Denied { generation, holder } => Ok(ClaimOutcome::Denied { generation, holder }),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn status_request(pair: &str) -> Result<Request, WitnessError> {
+    check_pair(pair)?;
+    Ok(Request::Status {
+        pair: pair.to_string(),
+    })
+}
+
+fn pong_reply(r: Response) -> Result<(), WitnessError> {
+    match r {
+        Response::Pong => Ok(()),
         other => Err(unexpected(other)),
     }
 }
@@ -549,21 +554,12 @@ impl WitnessSet {
 
     /// [`WitnessClient::status`] through the first witness that answers definitively.
     pub async fn status(&self, pair: &str) -> Result<PairStatus, WitnessError> {
-        check_pair(pair)?;
-        status_reply(
-            self.request(&Request::Status {
-                pair: pair.to_string(),
-            })
-            .await?,
-        )
+        status_reply(self.request(&status_request(pair)?).await?)
     }
 
     /// A ping through the first witness that answers.
     pub async fn ping(&self) -> Result<(), WitnessError> {
-        match self.request(&Request::Ping).await? {
-            Response::Pong => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        pong_reply(self.request(&Request::Ping).await?)
     }
 
     async fn request(&self, req: &Request) -> Result<Response, WitnessError> {

@@ -254,7 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tokio::select! {
                     r = net::serve(&ep, &local, Arc::new(src), &opts, stats) => match r {
                         Ok(()) => Ok(ExitCode::SUCCESS),
-                        Err(e) if e.to_string().contains("fault injection") => {
+                        Err(e @ disksync::Error::Injected(_)) => {
                             eprintln!("ftvm-resync: {e}");
                             Ok(ExitCode::from(EXIT_FAULT))
                         }

@@ -2,7 +2,7 @@
 //! running the real `ftvm-resync` binary.
 #![allow(dead_code)]
 
-use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -256,19 +256,30 @@ pub fn remote_env(
     env: &[(&str, &str)],
 ) -> Output {
     let from = format!("server@{}", server.addr);
-    let mut a: Vec<&std::ffi::OsStr> = vec![
-        cmd.as_ref(),
-        "--from".as_ref(),
-        from.as_ref(),
-        "--node".as_ref(),
-        "client".as_ref(),
-        "--disk".as_ref(),
-        disk.as_os_str(),
-        "--tls".as_ref(),
-        tls.as_os_str(),
-    ];
-    a.extend(extra.iter().map(|s| OsStr::new(*s)));
-    run_env(&a, env)
+    let mut a = session_args(cmd, &from, "client", disk, tls);
+    a.extend(extra.iter().map(OsString::from));
+    run_env(&a.iter().map(OsString::as_os_str).collect::<Vec<_>>(), env)
+}
+
+/// The arguments of a session: `CMD --from FROM --node NODE --disk DISK --tls TLS`.
+pub fn session_args(cmd: &str, from: &str, node: &str, disk: &Path, tls: &Path) -> Vec<OsString> {
+    vec![
+        cmd.into(),
+        "--from".into(),
+        from.into(),
+        "--node".into(),
+        node.into(),
+        "--disk".into(),
+        disk.into(),
+        "--tls".into(),
+        tls.into(),
+    ]
+}
+
+/// `pull` from `from` (`NAME@ADDR`) as node `node`.
+pub fn pull_from(from: &str, node: &str, disk: &Path, tls: &Path) -> Output {
+    let a = session_args("pull", from, node, disk, tls);
+    run(&a.iter().map(OsString::as_os_str).collect::<Vec<_>>())
 }
 
 /// The `key=value` pairs of the summary line in `out`'s stdout.

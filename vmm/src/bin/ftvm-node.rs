@@ -13,7 +13,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use vmm::epoch::InputError;
-use vmm::solo::{HostResources, RecordOptions, VmSetup};
+use vmm::setup::VmSetup;
+use vmm::solo::{HostResources, RecordOptions};
 use vmm::VmmError;
 
 /// Fault-tolerant virtual machines on KVM: the node.
@@ -361,16 +362,16 @@ fn run(a: RunArgs) -> ExitCode {
     };
     let mut host = HostResources::default();
     if let Some(d) = &p.disk {
-        match vmm::solo::open_disk(d) {
+        match vmm::devices::disk::open_disk(d) {
             Ok((f, sectors)) => {
                 p.devices.disk_sectors = Some(sectors);
-                host.disk = Some((f, sectors));
+                host.disk = Some(f);
             }
             Err(e) => return fail(65, e),
         }
     }
     if let Some(t) = &p.tap {
-        match vmm::solo::open_tap(t) {
+        match vmm::devices::tap::open_tap(t) {
             Ok(tap) => host.tap = Some(tap),
             Err(e) => return fail(65, e),
         }
@@ -386,7 +387,7 @@ fn run(a: RunArgs) -> ExitCode {
         host,
         stop,
         record.as_ref(),
-        Box::new(vmm::solo::StdoutConsole::default()),
+        Box::new(vmm::console::StdoutConsole::default()),
     ) {
         Ok(s) => {
             if record.is_some() {
@@ -413,7 +414,7 @@ fn replay(
     mem: Option<&str>,
     disk: Option<PathBuf>,
 ) -> ExitCode {
-    let mem_size = match mem.map(vmm::solo::parse_size) {
+    let mem_size = match mem.map(vmm::plan::parse_size) {
         None => None,
         Some(Ok(s)) => Some(s),
         Some(Err(e)) => return fail(65, format!("--mem: {e}")),
@@ -430,8 +431,8 @@ fn replay(
         Ok(s) => s,
         Err(e) => return fail(71, format!("cannot install signal handlers: {e}")),
     };
-    let console = Box::new(vmm::solo::StdoutConsole::default());
-    match vmm::solo::replay(
+    let console = Box::new(vmm::console::StdoutConsole::default());
+    match vmm::replay::run::replay(
         &image.bytes,
         &bytes,
         mem_size,

@@ -17,9 +17,12 @@ pub enum ConnectError {
     /// Socket errors.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// QUIC connection errors.
+    /// The connection could not be started.
     #[error("connecting: {0}")]
-    Connect(String),
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed.
+    #[error("connecting: {0}")]
+    Connection(#[from] quinn::ConnectionError),
     /// The peer's certificate names someone who is not a member of this pair.
     #[error("refused a connection from {0:?}: not a member of this pair")]
     NotAPeer(String),
@@ -89,15 +92,8 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Link, ConnectError> {
     let fut = async {
-        let conn = ep
-            .connect(addr, peer_name)
-            .map_err(|e| ConnectError::Connect(e.to_string()))?
-            .await
-            .map_err(|e| ConnectError::Connect(e.to_string()))?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| ConnectError::Connect(e.to_string()))?;
+        let conn = ep.connect(addr, peer_name)?.await?;
+        let (send, recv) = conn.open_bi().await?;
         Ok(Link {
             conn,
             send,
@@ -118,18 +114,13 @@ pub async fn accept(
     timeout: Duration,
 ) -> Result<Link, ConnectError> {
     let fut = async {
-        let conn = incoming
-            .await
-            .map_err(|e| ConnectError::Connect(e.to_string()))?;
+        let conn = incoming.await?;
         let peer = ftvm_tls::peer_identity(&conn).unwrap_or_default();
         if !members.contains(&peer) {
             conn.close(quinn::VarInt::from_u32(1), b"not a member of this pair");
             return Err(ConnectError::NotAPeer(peer));
         }
-        let (send, recv) = conn
-            .accept_bi()
-            .await
-            .map_err(|e| ConnectError::Connect(e.to_string()))?;
+        let (send, recv) = conn.accept_bi().await?;
         Ok(Link {
             conn,
             send,

@@ -591,11 +591,7 @@ impl MsgReader {
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+        crate::replay::codec::append_compacting(&mut self.buf, &mut self.pos, bytes);
     }
 
     /// The next whole message, `Ok(None)` if more bytes are needed. An error is final.

@@ -1,6 +1,7 @@
 //! Device models on the MMIO bus.
 
 pub mod control;
+pub mod disk;
 pub mod ratelimit;
 pub mod tap;
 pub mod virtio;

@@ -5,7 +5,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::devices::virtio::net::FrameSink;
+use crate::epoch::Boundary;
+use crate::error::VmmError;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -98,6 +102,33 @@ impl Tap {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// The TAP's descriptor, to poll for a waiting frame.
+impl std::os::fd::AsFd for Tap {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Opens the TAP device `name`, to be shared by the NIC's receive side (the input source) and
+/// its transmit side (a [`TapSink`], or the Output Rule's hold on a primary).
+pub fn open_tap(name: &str) -> Result<Arc<Tap>, VmmError> {
+    Tap::open(name).map(Arc::new).map_err(|e| VmmError::Tap {
+        name: name.to_string(),
+        why: e.to_string(),
+    })
+}
+
+/// Frames straight to the TAP (an unreplicated VM has no Output Rule to obey).
+pub struct TapSink(pub Arc<Tap>);
+
+impl FrameSink for TapSink {
+    fn send(&mut self, _b: Boundary, frame: &[u8]) {
+        if let Err(e) = self.0.write_frame(frame) {
+            tracing::warn!("TAP {}: dropped a frame: {e}", self.0.name());
         }
     }
 }

@@ -18,6 +18,51 @@ pub type Mmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 use crate::error::VmmError;
 use ftvm_abi::layout::PAGE_SIZE;
 
+/// What can go wrong setting up or copying guest memory (other than an address outside it,
+/// [`VmmError::GuestAddress`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The anonymous mapping could not be made.
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Map {
+        /// The size asked for, in bytes.
+        size: u64,
+        /// Why the mapping failed.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The mapping's host address could not be found.
+    #[error("host address of guest memory: {0}")]
+    HostAddress(#[source] vm_memory::GuestMemoryError),
+    /// The mapping has no region.
+    #[error("guest memory has no region")]
+    NoRegion,
+    /// A whole-page read failed.
+    #[error("reading guest page {page}: {source}")]
+    ReadPage {
+        /// The page number.
+        page: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A whole-page write failed.
+    #[error("writing guest page {page}: {source}")]
+    WritePage {
+        /// The page number.
+        page: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Dirty-page tracking was asked of memory registered without dirty logging.
+    #[error("dirty-page tracking needs the memory slot registered with dirty logging")]
+    NotDirtyLogged,
+    /// A virtio queue's used ring could not be written.
+    #[error("virtio used ring: {0}")]
+    UsedRing(#[source] virtio_queue::Error),
+}
+
 /// The slot number of guest RAM.
 pub const RAM_SLOT: u32 = 0;
 
@@ -31,9 +76,8 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Maps `size` bytes of zeroed anonymous memory.
     pub fn new(size: u64) -> Result<Self, VmmError> {
-        let mmap = Mmap::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| {
-            VmmError::Memory(format!("cannot map {size} bytes of guest memory: {e}"))
-        })?;
+        let mmap = Mmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|source| MemoryError::Map { size, source })?;
         Ok(GuestMemory {
             mmap,
             size,
@@ -46,7 +90,7 @@ impl GuestMemory {
         let host = self
             .mmap
             .get_host_address(GuestAddress(0))
-            .map_err(|e| VmmError::Memory(format!("host address of guest memory: {e}")))?;
+            .map_err(MemoryError::HostAddress)?;
         let region = kvm_userspace_memory_region {
             slot: RAM_SLOT,
             flags: if dirty_log {
@@ -82,18 +126,14 @@ impl GuestMemory {
 
     /// Reads `buf.len()` bytes at `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), VmmError> {
-        if !self.contains(addr, buf.len() as u64) {
-            return Err(VmmError::GuestAddress {
-                addr,
-                len: buf.len() as u64,
-            });
+        let len = buf.len() as u64;
+        let outside = || VmmError::GuestAddress { addr, len };
+        if !self.contains(addr, len) {
+            return Err(outside());
         }
         self.mmap
             .read_slice(buf, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress {
-                addr,
-                len: buf.len() as u64,
-            })
+            .map_err(|_| outside())
     }
 
     /// Reads a little-endian u64 at `addr`.
@@ -106,18 +146,15 @@ impl GuestMemory {
     /// Writes `data` at `addr` and records the pages touched. Only the boundary code (and boot)
     /// may call this: see the epoch invariant in DESIGN §3.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmmError> {
-        if !self.contains(addr, data.len() as u64) {
-            return Err(VmmError::GuestAddress {
-                addr,
-                len: data.len() as u64,
-            });
+        let len = data.len() as u64;
+        let outside = || VmmError::GuestAddress { addr, len };
+        // Checked first: vm-memory would write the part inside before failing.
+        if !self.contains(addr, len) {
+            return Err(outside());
         }
         self.mmap
             .write_slice(data, GuestAddress(addr))
-            .map_err(|_| VmmError::GuestAddress {
-                addr,
-                len: data.len() as u64,
-            })
+            .map_err(|_| outside())
     }
 
     /// The underlying mapping, for code that works on vm-memory's traits (virtio queues).
@@ -172,10 +209,7 @@ impl GuestMemory {
 /// Takes the bitmap of pages the VMM wrote through `mmap` since the last call (bit `p % 64` of
 /// word `p / 64` is page `p`). Only the dirty tracker calls this.
 pub(crate) fn take_vmm_dirty(mmap: &Mmap) -> Result<Vec<u64>, VmmError> {
-    let region = mmap
-        .iter()
-        .next()
-        .ok_or_else(|| VmmError::Memory("guest memory has no region".into()))?;
+    let region = mmap.iter().next().ok_or(MemoryError::NoRegion)?;
     Ok(region.bitmap().get_and_reset())
 }
 
@@ -212,7 +246,7 @@ impl GuestPages {
         let at = self.check(page)?;
         self.mmap
             .read_slice(buf, at)
-            .map_err(|e| VmmError::Memory(format!("reading guest page {page}: {e}")))
+            .map_err(|source| MemoryError::ReadPage { page, source }.into())
     }
 
     /// Writes page `page` (recorded as written by the VMM). Only into a machine whose vCPU is
@@ -221,6 +255,6 @@ impl GuestPages {
         let at = self.check(page)?;
         self.mmap
             .write_slice(data, at)
-            .map_err(|e| VmmError::Memory(format!("writing guest page {page}: {e}")))
+            .map_err(|source| MemoryError::WritePage { page, source }.into())
     }
 }

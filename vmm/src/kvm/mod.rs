@@ -57,11 +57,6 @@ impl KvmVm {
         })
     }
 
-    /// The VM's file descriptor (for dirty-log queries).
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
-    }
-
     /// A shared handle on the VM's file descriptor (for the dirty-page tracker, which may be
     /// used from another thread).
     pub fn vm_fd_shared(&self) -> std::sync::Arc<VmFd> {

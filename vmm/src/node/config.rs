@@ -235,7 +235,7 @@ impl NodeConfig {
                 .map(|m| parse_addr("metrics", m))
                 .transpose()?,
             listen: parse_addr("listen", &f.listen)?,
-            held_bytes: crate::solo::parse_size(f.held_bytes.as_deref().unwrap_or("16M"))
+            held_bytes: crate::plan::parse_size(f.held_bytes.as_deref().unwrap_or("16M"))
                 .map_err(|e| format!("held_bytes: {e}"))?,
             release_log: f.release_log.clone(),
             pair: f.pair,

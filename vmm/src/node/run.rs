@@ -32,7 +32,8 @@ use crate::channel::primary::{
     output_task, ChannelLog, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle, ToChannel,
 };
 use crate::channel::{now_ns, ChannelStats};
-use crate::devices::tap::Tap;
+use crate::console::StdoutConsole;
+use crate::devices::tap::{open_tap, Tap};
 use crate::devices::virtio::net::FrameSink;
 use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
 use crate::join::blocks::BlockWrites;
@@ -43,8 +44,8 @@ use crate::plan::Plan;
 use crate::replay::recorder::RecordSwitch;
 use crate::replay::recorder::Recorder;
 use crate::replay::replayer::Replayer;
+use crate::setup::VmSetup;
 use crate::signals::StopSignal;
-use crate::solo::{StdoutConsole, VmSetup};
 use crate::VmmError;
 
 /// How a pair member ended; `ftvm-node` maps it to its exit status (docs/operations.md).
@@ -138,7 +139,7 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
     let (disk, disk_root, disk_size, disk_leaves, disk_geo) = match &plan.disk {
         Some(d) => {
             let (f, sectors) =
-                crate::solo::open_disk(d).map_err(|e| NodeExit::Config(e.to_string()))?;
+                crate::devices::disk::open_disk(d).map_err(|e| NodeExit::Config(e.to_string()))?;
             devices.disk_sectors = Some(sectors);
             let (root, leaves, geo) = disk_hashes(&f, &d.path).map_err(NodeExit::Config)?;
             (Some(f), root, sectors * 512, leaves, Some(geo))
@@ -146,7 +147,7 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
         None => (None, [0; 32], 0, Vec::new(), None),
     };
     let tap = match &plan.tap {
-        Some(t) => Some(crate::solo::open_tap(t).map_err(|e| NodeExit::Config(e.to_string()))?),
+        Some(t) => Some(open_tap(t).map_err(|e| NodeExit::Config(e.to_string()))?),
         None => None,
     };
     let identity =
@@ -282,7 +283,7 @@ impl Node {
         let mut d = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         if d.is_none() {
             if let Some(opts) = &self.disk_opts {
-                let (f, _) = crate::solo::open_disk(opts)
+                let (f, _) = crate::devices::disk::open_disk(opts)
                     .map_err(|e| NodeExit::Failed(format!("reopening the disk: {e}")))?;
                 *d = Some(f);
             }
@@ -989,7 +990,7 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
             };
             let inputs = Throttle::new(rec, stats, stop.clone());
             let sink: Box<dyn FrameSink> = Box::new(HeldFrames(txc));
-            crate::solo::assemble_tracked(
+            crate::setup::assemble_tracked(
                 &setup,
                 disk,
                 sink,
@@ -1411,7 +1412,7 @@ async fn run_backup(
                 tx: txc.clone(),
             });
             let assemble = |inputs: Box<dyn Inputs>| {
-                crate::solo::assemble_tracked(
+                crate::setup::assemble_tracked(
                     &setup,
                     disk,
                     sink,

@@ -692,6 +692,17 @@ impl<'a> Decoder<'a> {
     }
 }
 
+/// Appends `bytes` to a receive buffer whose first `*pos` bytes are already consumed,
+/// dropping those first once they are at least half the buffer. The log's [`StreamDecoder`]
+/// and the channel's message reader both buffer received bytes this way.
+pub fn append_compacting(buf: &mut Vec<u8>, pos: &mut usize, bytes: &[u8]) {
+    if *pos > 0 && *pos >= buf.len() / 2 {
+        buf.drain(..*pos);
+        *pos = 0;
+    }
+    buf.extend_from_slice(bytes);
+}
+
 /// An incremental decoder for a log that arrives in pieces (the logging channel): bytes are
 /// [`push`](Self::push)ed as they arrive and [`next_record`](Self::next_record) answers
 /// `Ok(None)` ("need more") until a whole record is there. It applies exactly the checks of
@@ -715,11 +726,7 @@ impl StreamDecoder {
 
     /// Appends bytes that arrived.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+        append_compacting(&mut self.buf, &mut self.pos, bytes);
     }
 
     /// Bytes received but not yet decoded.

@@ -187,11 +187,6 @@ impl<I: Inputs, W: LogSink> Recorder<I, W> {
         Ok(())
     }
 
-    /// Figures so far.
-    pub fn stats(&self) -> LogStats {
-        self.stats
-    }
-
     /// Where the final figures appear when the run finishes (the recorder itself is owned by
     /// the machine by then).
     pub fn stats_handle(&self) -> Arc<Mutex<LogStats>> {

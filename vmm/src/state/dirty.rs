@@ -111,9 +111,7 @@ impl DirtyTracker {
     /// A tracker for `mem`, which must be registered with dirty logging in `vm`.
     pub fn new(vm: Arc<VmFd>, mem: &GuestMemory) -> Result<Arc<Self>, VmmError> {
         if !mem.dirty_logging() {
-            return Err(VmmError::Memory(
-                "dirty-page tracking needs the memory slot registered with dirty logging".into(),
-            ));
+            return Err(crate::kvm::memory::MemoryError::NotDirtyLogged.into());
         }
         Ok(Arc::new(DirtyTracker {
             vm,

@@ -68,11 +68,6 @@ impl PageBatch {
         Ok(())
     }
 
-    /// Bytes of page data the batch stands for (pages × 4096), for ratios against bytes sent.
-    pub fn memory_bytes(&self) -> u64 {
-        self.pages.len() as u64 * PAGE_SIZE
-    }
-
     /// Encodes the batch.
     pub fn encode(&self) -> Vec<u8> {
         let raw = self

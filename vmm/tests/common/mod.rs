@@ -2,23 +2,14 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// Fails loudly when KVM is unusable here: these tests need it, and CI has it.
-pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!(
-            "\n*** this test needs /dev/kvm (read/write) and cannot run here: {e} ***\n\
-             *** run the tests as root on a host with KVM ***\n"
-        );
-    }
-}
+use vmm::replay::codec::{Decoder, Encoder, Record};
+
+pub use ftvm_tests::node::require_kvm;
 
 /// The node binary.
 pub fn node() -> Command {
@@ -92,4 +83,59 @@ impl Running {
             Err(_) => panic!("ftvm-node did not exit within {limit:?}"),
         }
     }
+}
+
+/// The records of the log at `p`.
+pub fn read_log(p: &Path) -> Vec<Record> {
+    let bytes = std::fs::read(p).unwrap();
+    let mut d = Decoder::new(&bytes);
+    let mut v = Vec::new();
+    while let Some(r) = d.next_record().unwrap() {
+        v.push(r);
+    }
+    v
+}
+
+/// Writes `recs` as a log at `p` (re-encoded: clocks as deltas from the records before).
+pub fn write_log(p: &Path, recs: &[Record]) {
+    let mut e = Encoder::new();
+    let mut b = Vec::new();
+    for r in recs {
+        e.encode(r, &mut b);
+    }
+    std::fs::write(p, b).unwrap();
+}
+
+/// Records a solo run of `guest` with `args` into `log`, a memory digest every
+/// `digest_every` boundaries, with `disk` if given; asserts that the run succeeded.
+pub fn record(
+    guest: &str,
+    args: &str,
+    digest_every: &str,
+    log: &Path,
+    disk: Option<&str>,
+) -> Output {
+    let mut a = vec![
+        "run",
+        "--solo",
+        "--guest",
+        guest,
+        "--guest-args",
+        args,
+        "--record",
+        log.to_str().unwrap(),
+        "--digest-every",
+        digest_every,
+    ];
+    if let Some(d) = disk {
+        a.extend(["--disk", d]);
+    }
+    let o = run(&a);
+    assert!(
+        o.status.success(),
+        "record {guest}: {:?}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
 }

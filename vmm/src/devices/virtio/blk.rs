@@ -177,10 +177,7 @@ impl VirtioDevice for Block {
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Config: capacity (u64, sectors) at 0; everything else reads as zero.
-        let cfg = self.sectors.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&self.sectors.to_le_bytes(), offset, data);
     }
 
     fn take_requests(

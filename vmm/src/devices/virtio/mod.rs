@@ -65,11 +65,23 @@ pub fn pop_request(queue: &mut Queue, mem: &GuestMemory) -> Option<Request> {
     Some(Request { head, segments })
 }
 
+/// Reads `data.len()` bytes of a device's configuration space at `offset`, where the space is
+/// `cfg` followed by zeros.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| cfg.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Puts a finished request in the used ring with `len` bytes written.
 pub fn complete(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> Result<(), VmmError> {
     queue
         .add_used(mem.mmap(), head, len)
-        .map_err(|e| VmmError::Memory(format!("virtio used ring: {e}")))
+        .map_err(|e| crate::kvm::memory::MemoryError::UsedRing(e).into())
 }
 
 /// Requests available in `queue` and not yet taken.

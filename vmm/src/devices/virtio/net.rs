@@ -69,11 +69,8 @@ impl VirtioDevice for Net {
         QUEUE_SIZES
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut cfg = [0u8; 8];
-        cfg[..6].copy_from_slice(&self.mac);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        // Config: the MAC at 0; everything else reads as zero.
+        super::read_config_bytes(&self.mac, offset, data);
     }
 
     fn take_requests(
