@@ -1855,13 +1855,16 @@ impl FrameSink for LiveFrames {
 /// Reads and discards what arrives on a backup's TAP until the node goes live.
 fn drain_tap(tap: &Tap, live: &AtomicBool, stop: &StopSignal) {
     while !live.load(Ordering::SeqCst) && stop.signalled().is_none() {
-        let mut pfd = libc::pollfd {
-            fd: tap.fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [rustix::event::PollFd::new(
+            tap,
+            rustix::event::PollFlags::IN,
+        )];
+        let limit = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 20_000_000,
         };
-        // SAFETY: one valid pollfd, a 20 ms timeout.
-        unsafe { libc::poll(&mut pfd, 1, 20) };
+        // An interrupted or failed wait just ends this round early.
+        let _ = rustix::event::poll(&mut fds, Some(&limit));
         if live.load(Ordering::SeqCst) {
             return;
         }
