@@ -486,6 +486,47 @@ pub fn parse_releases(text: &str) -> (Vec<Release>, Vec<String>) {
     (out, bad)
 }
 
+/// The releases as the wire saw them: every frame a capture saw arrive from a node's host
+/// ([`crate::capture::WireFrame`]) becomes a release of one frame at the instant it reached
+/// the fabric, under the generation of the node's logged batch it belongs to: the first of
+/// that node's batches that ended no earlier than the frame arrived (a frame is written, and
+/// so arrives, inside its batch's interval; a gratuitous ARP just before a new primary's first
+/// batch goes with that batch), or the node's last batch for a frame after all of them. A
+/// frame of a node that logged no batch at all is left out and counted.
+pub fn wire_releases(
+    frames: &[crate::capture::WireFrame],
+    logged: &[Release],
+) -> (Vec<Release>, usize) {
+    let mut by_node: BTreeMap<&str, Vec<&Release>> = BTreeMap::new();
+    for r in logged {
+        by_node.entry(&r.node).or_default().push(r);
+    }
+    for v in by_node.values_mut() {
+        v.sort_by_key(|r| (r.last_ns, r.first_ns));
+    }
+    let (mut out, mut unattributed) = (Vec::new(), 0);
+    for f in frames {
+        let Some(batches) = by_node.get(f.node.as_str()) else {
+            unattributed += 1;
+            continue;
+        };
+        let i = batches.partition_point(|r| r.last_ns < f.unix_ns);
+        let b = batches
+            .get(i)
+            .or(batches.last())
+            .expect("a node with batches");
+        out.push(Release {
+            first_ns: f.unix_ns,
+            last_ns: f.unix_ns,
+            node: f.node.clone(),
+            generation: b.generation,
+            frames: 1,
+            boundary: b.boundary,
+        });
+    }
+    (out, unattributed)
+}
+
 /// A generation the witness granted (or granted again to the same claim).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -1321,6 +1362,51 @@ mod tests {
         ];
         let grants = vec![grant(1, "a"), grant(2, "b"), grant(2, "b"), grant(3, "a")];
         assert_eq!(check_split_brain(&rels, &grants), Vec::<SplitBrain>::new());
+    }
+
+    #[test]
+    fn the_wire_decides_when_a_batch_that_spans_a_stop_really_left() {
+        use crate::capture::WireFrame;
+        let wire = |node: &str, t: u64| WireFrame {
+            unix_ns: t,
+            node: node.into(),
+        };
+        // a's last batch under 1 spans 100..900 (stopped after its writes, resumed at 900);
+        // b went live under 2 at 300.
+        let logged = vec![
+            rel("a", 1, 10, 20),
+            rel("a", 1, 100, 900),
+            rel("b", 2, 300, 310),
+            rel("b", 2, 400, 410),
+        ];
+        let grants = vec![grant(1, "a"), grant(2, "b")];
+        assert_eq!(
+            check_split_brain(&logged, &grants).len(),
+            1,
+            "the log alone: an overlap"
+        );
+        // On the wire, a's frames arrived at 15 and 101, before b's (b's ARP at 299).
+        let seen = vec![
+            wire("a", 15),
+            wire("a", 101),
+            wire("b", 299),
+            wire("b", 305),
+            wire("b", 405),
+        ];
+        let (rels, left) = wire_releases(&seen, &logged);
+        assert_eq!(left, 0);
+        assert_eq!(rels[2].generation, 2, "the ARP goes with b's first batch");
+        assert_eq!(check_split_brain(&rels, &grants), Vec::<SplitBrain>::new());
+        // A frame of a that really left after the resume is caught.
+        let mut late = seen.clone();
+        late.push(wire("a", 899));
+        let (rels, _) = wire_releases(&late, &logged);
+        let found = check_split_brain(&rels, &grants);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(matches!(found[0], SplitBrain::Late { .. }), "{found:?}");
+        // A frame of a node that logged nothing is counted, not dropped silently.
+        let (_, left) = wire_releases(&[wire("c", 5)], &logged);
+        assert_eq!(left, 1);
     }
 
     #[test]

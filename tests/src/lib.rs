@@ -2,6 +2,7 @@
 //! ([`netns`]), the pair lab ([`pair`]), running nodes ([`node`]), the history checker
 //! ([`checker`]) and the fault-injection soak ([`soak`], the `ftvm-soak` binary).
 
+pub mod capture;
 pub mod checker;
 pub mod netns;
 pub mod node;

@@ -17,8 +17,10 @@ use anyhow::{bail, Context, Result};
 use super::clients::{self, ClientConfig, ClientError, ClientRun};
 use super::rng::Rng;
 use super::schedule::{self, Action, Step};
+use crate::capture::WireCapture;
 use crate::checker::{
-    check_kv, check_split_brain, parse_releases, parse_witness_grants, read_finals, Op, SplitBrain,
+    check_kv, check_split_brain, parse_releases, parse_witness_grants, read_finals, wire_releases,
+    Op, SplitBrain,
 };
 use crate::netns::{Netns, Spawned};
 use crate::node::{node_binary, RunningNode};
@@ -85,6 +87,14 @@ pub struct TrialResult {
     pub dual: Vec<String>,
     /// Of those, the episodes in the window docs/operations.md names ([`in_stop_window`]).
     pub dual_window: usize,
+    /// What the release logs alone would call two primaries: a batch whose interval, read by
+    /// the node around its writes, spans a stop (reported, not counted: the wire decides).
+    pub log_overlaps: Vec<String>,
+    /// Guest frames the fabric capture saw.
+    pub wire_frames: usize,
+    /// Frames the nodes' release logs count (more than the wire sees when a client link was
+    /// cut: those frames went nowhere).
+    pub logged_frames: u64,
     /// Problems of the recorded history itself.
     pub malformed: Vec<String>,
     /// Every client error.
@@ -674,6 +684,24 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
             return res;
         }
     }
+    // What leaves each node's host, seen from the fabric (the split-brain check's truth).
+    let ports: Vec<(String, String)> = lab
+        .options()
+        .nodes
+        .iter()
+        .map(|n| (n.clone(), lab.host(n).fabric_port.clone()))
+        .collect();
+    let mac = lab.host(&lab.options().nodes[0]).guest_mac.clone();
+    let capture = match mac
+        .context("the lab's guest has no MAC")
+        .and_then(|m| WireCapture::start(lab.lab.fabric(), ports, &m))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            res.failure = Some(format!("cannot capture on the fabric: {e:#}"));
+            return res;
+        }
+    };
     let ev = Events {
         epoch: Instant::now(),
         lines: Vec::new(),
@@ -759,6 +787,20 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
         }
     }
     rig.witness = None;
+    let wire = match capture.finish() {
+        Ok(w) => w,
+        Err(e) => {
+            res.failure = Some(format!("the fabric capture failed: {e:#}"));
+            crate::capture::Captured::default()
+        }
+    };
+    if wire.dropped > 0 {
+        res.malformed.push(format!(
+            "the fabric capture dropped {} frames: the split-brain check is incomplete",
+            wire.dropped
+        ));
+    }
+    res.wire_frames = wire.frames.len();
     let mut releases = Vec::new();
     for n in &names {
         let text =
@@ -779,7 +821,18 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
         .collect::<BTreeSet<_>>()
         .len()
         .saturating_sub(1);
+    // The logs' own view, for the record: a batch whose clock reads span a stop looks late
+    // even when its frames left before the stop.
     for sb in check_split_brain(&releases, &grants) {
+        res.log_overlaps.push(sb.to_string());
+    }
+    let (on_wire, unattributed) = wire_releases(&wire.frames, &releases);
+    if unattributed > 0 {
+        res.malformed.push(format!(
+            "{unattributed} guest frames on the wire from a node that logged no release"
+        ));
+    }
+    for sb in check_split_brain(&on_wire, &grants) {
         if in_stop_window(&sb, &rig.stops) {
             res.dual_window += 1;
             res.dual.push(format!(
@@ -793,6 +846,13 @@ pub fn run_trial(cfg: &TrialConfig) -> TrialResult {
     if releases.is_empty() && res.failure.is_none() {
         res.malformed
             .push("no release was logged at all (is release_log honoured?)".into());
+    }
+    let logged_frames: u64 = releases.iter().map(|r| r.frames).sum();
+    res.logged_frames = logged_frames;
+    if logged_frames > 0 && wire.frames.is_empty() && res.failure.is_none() {
+        res.malformed.push(format!(
+            "the fabric capture saw none of the {logged_frames} frames the nodes logged"
+        ));
     }
     res.exits = std::mem::take(&mut rig.exits);
     res.unexpected = std::mem::take(&mut rig.unexpected);
@@ -932,7 +992,18 @@ fn save(
     };
     section("lost", &res.lost);
     section("stale reads", &res.stale);
-    section("dual primary", &res.dual);
+    section(
+        "wire",
+        &[format!(
+            "{} guest frames seen on the fabric, {} logged by the nodes",
+            res.wire_frames, res.logged_frames
+        )],
+    );
+    section("dual primary (on the wire)", &res.dual);
+    section(
+        "release-log intervals that overlap (not counted: see the wire)",
+        &res.log_overlaps,
+    );
     section("malformed history", &res.malformed);
     section("unexpected exits", &res.unexpected);
     section("operator resyncs", &res.resyncs);
