@@ -129,10 +129,13 @@ impl Load {
             .spawn()
             .context("redis-benchmark (redis-tools)")?;
         let stop = Arc::new(AtomicBool::new(false));
+        // A key prefix of its own per join: the lab (and its counter) outlives each join.
+        static JOINS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let prefix = format!("j{}", JOINS.fetch_add(1, Ordering::Relaxed));
         let writer = start_writer(
             &lab.client.ns,
             lab.guest_ip,
-            "j",
+            &prefix,
             stop.clone(),
             Duration::from_secs(30),
         )?;

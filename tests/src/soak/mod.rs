@@ -35,6 +35,10 @@ pub struct Totals {
     pub dual: usize,
     /// Of those, the episodes in the window docs/operations.md names.
     pub dual_window: usize,
+    /// Overlaps the release logs alone show (not counted: the wire decides).
+    pub log_overlaps: usize,
+    /// Guest frames the fabric capture saw, and frames the nodes logged.
+    pub wire_frames: (u64, u64),
     /// Client errors, by kind.
     pub error_kinds: BTreeMap<String, usize>,
     /// Nodes' own exits, by code and reason.
@@ -66,6 +70,9 @@ impl Totals {
         self.stale += r.stale.len();
         self.dual += r.dual.len();
         self.dual_window += r.dual_window;
+        self.log_overlaps += r.log_overlaps.len();
+        self.wire_frames.0 += r.wire_frames as u64;
+        self.wire_frames.1 += r.logged_frames;
         for e in &r.client_errors {
             *self.error_kinds.entry(e.kind.clone()).or_default() += 1;
         }
@@ -184,12 +191,17 @@ impl Totals {
         }
         if self.dual > 0 {
             s += &format!(
-                "soak: dual_primary episodes: {}, of which {} in the window docs/operations.md \
-                 names (a primary stopped between its lease check and its TAP writes writes that \
-                 batch when resumed)\n",
+                "soak: dual_primary episodes (on the wire): {}, of which {} in the window \
+                 docs/operations.md names (a primary stopped between a frame's lease check and \
+                 its TAP write writes that frame when resumed)\n",
                 self.dual, self.dual_window
             );
         }
+        s += &format!(
+            "soak: guest frames seen on the fabric {}, logged by the nodes {}; release-log \
+             overlaps (a batch's clock reads spanning a stop; not counted) {}\n",
+            self.wire_frames.0, self.wire_frames.1, self.log_overlaps
+        );
         s += &format!(
             "soak: operator resyncs needed (the pair could not re-form by itself): {}\n",
             self.resyncs.len()

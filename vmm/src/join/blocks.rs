@@ -81,6 +81,11 @@ impl BlockWrites {
         std::mem::take(&mut *self.lock()).into_iter().collect()
     }
 
+    /// How many blocks were written since the last take.
+    pub fn count(&self) -> u64 {
+        self.lock().len() as u64
+    }
+
     /// Whether block `i` was written since the last take (a copier skips it: the next set
     /// has it).
     pub fn pending(&self, i: u64) -> bool {

@@ -58,6 +58,15 @@ impl Why {
     }
 }
 
+impl RoundPolicy {
+    /// Whether `bytes` (what the guest dirtied since the last round was taken) can go in the
+    /// pause without another round: a round that small would only be sent twice, once while
+    /// the guest runs and again, re-dirtied, in the pause.
+    pub fn fits_the_pause(&self, bytes: u64) -> bool {
+        bytes <= self.small_bytes
+    }
+}
+
 /// The rounds of one join.
 #[derive(Clone, Debug)]
 pub struct Rounds {
@@ -166,5 +175,12 @@ mod tests {
             }
         }
         assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn a_dirty_set_within_the_small_size_fits_the_pause() {
+        let p = RoundPolicy::default();
+        assert!(p.fits_the_pause(p.small_bytes));
+        assert!(!p.fits_the_pause(p.small_bytes + 1));
     }
 }

@@ -409,6 +409,27 @@ async fn copy_rounds(
         shared.update_join(|j| j.blocks += n);
     }
     loop {
+        // After the first round: if what was dirtied since fits the pause, pause now instead
+        // of sending it once now and its re-dirtied part again in the pause.
+        if rounds.done() >= 1 {
+            let pages = precopy
+                .peek()
+                .map_err(|e| format!("dirty tracking: {e}"))?
+                .count();
+            let blocks = src
+                .disk
+                .as_ref()
+                .map_or(0, |(w, _)| w.count() * u64::from(w.geometry().block_size));
+            let dirty = pages * ftvm_abi::layout::PAGE_SIZE + blocks;
+            if src.policy.fits_the_pause(dirty) {
+                tracing::info!(
+                    "join of {}: pausing after {} rounds ({dirty} bytes dirty since: they go in the pause)",
+                    link.peer,
+                    rounds.done()
+                );
+                return Ok(leaves);
+            }
+        }
         let before = *bytes;
         let dirty = precopy.take().map_err(|e| format!("dirty tracking: {e}"))?;
         let (np, skipped) = send_pages(link, &src.pages, &dirty, precopy, needed, bytes).await?;
