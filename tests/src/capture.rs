@@ -29,6 +29,8 @@ pub struct WireFrame {
 pub struct Captured {
     /// The guest's frames, by arrival.
     pub frames: Vec<WireFrame>,
+    /// Gratuitous ARPs the nodes sent for the guest (left out of `frames`).
+    pub announcements: u64,
     /// Frames the kernel dropped because the capture fell behind (then the capture is not
     /// complete and says so).
     pub dropped: u64,
@@ -110,8 +112,21 @@ fn dropped(fd: &OwnedFd) -> u64 {
     st.tp_drops as u64
 }
 
+/// A gratuitous ARP (a request whose sender and target address are the same): what a node
+/// sends when it becomes primary, not the guest's output.
+pub fn is_announcement(f: &[u8]) -> bool {
+    f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[28..32] == f[38..42]
+}
+
 /// Reads every frame waiting on `fd`; keeps those from `mac` that arrived from the host.
-fn drain(fd: &OwnedFd, node: &str, mac: [u8; 6], buf: &mut [u8], out: &mut Vec<WireFrame>) {
+fn drain(
+    fd: &OwnedFd,
+    node: &str,
+    mac: [u8; 6],
+    buf: &mut [u8],
+    out: &mut Vec<WireFrame>,
+    announcements: &mut u64,
+) {
     loop {
         // SAFETY: sockaddr_ll is plain data; zeroed is valid.
         let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -132,6 +147,10 @@ fn drain(fd: &OwnedFd, node: &str, mac: [u8; 6], buf: &mut [u8], out: &mut Vec<W
         }
         // Frames the bridge sends towards the host are "outgoing" on this port.
         if from.sll_pkttype == libc::PACKET_OUTGOING || n < 12 || buf[6..12] != mac {
+            continue;
+        }
+        if is_announcement(&buf[..n as usize]) {
+            *announcements += 1;
             continue;
         }
         let mut ts = libc::timespec {
@@ -209,7 +228,14 @@ impl WireCapture {
                 // SAFETY: poll on valid pollfds for at most 20 ms.
                 unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as u64, 20) };
                 for (node, fd) in &socks {
-                    drain(fd, node, m, &mut buf, &mut out.frames);
+                    drain(
+                        fd,
+                        node,
+                        m,
+                        &mut buf,
+                        &mut out.frames,
+                        &mut out.announcements,
+                    );
                 }
                 if done {
                     break;
@@ -232,5 +258,26 @@ impl WireCapture {
         self.handle
             .join()
             .map_err(|_| anyhow::anyhow!("the capture thread panicked"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gratuitous_arp_is_an_announcement_and_an_ordinary_arp_is_not() {
+        // Broadcast, from 02:00:00:00:00:01, ARP request: 10.0.0.5 is at that MAC.
+        let mut g = vec![0xff; 6];
+        g.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+        g.extend_from_slice(&[2, 0, 0, 0, 0, 1, 10, 0, 0, 5, 0, 0, 0, 0, 0, 0, 10, 0, 0, 5]);
+        g.resize(60, 0);
+        assert!(is_announcement(&g));
+        let mut req = g.clone();
+        req[38..42].copy_from_slice(&[10, 0, 0, 1]); // who has 10.0.0.1?
+        assert!(!is_announcement(&req));
+        let mut ip = g;
+        ip[12..14].copy_from_slice(&[0x08, 0x00]);
+        assert!(!is_announcement(&ip));
     }
 }

@@ -486,13 +486,13 @@ pub fn parse_releases(text: &str) -> (Vec<Release>, Vec<String>) {
     (out, bad)
 }
 
-/// The releases as the wire saw them: every frame a capture saw arrive from a node's host
-/// ([`crate::capture::WireFrame`]) becomes a release of one frame at the instant it reached
-/// the fabric, under the generation of the node's logged batch it belongs to: the first of
-/// that node's batches that ended no earlier than the frame arrived (a frame is written, and
-/// so arrives, inside its batch's interval; a gratuitous ARP just before a new primary's first
-/// batch goes with that batch), or the node's last batch for a frame after all of them. A
-/// frame of a node that logged no batch at all is left out and counted.
+/// The releases as the wire saw them: every guest frame a capture saw arrive from a node's
+/// host ([`crate::capture::WireFrame`]) becomes a release of one frame at the instant it
+/// reached the fabric, under the generation of the node's logged batch it belongs to: the
+/// batch whose interval holds it (a frame is written, and so arrives, inside its batch's
+/// interval); else the node's latest batch begun before it (a batch whose log line a
+/// `kill -9` cut off: the node was still in that generation); else its first batch. A frame
+/// of a node that logged no batch at all is left out and counted.
 pub fn wire_releases(
     frames: &[crate::capture::WireFrame],
     logged: &[Release],
@@ -502,7 +502,7 @@ pub fn wire_releases(
         by_node.entry(&r.node).or_default().push(r);
     }
     for v in by_node.values_mut() {
-        v.sort_by_key(|r| (r.last_ns, r.first_ns));
+        v.sort_by_key(|r| (r.first_ns, r.last_ns));
     }
     let (mut out, mut unattributed) = (Vec::new(), 0);
     for f in frames {
@@ -510,11 +510,9 @@ pub fn wire_releases(
             unattributed += 1;
             continue;
         };
-        let i = batches.partition_point(|r| r.last_ns < f.unix_ns);
-        let b = batches
-            .get(i)
-            .or(batches.last())
-            .expect("a node with batches");
+        // Batches begun no later than the frame; the last of them holds it if any does.
+        let i = batches.partition_point(|r| r.first_ns <= f.unix_ns);
+        let b = if i > 0 { batches[i - 1] } else { batches[0] };
         out.push(Release {
             first_ns: f.unix_ns,
             last_ns: f.unix_ns,
@@ -1385,17 +1383,16 @@ mod tests {
             1,
             "the log alone: an overlap"
         );
-        // On the wire, a's frames arrived at 15 and 101, before b's (b's ARP at 299).
+        // On the wire, a's frames arrived at 15 and 101, before b's.
         let seen = vec![
             wire("a", 15),
             wire("a", 101),
-            wire("b", 299),
             wire("b", 305),
             wire("b", 405),
         ];
         let (rels, left) = wire_releases(&seen, &logged);
         assert_eq!(left, 0);
-        assert_eq!(rels[2].generation, 2, "the ARP goes with b's first batch");
+        assert_eq!(rels[2].generation, 2);
         assert_eq!(check_split_brain(&rels, &grants), Vec::<SplitBrain>::new());
         // A frame of a that really left after the resume is caught.
         let mut late = seen.clone();
@@ -1404,6 +1401,9 @@ mod tests {
         let found = check_split_brain(&rels, &grants);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(matches!(found[0], SplitBrain::Late { .. }), "{found:?}");
+        // A frame whose batch's line a kill -9 cut off goes with the generation before it.
+        let (rels, _) = wire_releases(&[wire("a", 950)], &logged);
+        assert_eq!(rels[0].generation, 1);
         // A frame of a node that logged nothing is counted, not dropped silently.
         let (_, left) = wire_releases(&[wire("c", 5)], &logged);
         assert_eq!(left, 1);
