@@ -206,14 +206,10 @@ pub async fn receive_task(
         }
         if got_any {
             last_receipt = now_ns();
-            let ack = Msg::Ack {
-                echo,
-                watermark: decoded_w,
-                replayed: stats.replayed.load(Ordering::Relaxed),
-            };
-            buf.clear();
-            msg::encode(&ack, &mut buf);
-            if send.write_all(&buf).await.is_err() {
+            if send_ack(&mut send, &mut buf, echo, decoded_w, &stats)
+                .await
+                .is_err()
+            {
                 break BackupEnd::PrimaryLost {
                     why: "cannot send acks".into(),
                     last_receipt,
@@ -261,14 +257,7 @@ pub async fn receive_task(
                     };
                 }
                 if now.saturating_sub(last_sent) >= cfg.heartbeat.as_nanos() as u64 {
-                    let ack = Msg::Ack {
-                        echo,
-                        watermark: decoded_w,
-                        replayed: stats.replayed.load(Ordering::Relaxed),
-                    };
-                    buf.clear();
-                    msg::encode(&ack, &mut buf);
-                    if send.write_all(&buf).await.is_ok() {
+                    if send_ack(&mut send, &mut buf, echo, decoded_w, &stats).await.is_ok() {
                         last_sent = now;
                     }
                     if now.saturating_sub(last_receipt) > 2 * cfg.heartbeat.as_nanos() as u64 {
@@ -305,4 +294,22 @@ pub async fn receive_task(
         _ => conn.close(quinn::VarInt::from_u32(0), b"done"),
     }
     result
+}
+
+/// Sends an ack of `watermark` echoing message `echo`, with the boundary replayed so far.
+async fn send_ack(
+    send: &mut quinn::SendStream,
+    buf: &mut Vec<u8>,
+    echo: u64,
+    watermark: Boundary,
+    stats: &ChannelStats,
+) -> Result<(), quinn::WriteError> {
+    let ack = Msg::Ack {
+        echo,
+        watermark,
+        replayed: stats.replayed.load(Ordering::Relaxed),
+    };
+    buf.clear();
+    msg::encode(&ack, buf);
+    send.write_all(buf).await
 }

@@ -912,6 +912,16 @@ fn vm_result(
 }
 
 /// Runs the VM as primary (with the backup's `link` if there is one).
+/// Counts a failover and keeps its report for `status`.
+fn record_failover(node: &Node, report: FailoverReport) {
+    node.shared.failovers.fetch_add(1, Ordering::Relaxed);
+    *node
+        .shared
+        .last_failover
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(report);
+}
+
 /// Sends the gratuitous ARP of the guest's address from this host, so that switches learn its
 /// MAC on this host's port (a cold start on the other host than last time, or a go-live). It is
 /// the node's frame, not the guest's: it carries nothing the guest computed.
@@ -1278,12 +1288,7 @@ async fn primary_failover(
             Some(NodeExit::Stopped(node.stop.signalled().unwrap_or(15)))
         }
     };
-    node.shared.failovers.fetch_add(1, Ordering::Relaxed);
-    *node
-        .shared
-        .last_failover
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(report);
+    record_failover(node, report);
     exit
 }
 
@@ -1826,12 +1831,7 @@ async fn backup_failover(
             Some(NodeExit::Stopped(node.stop.signalled().unwrap_or(15)))
         }
     };
-    node.shared.failovers.fetch_add(1, Ordering::Relaxed);
-    *node
-        .shared
-        .last_failover
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(report);
+    record_failover(node, report);
     exit
 }
 
