@@ -305,23 +305,8 @@ ip = "{guest_ip}/24"
             cmd.arg("--init");
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut sp = Spawned::start(cmd)?;
-        let out = sp.child().stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("ftvm-witness ready") => break,
-                Ok(_) => {}
-                Err(_) => bail!("witness {w} did not become ready"),
-            }
-        }
+        let sp = start_witness_process(cmd, Duration::from_secs(20))
+            .with_context(|| format!("witness {w}"))?;
         std::fs::write(marker, b"")?;
         self.witness_procs[w] = Some(sp);
         Ok(())
@@ -502,5 +487,27 @@ ip = "{guest_ip}/24"
     /// The directory of the lab's files.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// Starts a witness (`cmd`, with its stdout piped) and waits until it prints that it is
+/// ready, for at most `limit`.
+pub fn start_witness_process(cmd: Command, limit: Duration) -> Result<Spawned> {
+    let mut sp = Spawned::start(cmd)?;
+    let out = sp.child().stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("ftvm-witness ready") => return Ok(sp),
+            Ok(_) => {}
+            Err(_) => bail!("the witness did not become ready within {limit:?}"),
+        }
     }
 }

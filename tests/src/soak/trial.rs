@@ -5,7 +5,7 @@
 //! ([`check_kv`]), the nodes' release logs and the witness's grants ([`check_split_brain`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +24,7 @@ use crate::checker::{
 };
 use crate::netns::{Netns, Spawned};
 use crate::node::{node_binary, RunningNode};
-use crate::pair::{witness_binary, PairLab, PairOptions};
+use crate::pair::{start_witness_process, witness_binary, PairLab, PairOptions};
 
 /// Knobs of a trial.
 #[derive(Clone, Debug)]
@@ -340,23 +340,7 @@ impl<'a> Rig<'a> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
-        let mut sp = Spawned::start(cmd)?;
-        let out = sp.child().stdout.take().context("stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(l) if l.contains("ftvm-witness ready") => break,
-                Ok(_) => {}
-                Err(_) => bail!("the witness did not become ready within 30 s"),
-            }
-        }
+        let sp = start_witness_process(cmd, Duration::from_secs(30))?;
         self.witness = Some(sp);
         Ok(())
     }
