@@ -609,10 +609,11 @@ fn main() -> Result<()> {
     }
 
     println!(
-        "  of the bytes sent, the 9-byte header every page costs (round 1 sends every page, zero pages as a header): {}",
+        "  sent beyond needed (pages the guest wrote again after they were sent, page headers, the state): {}",
         mem_rows
             .iter()
-            .map(|(n, m, _)| format!("{n} {:.2} MiB", mib((m / 4096 * 9) as f64)))
+            .filter(|(_, _, r)| !r.joins.is_empty())
+            .map(|(n, _, r)| format!("{n} {:.2} MiB", mib(r.median(|j| j.bytes - j.needed))))
             .collect::<Vec<_>>()
             .join(", ")
     );

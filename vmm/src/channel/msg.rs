@@ -16,10 +16,13 @@ pub const MAX_FRAME: usize = 32 << 20;
 /// Largest string in a message.
 pub const MAX_STRING: usize = 4096;
 /// The channel protocol versions this build speaks (negotiated in the handshake).
-pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 2);
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 3);
 /// The first protocol version with joining a running primary ([`Msg::Join`] and the messages
 /// of the copy).
 pub const JOIN_PROTOCOL: u16 = 2;
+/// The first protocol version in which a joiner clears its memory before the copy, so that
+/// the first round leaves out the primary's all-zero pages.
+pub const ZERO_PAGES_PROTOCOL: u16 = 3;
 /// Most disk blocks one [`Msg::BlockHashes`] may list.
 pub const MAX_BLOCK_HASHES: usize = (MAX_FRAME - 16) / 32;
 

@@ -41,7 +41,7 @@ use crate::machine::{Machine, PauseHandle};
 use crate::replay::codec::Header;
 use crate::replay::recorder::RecordSwitch;
 use crate::state::dirty::{DirtyConsumer, DirtyTracker, Since};
-use crate::state::pages::PageBatch;
+use crate::state::pages::{PageBatch, PageData};
 
 /// Work the node hands to the vCPU thread, run while the machine is paused between two
 /// boundaries.
@@ -83,6 +83,8 @@ pub struct JoinRequest {
     pub reader: MsgReader,
     /// Its log versions (already checked against ours).
     pub log_version: u16,
+    /// The channel protocol version both speak.
+    pub protocol: u16,
 }
 
 /// The bytes a join cannot avoid sending: every distinct page sent with data and every
@@ -103,7 +105,7 @@ impl Needed {
     }
     fn pages(&mut self, b: &PageBatch) {
         for (p, d) in &b.pages {
-            if let crate::state::pages::PageData::Bytes(_) = d {
+            if let PageData::Bytes(_) = d {
                 if let Some(seen) = self.pages.get_mut(*p as usize) {
                     if !*seen {
                         *seen = true;
@@ -141,12 +143,14 @@ const PEEK_PAGES: usize = 1024;
 /// Sends the pages of `dirty` (this round's set, taken from `precopy`), in batches; returns how
 /// many. A page the guest wrote again since the set was taken is skipped: it is still in
 /// `precopy`'s record, so the next round (or the pause) sends its newer contents once instead
-/// of this one now and that one later.
+/// of this one now and that one later. With `skip_zero` (the first round, to a joiner whose
+/// memory is all zero) all-zero pages are left out.
 async fn send_pages(
     link: &mut Link,
     pages: &GuestPages,
     dirty: &crate::state::dirty::DirtyPages,
     precopy: &DirtyConsumer,
+    skip_zero: bool,
     needed: &mut Needed,
     bytes: &mut u64,
 ) -> Result<(u64, u64), String> {
@@ -160,8 +164,14 @@ async fn send_pages(
             .filter(|&p| !again.contains(p))
             .peekable();
         while it.peek().is_some() {
-            let batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
+            let mut batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
                 .map_err(|e| format!("reading guest memory: {e}"))?;
+            if skip_zero {
+                batch.pages.retain(|(_, d)| !matches!(d, PageData::Zero));
+                if batch.pages.is_empty() {
+                    continue;
+                }
+            }
             n += batch.pages.len() as u64;
             needed.pages(&batch);
             send(
@@ -232,6 +242,7 @@ pub async fn serve_join(
         mut link,
         mut reader,
         log_version,
+        protocol,
     } = req;
     let peer = link.peer.clone();
     let mut bytes = 0u64;
@@ -288,6 +299,7 @@ pub async fn serve_join(
         &mut reader,
         &precopy,
         &theirs,
+        protocol >= msg::ZERO_PAGES_PROTOCOL,
         shared,
         &mut needed,
         &mut bytes,
@@ -366,7 +378,8 @@ pub async fn serve_join(
     Ok(())
 }
 
-/// The rounds while the guest runs; returns the primary's leaf hashes as last read.
+/// The rounds while the guest runs; returns the primary's leaf hashes as last read. With
+/// `zero_joiner` (the joiner cleared its memory) the first round leaves out all-zero pages.
 #[allow(clippy::too_many_arguments)]
 async fn copy_rounds(
     src: &JoinSource,
@@ -374,6 +387,7 @@ async fn copy_rounds(
     reader: &mut MsgReader,
     precopy: &DirtyConsumer,
     theirs: &[[u8; 32]],
+    zero_joiner: bool,
     shared: &Shared,
     needed: &mut Needed,
     bytes: &mut u64,
@@ -432,7 +446,21 @@ async fn copy_rounds(
         }
         let before = *bytes;
         let dirty = precopy.take().map_err(|e| format!("dirty tracking: {e}"))?;
-        let (np, skipped) = send_pages(link, &src.pages, &dirty, precopy, needed, bytes).await?;
+        let first = rounds.done() == 0;
+        if first {
+            // What the guest writes meanwhile is hot: `send_pages` leaves it for later.
+            tokio::time::sleep(src.policy.hot_sample).await;
+        }
+        let (np, skipped) = send_pages(
+            link,
+            &src.pages,
+            &dirty,
+            precopy,
+            zero_joiner && first,
+            needed,
+            bytes,
+        )
+        .await?;
         let mut nb = 0;
         if let Some((w, disk)) = &src.disk {
             let list = w.take();

@@ -1173,6 +1173,10 @@ async fn accept_joiner(
         generation: node.generation(),
         reason,
     };
+    let protocol = msg::negotiate(
+        node.pair_config.protocol_versions,
+        hello.config.protocol_versions,
+    );
     let answer = if let Some((field, ours, theirs)) =
         msg::mismatch(&node.pair_config, &hello.config)
     {
@@ -1196,12 +1200,7 @@ async fn accept_joiner(
             hello.generation,
             node.generation()
         ))
-    } else if msg::negotiate(
-        node.pair_config.protocol_versions,
-        hello.config.protocol_versions,
-    )
-    .is_none_or(|v| v < msg::JOIN_PROTOCOL)
-    {
+    } else if protocol.is_none_or(|v| v < msg::JOIN_PROTOCOL) {
         tell(format!(
             "joining a running primary needs channel protocol {} on both nodes",
             msg::JOIN_PROTOCOL
@@ -1223,6 +1222,7 @@ async fn accept_joiner(
                     link,
                     reader,
                     log_version,
+                    protocol: protocol.expect("checked above"),
                 },
                 node.generation(),
                 &node.shared,
@@ -1436,6 +1436,10 @@ async fn run_backup(
             let restore = || -> Result<(Machine, Boundary, u64), VmmError> {
                 let mut m = assemble(Box::new(NotYet))?;
                 let pages = m.memory().pages_handle();
+                // All zero before the copy: the primary's first round leaves out its zero
+                // pages (protocol 3; harmless with an older primary, which sends them all).
+                let cleared = pages.clear()?;
+                tracing::debug!("joining: cleared {cleared} pages the boot wrote");
                 loop {
                     match parts_rx.recv() {
                         Ok(JoinPart::Pages(b)) => {
