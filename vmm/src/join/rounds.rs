@@ -12,9 +12,10 @@ pub struct RoundPolicy {
     pub patience: u32,
     /// Most rounds in all.
     pub max_rounds: u32,
-    /// How long the first round waits between taking the set (every page) and reading it.
-    /// A page the guest writes in that time is seen written and left for a later round or
-    /// the pause: a page the guest writes all the time would otherwise be sent twice.
+    /// How long a round waits between taking its set (in the first, every page) and reading
+    /// it. A page or block the guest writes in that time is seen written and left for the
+    /// next round or the pause: one the guest writes all the time would otherwise be sent
+    /// twice.
     pub hot_sample: std::time::Duration,
 }
 

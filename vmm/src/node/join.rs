@@ -7,7 +7,8 @@
 //! joiner  → Hello
 //! primary → Join {generation, log version, block size, blocks}
 //! joiner  → BlockHashes (one per disk block)
-//! primary → Blocks* Pages*          round 1: every differing block, every page
+//! primary → Blocks* Pages*          round 1: every differing block, every page with data
+//!                                   (protocol 3: the joiner cleared its memory)
 //! primary → (Blocks | Pages)*       rounds 2..: what the guest dirtied meanwhile
 //!           ── pause: the vCPU thread takes the last dirty pages and blocks, saves the
 //!              state, restarts the recorder for the boundaries after it, and hands the
@@ -41,7 +42,7 @@ use crate::machine::{Machine, PauseHandle};
 use crate::replay::codec::Header;
 use crate::replay::recorder::RecordSwitch;
 use crate::state::dirty::{DirtyConsumer, DirtyTracker, Since};
-use crate::state::pages::{PageBatch, PageData};
+use crate::state::pages::{pages_with_data, PageBatch, PageData};
 
 /// Work the node hands to the vCPU thread, run while the machine is paused between two
 /// boundaries.
@@ -154,7 +155,14 @@ async fn send_pages(
     needed: &mut Needed,
     bytes: &mut u64,
 ) -> Result<(u64, u64), String> {
-    let list: Vec<u64> = dirty.iter().collect();
+    let list: Vec<u64> = if skip_zero {
+        // The pages with data first, then only those, in one burst: a page sent early in a
+        // long scan of mostly empty memory would have longer to be written again.
+        tokio::task::block_in_place(|| pages_with_data(pages, dirty.iter()))
+            .map_err(|e| format!("reading guest memory: {e}"))?
+    } else {
+        dirty.iter().collect()
+    };
     let (mut n, mut skipped) = (0, 0);
     for chunk in list.chunks(PEEK_PAGES) {
         let again = precopy.peek().map_err(|e| format!("dirty tracking: {e}"))?;
@@ -446,11 +454,11 @@ async fn copy_rounds(
         }
         let before = *bytes;
         let dirty = precopy.take().map_err(|e| format!("dirty tracking: {e}"))?;
+        let blocks = src.disk.as_ref().map(|(w, _)| w.take());
+        // What the guest writes meanwhile is hot: `send_pages` and `send_blocks` leave it for
+        // the next round or the pause instead of sending it now and again then.
+        tokio::time::sleep(src.policy.hot_sample).await;
         let first = rounds.done() == 0;
-        if first {
-            // What the guest writes meanwhile is hot: `send_pages` leaves it for later.
-            tokio::time::sleep(src.policy.hot_sample).await;
-        }
         let (np, skipped) = send_pages(
             link,
             &src.pages,
@@ -462,8 +470,7 @@ async fn copy_rounds(
         )
         .await?;
         let mut nb = 0;
-        if let Some((w, disk)) = &src.disk {
-            let list = w.take();
+        if let (Some((w, disk)), Some(list)) = (&src.disk, blocks) {
             nb = send_blocks(
                 link,
                 disk,

@@ -32,6 +32,22 @@ pub struct PageBatch {
     pub pages: Vec<(u64, PageData)>,
 }
 
+/// The pages of `numbers` that are not all zero in `mem` (as they read now).
+pub fn pages_with_data(
+    mem: &GuestPages,
+    numbers: impl Iterator<Item = u64>,
+) -> Result<Vec<u64>, VmmError> {
+    let mut buf = [0u8; PAGE];
+    let mut out = Vec::new();
+    for p in numbers {
+        mem.read_page(p, &mut buf)?;
+        if buf.iter().any(|&b| b != 0) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
 impl PageBatch {
     /// Reads the pages `numbers` yields (increasing, at most [`MAX_BATCH_PAGES`] of them are
     /// taken; the rest are left in the iterator) from `mem`.
