@@ -191,6 +191,28 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, u64> {
     m
 }
 
+/// UDP datagrams (received, sent) so far in `host`'s namespace (its `/proc/net/snmp`): the
+/// channel's packets, on a node's host.
+fn udp_datagrams(host: &Host) -> (u64, u64) {
+    let Ok(o) = host.ns.command("cat").arg("/proc/net/snmp").output() else {
+        return (0, 0);
+    };
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return (0, 0);
+    };
+    let field = |want: &str| {
+        names
+            .split_whitespace()
+            .position(|n| n == want)
+            .and_then(|i| values.split_whitespace().nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("InDatagrams"), field("OutDatagrams"))
+}
+
 /// The CPU each thread group used between two samples, in ms.
 fn cpu_delta(
     before: &std::collections::BTreeMap<String, u64>,
@@ -266,6 +288,8 @@ fn main() -> Result<()> {
         gb.add(p.nodes[1].pid())?;
         let before = lab.status(&p.primary)?;
         let cpu0: Vec<_> = p.nodes.iter().map(|n| thread_cpu(n.pid())).collect();
+        let primary_host = &lab.nodes[if p.primary == "a" { 0 } else { 1 }];
+        let udp0 = udp_datagrams(primary_host);
         let t0 = Instant::now();
         // Sample the lag while the -P 16 SET runs.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -306,6 +330,13 @@ fn main() -> Result<()> {
                 cpu_delta(&cpu0[i], &thread_cpu(n.pid()))
             );
         }
+        let udp1 = udp_datagrams(primary_host);
+        let requests = n as f64 * CASES.len() as f64;
+        eprintln!(
+            "  the primary's UDP datagrams per request: {:.2} sent, {:.2} received",
+            (udp1.1 - udp0.1) as f64 / requests,
+            (udp1.0 - udp0.0) as f64 / requests
+        );
         let after = lab.status(&p.primary)?;
         let bytes =
             after["log_bytes"].as_u64().unwrap_or(0) - before["log_bytes"].as_u64().unwrap_or(0);
