@@ -185,42 +185,71 @@ fn a_different_guest_machine_is_refused_on_both_sides() {
     refused_on_both_sides(&mut lab, "machine differs");
 }
 
+/// DESIGN §5: a backup's disk root must equal the primary's at boundary 0. A member whose
+/// disk differs is not taken there; the claim's winner starts the guest alone, and the other
+/// joins it, the join's copy bringing its disk in line (no operator resync).
 #[test]
-fn a_backup_whose_disk_differs_is_refused_at_boundary_0() {
+fn a_member_whose_disk_differs_is_not_a_backup_at_boundary_0_and_joins_instead() {
     let mut lab = pair(PairOptions::default());
     lab.start_witness().unwrap();
-    // b's disk holds a block a's does not.
+    // b's disk holds a block a's does not (the last one, past anything the guest reads).
     let mut img = vec![0u8; 16 << 20];
-    img[5 << 20] = 0x5a;
+    img[(16 << 20) - 100] = 0x5a;
     std::fs::write(lab.disk("b"), &img).unwrap();
     std::fs::write(lab.disk("a"), vec![0u8; 16 << 20]).unwrap();
-    let a = lab.start_node("a", &[]).unwrap();
-    let b = lab.start_node("b", &[]).unwrap();
-    // Whichever claimed first waits; the other is refused and exits 68.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut refused = None;
-    let (mut a, mut b) = (Some(a), Some(b));
-    while std::time::Instant::now() < deadline && refused.is_none() {
-        for (name, n) in [("a", &mut a), ("b", &mut b)] {
-            if n.as_mut().is_some_and(|n| !n.is_running()) {
-                refused = Some((name, n.take().unwrap()));
+    let mut a = lab.start_node("a", &[]).unwrap();
+    let mut b = lab.start_node("b", &[]).unwrap();
+    // Whoever won the claim runs the guest; the other joins it and becomes its backup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (primary, backup) = loop {
+        let roles = (lab.status("a").ok(), lab.status("b").ok());
+        if let (Some(sa), Some(sb)) = &roles {
+            match (sa["role"].as_str(), sb["role"].as_str()) {
+                (Some("primary"), Some("backup")) => break ("a", "b"),
+                (Some("backup"), Some("primary")) => break ("b", "a"),
+                _ => {}
             }
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no primary and backup within 60 s: {roles:?}\n{}",
+            lab.logs(30)
+        );
+        assert!(a.is_running() && b.is_running(), "{}", lab.logs(30));
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let (rname, r) = refused.expect("one node was refused");
-    let (st, _) = r.wait(Duration::from_secs(5)).unwrap();
-    assert_eq!(st.code(), Some(68), "{}", lab.logs(20));
-    let log = std::fs::read_to_string(lab.log(rname)).unwrap();
-    assert!(log.contains("disk_root differs"), "{log}");
-    let other = if rname == "a" { "b" } else { "a" };
-    let s = lab.status(other).unwrap();
-    assert_eq!(s["role"], "primary", "{s}");
-    assert_eq!(
-        s["boundary"], 0,
-        "the guest did not start without its backup: {s}"
+    };
+    let plog = std::fs::read_to_string(lab.log(primary)).unwrap();
+    assert!(
+        plog.contains("cannot be the backup from boundary 0: its disk differs"),
+        "{plog}"
     );
-    drop((a, b));
+    let sp = lab.status(primary).unwrap();
+    assert_eq!(sp["joins"], 1, "it joined once the guest ran: {sp}");
+    // The block that differed at the start, and those the guest wrote while it ran alone.
+    assert!(
+        sp["join"]["blocks_differing"].as_u64().unwrap_or(0) >= 1,
+        "the join found the block that differed: {sp}"
+    );
+    let sb = lab.status(backup).unwrap();
+    assert_eq!(sb["generation"], sp["generation"], "{sb}");
+    let ip = lab.guest_ip;
+    assert_eq!(
+        redis_text(&lab.client.ns, ip, &["SET", "k", "v"])
+            .unwrap()
+            .trim(),
+        "OK"
+    );
+    // A clean stop: the backup ends with the primary (same end record), the disks equal.
+    let (p, q) = if primary == "a" { (a, b) } else { (b, a) };
+    p.signal(libc::SIGTERM);
+    let (ps, perr) = p.wait(Duration::from_secs(20)).unwrap();
+    let (qs, qerr) = q.wait(Duration::from_secs(20)).unwrap();
+    assert_eq!(ps.code(), Some(128 + 15), "primary: {perr}");
+    assert_eq!(qs.code(), Some(128 + 15), "backup: {qerr}");
+    assert!(
+        lab.disks_equal().unwrap(),
+        "after the join and a clean stop the disks are equal"
+    );
 }
 
 #[test]

@@ -702,8 +702,9 @@ async fn cold_start(ep: &quinn::Endpoint, node: &Arc<Node>) -> Result<Start, Nod
 }
 
 /// A primary that waits for its backup before boundary 0: accepts the first joiner whose
-/// configuration and disk match.
-async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit> {
+/// configuration and disk match (`Some`); `None` when a member's disk differs, so the guest
+/// starts alone and that member joins it.
+async fn wait_for_backup(node: &Arc<Node>) -> Result<Option<(Link, MsgReader)>, NodeExit> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
     node.shared.set_role(Role::Primary);
@@ -742,19 +743,6 @@ async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit
                 hello.node, hello.node
             )));
         }
-        if hello.disk_root != node.disk_root {
-            let (ours, theirs) = (
-                disksync::hash::hex(&node.disk_root),
-                disksync::hash::hex(&hello.disk_root),
-            );
-            tracing::error!(
-                "refused {} as backup: its disk differs (root {theirs}, this node's {ours}); bring it in line with ftvm-resync first",
-                hello.node
-            );
-            let _ = connect::send_msg(&mut link.send, &refuse("disk_root", ours, theirs)).await;
-            let _ = link.send.finish();
-            continue;
-        }
         if hello.generation > node.generation() {
             let _ = connect::send_msg(
                 &mut link.send,
@@ -770,6 +758,31 @@ async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit
             )
             .await;
             continue;
+        }
+        if hello.disk_root != node.disk_root {
+            // Not a backup from boundary 0 (DESIGN §5: its root must equal ours there). This
+            // node starts the guest alone instead, and the peer joins it: the join's copy
+            // brings its disk in line, with no operator.
+            let (ours, theirs) = (
+                disksync::hash::hex(&node.disk_root),
+                disksync::hash::hex(&hello.disk_root),
+            );
+            tracing::warn!(
+                "{} cannot be the backup from boundary 0: its disk differs (root {theirs}, this node's {ours}); starting the guest alone, {} joins it",
+                hello.node,
+                hello.node
+            );
+            let busy = Msg::Busy {
+                role: Role::Primary,
+                generation: node.generation(),
+                reason: format!(
+                    "your disk differs from mine (root {theirs}, mine {ours}): I start the guest alone; join me"
+                ),
+            };
+            let _ = connect::send_msg(&mut link.send, &busy).await;
+            let _ = link.send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), link.send.stopped()).await;
+            break Ok(None);
         }
         let version = msg::negotiate(node.pair_config.log_versions, hello.config.log_versions)
             .expect("mismatch() checked the ranges overlap");
@@ -788,7 +801,7 @@ async fn wait_for_backup(node: &Arc<Node>) -> Result<(Link, MsgReader), NodeExit
         }
         tracing::info!("{} is the backup", hello.node);
         node.set_peer_role(Some(Role::Backup));
-        break Ok((link, reader));
+        break Ok(Some((link, reader)));
     };
     *node.joiners.lock().unwrap_or_else(|p| p.into_inner()) = None;
     r
@@ -945,7 +958,7 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
     let link = match link {
         Some(l) => Some(l),
         None if node.cfg.wait_for_backup => match wait_for_backup(node).await {
-            Ok(l) => Some(l),
+            Ok(l) => l,
             Err(e) => return e,
         },
         None => None,
