@@ -105,10 +105,19 @@ impl VmOptions {
             None if self.disk_size.is_some() => return Err("--disk-size needs --disk".into()),
             None => None,
         };
+        let args = self.guest_args.clone().unwrap_or_default();
+        if args.len() as u64 > crate::replay::codec::MAX_ARGS {
+            // The log header carries them, and a log's reader refuses a longer field.
+            return Err(format!(
+                "--guest-args is {} bytes; at most {} (the log header's limit)",
+                args.len(),
+                crate::replay::codec::MAX_ARGS
+            ));
+        }
         Ok(Plan {
             image,
             mem_size,
-            args: self.guest_args.clone().unwrap_or_default(),
+            args,
             devices: DeviceSpec {
                 net,
                 disk_sectors: None,
@@ -156,5 +165,20 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-5M").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn guest_args_longer_than_a_log_header_holds_are_refused() {
+        let opts = |args: String| super::VmOptions {
+            guest: Some("selftest".into()),
+            guest_args: Some(args),
+            ..Default::default()
+        };
+        assert!(opts("x".repeat(4096)).plan().is_ok());
+        let e = opts("x".repeat(4097)).plan().err().expect("refused");
+        assert!(
+            e.contains("--guest-args is 4097 bytes; at most 4096"),
+            "{e}"
+        );
     }
 }

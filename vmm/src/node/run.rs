@@ -166,6 +166,14 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
         log_versions: (crate::replay::codec::VERSION, crate::replay::codec::VERSION),
         protocol_versions: msg::PROTOCOL_VERSIONS,
     };
+    if pair_config.machine.len() > msg::MAX_STRING {
+        // The hello carries it, and the peer's decoder refuses a longer string.
+        return Err(NodeExit::Config(format!(
+            "the machine's description (devices and guest_args) is {} bytes; at most {}: shorten guest_args",
+            pair_config.machine.len(),
+            msg::MAX_STRING
+        )));
+    }
     let peer_names = cfg
         .peers
         .iter()

@@ -394,6 +394,15 @@ impl<'a> Reader<'a> {
             }
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
+                // The encoder writes the shortest form: a last byte of 0 after others is
+                // padding, and one value with two encodings would let a log be altered
+                // without changing what it decodes to.
+                if b == 0 && shift > 0 {
+                    return Err(DecodeError::Malformed {
+                        offset: self.offset,
+                        what: format!("non-minimal varint in {what}"),
+                    });
+                }
                 return Ok(v);
             }
         }
@@ -947,6 +956,19 @@ mod tests {
             decode_all(&b),
             Err(DecodeError::Oversized { what: "record", .. })
         ));
+        // A record length in more bytes than it needs (0x85 0x00 is 5 in two bytes).
+        let mut b = good[..hdr_len].to_vec();
+        b.extend_from_slice(&[KIND_BOUNDARY, 0x85, 0x00]);
+        match decode_all(&b) {
+            Err(DecodeError::Malformed { what, .. }) => {
+                assert!(what.contains("non-minimal varint"), "{what}")
+            }
+            other => panic!("a padded varint was accepted: {other:?}"),
+        }
+        // Zero itself has one encoding: 0x00, never 0x80 0x00.
+        let mut b = good[..hdr_len].to_vec();
+        b.extend_from_slice(&[KIND_BOUNDARY, 0x80, 0x00]);
+        assert!(matches!(decode_all(&b), Err(DecodeError::Malformed { .. })));
         // Boundary going backwards.
         let mut recs = sample();
         recs.insert(
