@@ -62,6 +62,10 @@ pub fn run_live(
     let mut live = LiveInputs::new(stop.clone(), 0);
     let sink: Box<dyn FrameSink> = match &host.tap {
         Some(t) => {
+            if let Some(net) = &setup.devices.net {
+                // The guest's MAC may have been behind another port (a pair member before).
+                crate::node::garp::announce(t, net);
+            }
             live = live.with_tap(t.clone());
             Box::new(TapSink(t.clone()))
         }

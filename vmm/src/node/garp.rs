@@ -1,8 +1,21 @@
 //! The gratuitous ARP a node sends when it becomes primary (at a cold start or when it goes
-//! live), so that switches learn the guest's MAC on its host's port and neighbours refresh
-//! their caches.
+//! live), and a solo run when it starts, so that switches learn the guest's MAC on its host's
+//! port and neighbours refresh their caches.
 
 use std::net::Ipv4Addr;
+
+use crate::devices::tap::Tap;
+use crate::spec::NetSpec;
+
+/// Writes two gratuitous ARPs for the guest's address to `tap` (a lost one is logged).
+pub fn announce(tap: &Tap, net: &NetSpec) {
+    let arp = gratuitous_arp(net.mac, net.ip);
+    for _ in 0..2 {
+        if let Err(e) = tap.write_frame(&arp) {
+            tracing::warn!("gratuitous ARP: {e}");
+        }
+    }
+}
 
 /// An Ethernet broadcast ARP request announcing `ip` at `mac` (sender = target = `ip`).
 pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {

@@ -953,12 +953,7 @@ fn record_failover(node: &Node, report: FailoverReport) {
 /// the node's frame, not the guest's: it carries nothing the guest computed.
 fn announce(node: &Node) {
     if let (Some(tap), Some(net)) = (&node.tap, &node.devices.net) {
-        let arp = super::garp::gratuitous_arp(net.mac, net.ip);
-        for _ in 0..2 {
-            if let Err(e) = tap.write_frame(&arp) {
-                tracing::warn!("gratuitous ARP: {e}");
-            }
-        }
+        super::garp::announce(tap, net);
     }
 }
 
