@@ -23,6 +23,17 @@ pub const JOIN_PROTOCOL: u16 = 2;
 /// The first protocol version in which a joiner clears its memory before the copy, so that
 /// the first round leaves out the primary's all-zero pages.
 pub const ZERO_PAGES_PROTOCOL: u16 = 3;
+/// The VM-state format (`state::codec::VERSION`) a join carries under channel protocol
+/// `protocol` (`None` before [`JOIN_PROTOCOL`]). A build that changes the format adds a
+/// protocol version for it, so two builds that could not read each other's state never
+/// negotiate a join: the primary refuses before the copy, not the joiner after the commit.
+pub fn join_state_version(protocol: u16) -> Option<u16> {
+    match protocol {
+        2 | 3 => Some(1),
+        _ => None,
+    }
+}
+
 /// Most disk blocks one [`Msg::BlockHashes`] may list.
 pub const MAX_BLOCK_HASHES: usize = (MAX_FRAME - 16) / 32;
 
@@ -861,5 +872,15 @@ mod tests {
             r.push(&b);
             while let Ok(Some(_)) = r.next_msg() {}
         }
+    }
+
+    #[test]
+    fn the_newest_join_protocol_carries_this_builds_state_format() {
+        // Changing `state::codec::VERSION` needs a new protocol version in the table.
+        assert_eq!(
+            join_state_version(PROTOCOL_VERSIONS.1),
+            Some(crate::state::codec::VERSION)
+        );
+        assert_eq!(join_state_version(JOIN_PROTOCOL - 1), None);
     }
 }

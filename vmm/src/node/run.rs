@@ -1226,6 +1226,13 @@ async fn accept_joiner(
             "joining a running primary needs channel protocol {} on both nodes",
             msg::JOIN_PROTOCOL
         ))
+    } else if let Some(v) =
+        protocol.filter(|&v| msg::join_state_version(v) != Some(crate::state::codec::VERSION))
+    {
+        tell(format!(
+            "this node saves VM state in format {}, which channel protocol {v} does not carry: upgrade the other node",
+            crate::state::codec::VERSION
+        ))
     } else if let Some(src) = source {
         let log_version = msg::negotiate(node.pair_config.log_versions, hello.config.log_versions)
             .expect("mismatch() checked the ranges overlap");
