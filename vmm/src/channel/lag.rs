@@ -43,6 +43,11 @@ impl LagTracker {
         self.replayed
     }
 
+    /// When the oldest batch the backup has not replayed was sent (`None`: it replayed all).
+    pub fn oldest_sent(&self) -> Option<u64> {
+        self.sent.front().map(|&(_, t)| t)
+    }
+
     /// The lag, in nanoseconds of the primary's busy time.
     pub fn lag_ns(&self) -> u64 {
         match (self.sent.front(), self.sent.back()) {
@@ -67,8 +72,10 @@ mod tests {
         assert_eq!(l.lag_ns(), 4_000);
         l.replayed(15);
         assert_eq!(l.lag_ns(), 3_000);
+        assert_eq!(l.oldest_sent(), Some(2_000));
         l.replayed(30);
         assert_eq!(l.lag_ns(), 0, "caught up: no lag");
+        assert_eq!(l.oldest_sent(), None);
         // Reports that go backwards change nothing.
         l.sent(40, 6_000);
         l.sent(50, 7_500);

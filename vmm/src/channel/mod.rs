@@ -54,16 +54,22 @@ pub struct ChannelStats {
     pub throttle_waits: AtomicU64,
     /// Memory digests compared (backup).
     pub digests_checked: AtomicU64,
-    /// Time the primary's vCPU spent not executing the guest (blocked in a WAIT, or held by
-    /// the lag bound), in nanoseconds: the lag is measured in the rest, the primary's busy
-    /// time, so an idle primary does not count as work the backup has to replay.
+    /// The primary's busy time ([`busy_ns`](Self::busy_ns)) when the oldest batch the backup
+    /// has not replayed was sent (0: none). The vCPU bounds its lag against it at every
+    /// boundary, whenever the output task last ran.
+    pub lag_oldest_busy_ns: AtomicU64,
+    /// The lag bound, in nanoseconds (0: none).
+    pub max_lag_ns: AtomicU64,
     /// The channel's round-trip time as QUIC estimates it, in nanoseconds.
     pub rtt_ns: AtomicU64,
     /// Wall-clock time (Unix ns) of the last frame released to the TAP (0: none yet).
     pub last_release_unix_ns: AtomicU64,
     /// Wall-clock time (Unix ns) of the release batch before the last one.
     pub prev_release_unix_ns: AtomicU64,
-    /// `(idle time so far, start of the idle period in progress or 0)`.
+    /// Time the primary's vCPU spent not executing the guest (blocked in a WAIT, or held by
+    /// the lag bound), as `(idle time so far, start of the idle period in progress or 0)`, in
+    /// nanoseconds: the lag is measured in the rest, the primary's busy time, so an idle
+    /// primary does not count as work the backup has to replay.
     pub idle: std::sync::Mutex<(u64, u64)>,
 }
 

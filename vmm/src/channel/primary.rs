@@ -142,6 +142,18 @@ impl<I: Inputs> Throttle<I> {
     pub fn new(inner: I, stats: Arc<ChannelStats>, stop: Arc<StopSignal>) -> Self {
         Throttle { inner, stats, stop }
     }
+
+    /// Whether the lag bound holds the vCPU: as the output task last judged it, or — checked
+    /// here, so a late output task cannot let the lag run past the bound — the busy time
+    /// since the oldest batch the backup has not replayed is over `max_lag`.
+    fn held(&self) -> bool {
+        if self.stats.throttled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let max = self.stats.max_lag_ns.load(Ordering::Relaxed);
+        let oldest = self.stats.lag_oldest_busy_ns.load(Ordering::Relaxed);
+        max > 0 && oldest > 0 && self.stats.busy_ns().saturating_sub(oldest) > max
+    }
 }
 
 impl<I: Inputs> Inputs for Throttle<I> {
@@ -149,10 +161,10 @@ impl<I: Inputs> Inputs for Throttle<I> {
         self.inner.wants_fingerprint()
     }
     fn boundary(&mut self, b: Boundary, fp: Option<Fingerprint>) -> Result<(), InputError> {
-        if self.stats.throttled.load(Ordering::Relaxed) {
+        if self.held() {
             ChannelStats::add(&self.stats.throttle_waits, 1);
             self.stats.idle_begin();
-            while self.stats.throttled.load(Ordering::Relaxed) {
+            while self.held() {
                 if let Some(sig) = self.stop.signalled() {
                     self.stats.idle_end();
                     return Err(InputError::Stopped(sig));
@@ -325,6 +337,7 @@ pub async fn output_task(
     let mut gate = OutputGate::new(ft, cfg.margin.as_nanos() as u64, cfg.cap_bytes);
     gate.set_mode(mode);
     let mut lag = LagTracker::new();
+    ChannelStats::set(&stats.max_lag_ns, cfg.max_lag.as_nanos() as u64);
     let mut seq = 0u64;
     let mut stream_w: Boundary = 0;
     let mut attached = link.map(|(l, reader)| attach(l, reader));
@@ -479,6 +492,8 @@ pub async fn output_task(
         }
         let l = if attached.is_some() { lag.lag_ns() } else { 0 };
         ChannelStats::set(&stats.lag_ns, l);
+        let oldest = attached.as_ref().and(lag.oldest_sent()).unwrap_or(0);
+        ChannelStats::set(&stats.lag_oldest_busy_ns, oldest);
         stats
             .throttled
             .store(l > cfg.max_lag.as_nanos() as u64, Ordering::Relaxed);
@@ -515,6 +530,7 @@ pub async fn output_task(
         ChannelStats::set(&stats.frames_held, gate.held() as u64);
     }
     stats.throttled.store(false, Ordering::Relaxed);
+    ChannelStats::set(&stats.lag_oldest_busy_ns, 0);
     if let Some(a) = attached.take() {
         // Let the last batch (with the end record) reach the backup before closing.
         drop(a.out);
