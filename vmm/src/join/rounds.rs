@@ -22,10 +22,11 @@ pub struct RoundPolicy {
 impl Default for RoundPolicy {
     fn default() -> Self {
         RoundPolicy {
-            // Measured (benches/join.rs): hot pages are sent again every round, so each round
-            // past the second costs about as much as it saves; 4 MiB goes in the pause in a
-            // few milliseconds.
-            small_bytes: 4 << 20,
+            // Measured (benches/join.rs, kv under load, 256 MiB): what the guest writes in a
+            // round's 250 ms is 5-7 MiB once its store has grown; at 4 MiB that took a
+            // second round, half of which was written again and resent in the pause
+            // (sent/needed 1.105). 8 MiB goes in the pause in about 40 ms here.
+            small_bytes: 8 << 20,
             patience: 3,
             max_rounds: 30,
             // Measured (benches/join.rs, kv under load): with none the pause resent almost
