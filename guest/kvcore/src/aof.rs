@@ -584,8 +584,10 @@ pub struct LogWriter {
     /// tail to overwrite).
     must_write: bool,
     phase: Phase,
-    /// Log end when a compaction last failed for lack of room (do not retry at once).
-    failed_compaction_at: Option<u64>,
+    /// Log end after the last compaction, or where one last failed for lack of room: the
+    /// next waits until the log has grown an eighth of its region past it (a store bigger
+    /// than half the region would otherwise be compacted again at once, over and over).
+    compacted_at: Option<u64>,
 }
 
 impl LogWriter {
@@ -611,7 +613,7 @@ impl LogWriter {
             in_flight: None,
             must_write: true,
             phase: Phase::Normal,
-            failed_compaction_at: None,
+            compacted_at: None,
         })
     }
 
@@ -631,13 +633,13 @@ impl LogWriter {
             in_flight: None,
             must_write: !rec.stop.is_clean(),
             phase: Phase::Normal,
-            failed_compaction_at: None,
+            compacted_at: None,
         }
     }
 
     /// Bytes a record of `args` takes on disk.
     pub fn record_len(args: &[Vec<u8>]) -> usize {
-        RECORD_HEADER_LEN + 13 + args.iter().map(|a| 4 + a.len()).sum::<usize>()
+        record_len_of(args.iter().map(|a| a.len()))
     }
 
     /// Disk offset where the next record goes.
@@ -772,10 +774,10 @@ impl LogWriter {
             return false;
         }
         let used = self.end().saturating_sub(self.header.start);
-        let grown_since_failure = self
-            .failed_compaction_at
+        let grown = self
+            .compacted_at
             .is_none_or(|at| self.end() >= at + self.header.len / 8);
-        used > self.header.len / 2 && grown_since_failure
+        used > self.header.len / 2 && grown
     }
 
     /// Starts a compaction: the next batches write a snapshot of `store` (taken at
@@ -799,17 +801,42 @@ impl LogWriter {
         self.base = next.start;
         self.chain = next.crc;
         self.phase = Phase::Snapshot(next);
-        write_snapshot(store, &mut |args: &[&[u8]]| self.push_record(now_ms, args));
-        if self.end() + next.len / 8 > next.start + next.len {
+        // An eighth of the region must stay free after the snapshot.
+        let fits = self.build_snapshot(store, now_ms, next.start + next.len - next.len / 8);
+        if !fits || self.end() + next.len / 8 > next.start + next.len {
             (self.pending, self.base, self.chain) = saved;
             self.phase = Phase::Normal;
-            self.failed_compaction_at = Some(self.end());
+            self.compacted_at = Some(self.end());
             return Err(LogError::Full);
         }
-        self.failed_compaction_at = None;
+        self.compacted_at = Some(self.end());
         self.must_write = true;
         Ok(())
     }
+}
+
+impl LogWriter {
+    /// Appends the snapshot of `store` to `pending`, stopping as soon as the next record
+    /// would end past disk offset `limit` or the heap cannot hold it; false if it stopped.
+    /// The snapshot is built in memory before it is written, so a store too big for its
+    /// disk costs a failed compaction, never the guest (whose failed allocation ends it).
+    fn build_snapshot(&mut self, store: &Store, now_ms: u64, limit: u64) -> bool {
+        let mut over = false;
+        write_snapshot(store, &mut |args: &[&[u8]]| {
+            let len = record_len_of(args.iter().map(|a| a.len()));
+            if over || self.end() + len as u64 > limit || self.pending.try_reserve(len).is_err() {
+                over = true;
+                return;
+            }
+            self.push_record(now_ms, args)
+        });
+        !over
+    }
+}
+
+/// The encoded length of a record whose arguments have the lengths `args`.
+fn record_len_of(args: impl Iterator<Item = usize>) -> usize {
+    RECORD_HEADER_LEN + 13 + args.map(|a| 4 + a).sum::<usize>()
 }
 
 /// Calls `emit` with commands that rebuild `store` from empty (run at the snapshot's time).

@@ -386,6 +386,41 @@ fn compaction_keeps_everything() {
     assert_eq!(r.generation, generations);
 }
 
+/// A store bigger than half the region: a compaction leaves the new region over half full,
+/// and the next waits until the log has grown (an eighth of the region) instead of running
+/// again at once, at every quiet moment.
+#[test]
+fn a_compaction_that_leaves_the_region_half_full_is_not_repeated_at_once() {
+    let mut d = Disk::new(16 * 1024);
+    let mut i = 0u64;
+    // Live data over half a region, overwritten until the log asks for a compaction.
+    while !d.log.should_compact() {
+        d.exec(i, &alloc::format!("SET k{} {}", i % 5, "v".repeat(900)));
+        d.commit();
+        i += 1;
+    }
+    d.log.compact(&d.store, i).unwrap();
+    d.commit().unwrap();
+    d.commit().unwrap();
+    let region = d.log.header.len;
+    assert!(
+        d.log.end() - d.log.header.start > region / 2,
+        "the test needs a snapshot over half the region"
+    );
+    assert!(!d.log.should_compact(), "compacted again at once");
+    let after = d.log.end();
+    while d.log.end() < after + region / 8 {
+        assert!(!d.log.should_compact());
+        d.exec(i, "SET small 1");
+        d.commit();
+        i += 1;
+    }
+    assert!(
+        d.log.should_compact(),
+        "grown an eighth past it: compact again"
+    );
+}
+
 /// A crash after the snapshot is written but before the header switch leaves the old
 /// generation in force; a torn header write likewise.
 #[test]
@@ -442,6 +477,39 @@ fn compaction_refused_when_busy_or_too_big() {
     assert!(!d.log.should_compact(), "no retry until the log grows");
     let (s, r) = recover(&d.image);
     assert_eq!((s.len(), r.generation), (2, 0));
+}
+
+/// A store far bigger than the log's region: the compaction stops building its snapshot once
+/// it cannot fit, instead of holding the whole store's records in memory (in the guest, an
+/// allocation that fails ends it), and the log carries on.
+#[test]
+fn a_store_too_big_for_the_region_stops_the_snapshot_early() {
+    let mut d = Disk::new(8 * 1024);
+    d.exec(1, "SET a 1");
+    d.commit();
+    // Values in memory only (never logged): 200 of 1 KiB against a 3.5 KiB region.
+    for i in 0..200 {
+        let a = args(&alloc::format!("SET big{i} {}", "x".repeat(1000)));
+        let mut out = Vec::new();
+        d.store.execute(&a, 2, &mut out);
+    }
+    assert_eq!(d.log.compact(&d.store, 3), Err(LogError::Full));
+    d.exec(4, "SET c 3");
+    d.commit();
+    let (s, r) = recover(&d.image);
+    assert_eq!((s.get(b"c").is_some(), r.generation), (true, 0));
+    // What the compaction built before it gave up: no more than the limit allows.
+    let mut log = LogWriter::resume(&r, d.image.len() as u64);
+    let base = log.end();
+    assert!(
+        !log.build_snapshot(&d.store, 5, base + 2048),
+        "it cannot fit"
+    );
+    assert!(
+        log.end() <= base + 2048,
+        "the snapshot was built past its limit: {} bytes",
+        log.end() - base
+    );
 }
 
 /// A disk grown after formatting keeps its layout: compaction never overlaps the regions.
