@@ -559,6 +559,27 @@ fn bad_arguments_are_refused() {
     }
 }
 
+/// `redis-benchmark -P 16 -t set` with `extra`, bounded to 120 s (a dead guest would leave it
+/// waiting forever).
+fn bounded_sets(client: &Host, ip: Ipv4Addr, extra: &[&str]) -> std::process::Output {
+    client
+        .ns
+        .command("timeout")
+        .args([
+            "120",
+            "redis-benchmark",
+            "-h",
+            &ip.to_string(),
+            "-q",
+            "-P",
+            "16",
+        ])
+        .args(["-t", "set"])
+        .args(extra)
+        .output()
+        .expect("redis-benchmark")
+}
+
 /// A store that outgrows its disk: writes are refused with an error reply once the log is
 /// full, the compaction that cannot fit gives up without taking the guest down (it used to
 /// build the whole snapshot in memory, and the failed allocation ended the guest), and
@@ -576,47 +597,18 @@ fn a_full_disk_refuses_writes_and_the_guest_stays_up() {
     // 100,000 small keys, 1.5 million SETs: the live data outgrows half a log region (the
     // compaction used to run again at once, at every quiet moment, until an allocation for
     // its snapshot failed and ended the guest).
-    let o = client
-        .ns
-        // A dead guest leaves redis-benchmark waiting forever: bound it.
-        .command("timeout")
-        .args([
-            "120",
-            "redis-benchmark",
-            "-h",
-            &ip.to_string(),
-            "-q",
-            "-c",
-            "50",
-            "-P",
-            "16",
-        ])
-        .args(["-n", "1500000", "-r", "100000", "-t", "set"])
-        .output()
-        .expect("redis-benchmark");
+    let o = bounded_sets(&client, ip, &["-c", "50", "-n", "1500000", "-r", "100000"]);
     assert!(
         n.is_running(),
         "the guest ended:\n{}",
         String::from_utf8_lossy(&o.stdout)
     );
     // Then 30,000 distinct 1 KiB values: ~30 MB against a 16 MiB disk (two 8 MiB regions).
-    let o = client
-        .ns
-        .command("timeout")
-        .args([
-            "120",
-            "redis-benchmark",
-            "-h",
-            &ip.to_string(),
-            "-q",
-            "-c",
-            "20",
-            "-P",
-            "16",
-        ])
-        .args(["-n", "30000", "-r", "1000000000", "-d", "1000", "-t", "set"])
-        .output()
-        .expect("redis-benchmark");
+    let o = bounded_sets(
+        &client,
+        ip,
+        &["-c", "20", "-n", "30000", "-r", "1000000000", "-d", "1000"],
+    );
     // It stops at the first refused write.
     let said =
         String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
