@@ -20,6 +20,7 @@
 //! endpoints = ["https://10.0.0.5:2379", "https://10.0.0.6:2379", "https://10.0.0.7:2379"]
 //! prefix = "/ftvm-witness/"         # keys of this witness group (default)
 //! timeout_ms = 2000                 # per etcd request (default)
+//! startup_timeout_ms = 30000        # how long a starting witness waits for etcd (default)
 //! ca = "etcd-ca.pem"                # TLS to etcd: CA, and client certificate and key (optional)
 //! cert = "etcd-client.pem"
 //! key = "etcd-client.key"
@@ -90,6 +91,10 @@ pub struct EtcdConfig {
     /// Time allowed for one etcd request, in milliseconds (default 2000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// How long a starting witness retries an etcd cluster that does not answer yet (no
+    /// leader, members restarting), in milliseconds (default 30000); then it exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout_ms: Option<u64>,
     /// The CA certificate (PEM) that signed the etcd servers' certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
@@ -109,6 +114,11 @@ impl EtcdConfig {
     /// The request timeout.
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms.unwrap_or(2000))
+    }
+
+    /// How long a starting witness waits for the cluster to answer.
+    pub fn startup_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.startup_timeout_ms.unwrap_or(30_000))
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -32,6 +32,9 @@ use crate::store::{decode_state, encode_state, StoreError};
 
 const FORMAT: &[u8] = b"2";
 
+/// The pause between a starting witness's attempts to reach etcd.
+const STARTUP_RETRY: Duration = Duration::from_millis(250);
+
 /// The etcd-backed store. All calls block on its own single-threaded tokio runtime: use it
 /// from a plain thread (the witness's decider), never from a tokio worker.
 pub struct EtcdStore {
@@ -183,6 +186,7 @@ impl EtcdStore {
             endpoints,
             timeout,
         };
+        s.wait_ready(cfg.startup_timeout())?;
         let fkey = s.key("format");
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -217,6 +221,37 @@ impl EtcdStore {
             });
         }
         Ok(s)
+    }
+
+    /// Reads the format key until a member answers or `limit` has passed: a witness that
+    /// starts beside a cluster still electing a leader, or one member slow to answer, waits
+    /// for it instead of exiting. Only a read is retried, so a retry never writes twice.
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), StoreError> {
+        let fkey = self.key("format");
+        let start = std::time::Instant::now();
+        let mut attempt = 1u32;
+        loop {
+            let k = fkey.clone();
+            let r = self.call(move |mut kv| {
+                let k = k.clone();
+                async move { kv.get(k, None).await }
+            });
+            match r {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Unavailable(why)) if start.elapsed() < limit => {
+                    tracing::warn!(
+                        event = "store_not_ready",
+                        attempt,
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        limit_ms = limit.as_millis() as u64,
+                        "etcd not answering yet, retrying: {why}"
+                    );
+                    attempt += 1;
+                    std::thread::sleep(STARTUP_RETRY);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn key(&self, what: &str) -> Vec<u8> {

@@ -245,6 +245,76 @@ async fn member_loss_quorum_loss_and_restart() {
     );
 }
 
+/// A witness started while its etcd cluster has no quorum waits for it (logging
+/// `store_not_ready`) and serves once the members are back, instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_started_without_quorum_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = EtcdCluster::start(dir.path(), 3);
+    let cfg = certs_init(dir.path(), "vm1", &["node-a", "node-b"]);
+    add_etcd_store(&cfg, &cluster, "/wait/");
+    // The [store] section is the file's last: room for the restarts on a loaded machine.
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("startup_timeout_ms = 90000\n");
+    std::fs::write(&cfg, text).unwrap();
+    start(&cfg, "127.0.0.1:0", true).kill9();
+
+    cluster.kill(0);
+    cluster.kill(1);
+    cluster.wait_unhealthy(2);
+    let logs_before: Vec<_> = witness_logs(dir.path());
+    let c = cfg.clone();
+    let starting = std::thread::spawn(move || try_start(&c, "127.0.0.1:0", false));
+    // Wait until the new witness has said it is waiting for etcd.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting = witness_logs(dir.path())
+            .into_iter()
+            .filter(|p| !logs_before.contains(p))
+            .any(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .contains("store_not_ready")
+            });
+        if waiting {
+            break;
+        }
+        assert!(!starting.is_finished(), "the witness stopped waiting");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the witness never logged store_not_ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!starting.is_finished(), "ready without quorum");
+    cluster.restart(0);
+    cluster.restart(1);
+    cluster.wait_member(0);
+    cluster.wait_member(1);
+    let w = starting
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("witness did not start once etcd was back: {e:?}"));
+    let a = client(dir.path(), "node-a", w.addr);
+    assert_eq!(
+        a.claim("vm1", 0, ClaimId::random()).await.unwrap(),
+        ClaimOutcome::Granted { generation: 1 }
+    );
+}
+
+/// The witness log files in `dir`.
+fn witness_logs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("witness-") && n.ends_with(".log"))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_to_etcd() {
     let dir = tempfile::tempdir().unwrap();
