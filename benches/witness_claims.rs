@@ -150,6 +150,7 @@ async fn parent() -> anyhow::Result<()> {
             endpoints,
             prefix: "/bench/".into(),
             timeout_ms: Some(5000),
+            startup_timeout_ms: None,
             ca: None,
             cert: None,
             key: None,
