@@ -9,7 +9,8 @@
 //!
 //! `cargo bench -p ftvm-benches --bench ft_pair` (root, /dev/kvm, redis-tools).
 //! `FTVM_BENCH_QUOTA` (percent of one core per host, default 60), `FTVM_BENCH_N` (requests
-//! per run, default 20000), `FTVM_BENCH_ROUNDS` (default 2).
+//! per run, default 20000), `FTVM_BENCH_ROUNDS` (default 2), `FTVM_BENCH_PERF=DIR` (a `perf
+//! record -g` of the solo node, the primary and the backup under load, into DIR).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -191,6 +192,90 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, u64> {
     m
 }
 
+/// Counts a process's KVM exits to the VMM (`kvm:kvm_userspace_exit`) and MMIO exits
+/// (`kvm:kvm_mmio`) with `perf stat` while it runs; `None` where perf or its tracepoints are
+/// missing.
+struct ExitCounter(Option<std::process::Child>);
+
+impl ExitCounter {
+    fn start(pid: u32) -> ExitCounter {
+        let child = std::process::Command::new("perf")
+            .args([
+                "stat",
+                "-x,",
+                "-e",
+                "kvm:kvm_userspace_exit,kvm:kvm_mmio",
+                "-p",
+            ])
+            .arg(pid.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .ok();
+        ExitCounter(child)
+    }
+
+    /// Stops counting: (exits to the VMM, MMIO exits).
+    fn finish(self) -> Option<(u64, u64)> {
+        let child = self.0?;
+        // SAFETY: kill(2) on our own child's pid, which it has not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let count = |ev: &str| {
+            text.lines()
+                .find(|l| l.contains(ev))
+                .and_then(|l| l.split(',').next())
+                .and_then(|c| c.trim().parse::<u64>().ok())
+        };
+        Some((count("kvm_userspace_exit")?, count("kvm_mmio")?))
+    }
+}
+
+/// With `FTVM_BENCH_PERF=DIR`, `perf record -g` of a process while it serves the load, into
+/// `DIR/NAME.data` (for `perf report -i`); stopped by [`Profile::finish`].
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(pid: u32, name: &str) -> Profile {
+        let Ok(dir) = std::env::var("FTVM_BENCH_PERF") else {
+            return Profile(None);
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+        let child = std::process::Command::new("perf")
+            .args(["record", "-g", "-F", "2000", "-o"])
+            .arg(&out)
+            .arg("-p")
+            .arg(pid.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok();
+        Profile(child)
+    }
+
+    fn finish(self) {
+        if let Some(child) = self.0 {
+            // SAFETY: kill(2) on our own child's pid, which it has not reaped yet.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait_with_output();
+        }
+    }
+}
+
+/// `exits/request` for the printout.
+fn per_request(exits: Option<(u64, u64)>, requests: f64) -> String {
+    match exits {
+        Some((u, m)) => format!(
+            "{:.2} exits to the VMM per request ({:.2} MMIO)",
+            u as f64 / requests,
+            m as f64 / requests
+        ),
+        None => "exits not counted (no perf kvm tracepoints)".into(),
+    }
+}
+
 /// UDP datagrams (received, sent) so far in `host`'s namespace (its `/proc/net/snmp`): the
 /// channel's packets, on a node's host.
 fn udp_datagrams(host: &Host) -> (u64, u64) {
@@ -272,13 +357,18 @@ fn main() -> Result<()> {
         let s = start_solo(&lab)?;
         ga.add(s.pid())?;
         let (c0, t0) = (thread_cpu(s.pid()), Instant::now());
+        let exits = ExitCounter::start(s.pid());
+        let prof = Profile::start(s.pid(), "solo");
         for (i, r) in throughput(&lab, n)?.into_iter().enumerate() {
             solo[i].push(r);
         }
+        prof.finish();
+        let requests = n as f64 * CASES.len() as f64;
         eprintln!(
-            "  CPU ms by thread, solo, {:.1} s: {}",
+            "  CPU ms by thread, solo, {:.1} s: {}; {}",
             t0.elapsed().as_secs_f64(),
-            cpu_delta(&c0, &thread_cpu(s.pid()))
+            cpu_delta(&c0, &thread_cpu(s.pid())),
+            per_request(exits.finish(), requests)
         );
         drop(s);
         let _ = std::fs::remove_file(lab.disk("solo"));
@@ -290,6 +380,24 @@ fn main() -> Result<()> {
         let cpu0: Vec<_> = p.nodes.iter().map(|n| thread_cpu(n.pid())).collect();
         let primary_host = &lab.nodes[if p.primary == "a" { 0 } else { 1 }];
         let udp0 = udp_datagrams(primary_host);
+        let exits: Vec<_> = p
+            .nodes
+            .iter()
+            .map(|n| ExitCounter::start(n.pid()))
+            .collect();
+        let profs: Vec<_> = p
+            .nodes
+            .iter()
+            .zip(["a", "b"])
+            .map(|(n, name)| {
+                let role = if name == p.primary {
+                    "primary"
+                } else {
+                    "backup"
+                };
+                Profile::start(n.pid(), role)
+            })
+            .collect();
         let t0 = Instant::now();
         // Sample the lag while the -P 16 SET runs.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -318,6 +426,9 @@ fn main() -> Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         lag.extend(sampler.join().unwrap());
         let secs = t0.elapsed().as_secs_f64();
+        let requests = n as f64 * CASES.len() as f64;
+        let exits: Vec<_> = exits.into_iter().map(ExitCounter::finish).collect();
+        profs.into_iter().for_each(Profile::finish);
         for (i, n) in p.nodes.iter().enumerate() {
             let name = ["a", "b"][i];
             let role = if name == p.primary {
@@ -326,18 +437,24 @@ fn main() -> Result<()> {
                 "backup"
             };
             eprintln!(
-                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}",
-                cpu_delta(&cpu0[i], &thread_cpu(n.pid()))
+                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}; {}",
+                cpu_delta(&cpu0[i], &thread_cpu(n.pid())),
+                per_request(exits[i], requests)
             );
         }
         let udp1 = udp_datagrams(primary_host);
-        let requests = n as f64 * CASES.len() as f64;
         eprintln!(
             "  the primary's UDP datagrams per request: {:.2} sent, {:.2} received",
             (udp1.1 - udp0.1) as f64 / requests,
             (udp1.0 - udp0.0) as f64 / requests
         );
         let after = lab.status(&p.primary)?;
+        let boundaries =
+            after["boundary"].as_u64().unwrap_or(0) - before["boundary"].as_u64().unwrap_or(0);
+        eprintln!(
+            "  the primary's boundaries per request: {:.2}",
+            boundaries as f64 / requests
+        );
         let bytes =
             after["log_bytes"].as_u64().unwrap_or(0) - before["log_bytes"].as_u64().unwrap_or(0);
         bytes_per_req.push(bytes as f64 / (n as f64 * CASES.len() as f64));
