@@ -217,10 +217,7 @@ impl ExitCounter {
 
     /// Stops counting: (exits to the VMM, MMIO exits).
     fn finish(self) -> Option<(u64, u64)> {
-        let child = self.0?;
-        // SAFETY: kill(2) on our own child's pid, which it has not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let out = child.wait_with_output().ok()?;
+        let out = interrupt(self.0?)?;
         let text = String::from_utf8_lossy(&out.stderr);
         let count = |ev: &str| {
             text.lines()
@@ -230,6 +227,13 @@ impl ExitCounter {
         };
         Some((count("kvm_userspace_exit")?, count("kvm_mmio")?))
     }
+}
+
+/// Stops a `perf` child as Ctrl-C would (it then writes its results) and collects its output.
+fn interrupt(child: std::process::Child) -> Option<std::process::Output> {
+    // SAFETY: kill(2) on our own child's pid, which it has not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait_with_output().ok()
 }
 
 /// With `FTVM_BENCH_PERF=DIR`, `perf record -g` of a process while it serves the load, into
@@ -257,9 +261,7 @@ impl Profile {
 
     fn finish(self) {
         if let Some(child) = self.0 {
-            // SAFETY: kill(2) on our own child's pid, which it has not reaped yet.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            let _ = child.wait_with_output();
+            let _ = interrupt(child);
         }
     }
 }
