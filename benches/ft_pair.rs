@@ -199,20 +199,11 @@ struct ExitCounter(Option<std::process::Child>);
 
 impl ExitCounter {
     fn start(pid: u32) -> ExitCounter {
-        let child = std::process::Command::new("perf")
-            .args([
-                "stat",
-                "-x,",
-                "-e",
-                "kvm:kvm_userspace_exit,kvm:kvm_mmio",
-                "-p",
-            ])
-            .arg(pid.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .ok();
-        ExitCounter(child)
+        ExitCounter(perf(
+            &["stat", "-x,", "-e", "kvm:kvm_userspace_exit,kvm:kvm_mmio"],
+            pid,
+            std::process::Stdio::piped(),
+        ))
     }
 
     /// Stops counting: (exits to the VMM, MMIO exits).
@@ -227,6 +218,18 @@ impl ExitCounter {
         };
         Some((count("kvm_userspace_exit")?, count("kvm_mmio")?))
     }
+}
+
+/// `perf ARGS -p PID`, attached to a running process; `None` where perf cannot start.
+fn perf(args: &[&str], pid: u32, stderr: std::process::Stdio) -> Option<std::process::Child> {
+    std::process::Command::new("perf")
+        .args(args)
+        .arg("-p")
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .ok()
 }
 
 /// Stops a `perf` child as Ctrl-C would (it then writes its results) and collects its output.
@@ -247,16 +250,12 @@ impl Profile {
         };
         let _ = std::fs::create_dir_all(&dir);
         let out = std::path::Path::new(&dir).join(format!("{name}.data"));
-        let child = std::process::Command::new("perf")
-            .args(["record", "-g", "-F", "2000", "-o"])
-            .arg(&out)
-            .arg("-p")
-            .arg(pid.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok();
-        Profile(child)
+        let out = out.to_string_lossy();
+        Profile(perf(
+            &["record", "-g", "-F", "2000", "-o", &out],
+            pid,
+            std::process::Stdio::null(),
+        ))
     }
 
     fn finish(self) {
@@ -354,6 +353,8 @@ fn main() -> Result<()> {
     let mut solo: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     let mut ft: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     let (mut bytes_per_req, mut bytes_per_s, mut lag) = (Vec::new(), Vec::new(), Vec::new());
+    // Requests per run of the four cases.
+    let requests = n as f64 * CASES.len() as f64;
     for round in 0..rounds {
         // Solo, host a's quota.
         let s = start_solo(&lab)?;
@@ -365,7 +366,6 @@ fn main() -> Result<()> {
             solo[i].push(r);
         }
         prof.finish();
-        let requests = n as f64 * CASES.len() as f64;
         eprintln!(
             "  CPU ms by thread, solo, {:.1} s: {}; {}",
             t0.elapsed().as_secs_f64(),
@@ -428,7 +428,6 @@ fn main() -> Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         lag.extend(sampler.join().unwrap());
         let secs = t0.elapsed().as_secs_f64();
-        let requests = n as f64 * CASES.len() as f64;
         let exits: Vec<_> = exits.into_iter().map(ExitCounter::finish).collect();
         profs.into_iter().for_each(Profile::finish);
         for (i, n) in p.nodes.iter().enumerate() {
@@ -459,7 +458,7 @@ fn main() -> Result<()> {
         );
         let bytes =
             after["log_bytes"].as_u64().unwrap_or(0) - before["log_bytes"].as_u64().unwrap_or(0);
-        bytes_per_req.push(bytes as f64 / (n as f64 * CASES.len() as f64));
+        bytes_per_req.push(bytes as f64 / requests);
         bytes_per_s.push(bytes as f64 / secs);
         for (i, x) in r.into_iter().enumerate() {
             ft[i].push(x);
