@@ -39,12 +39,36 @@ fn measure(kind: &str, n: u64) -> anyhow::Result<u64> {
         Outcome::Exited { status: 0 } => {}
         other => anyhow::bail!("exitbench {kind}: {other:?}"),
     }
+    if kind == "magic" {
+        regs_cost(&m, n);
+    }
     let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     let ns = text
         .split_whitespace()
         .find_map(|w| w.strip_prefix("ns="))
         .ok_or_else(|| anyhow::anyhow!("no result in {text:?}"))?;
     Ok(ns.parse()?)
+}
+
+/// Prints what reading the registers costs at a boundary (a fingerprint does it at every
+/// one): by `KVM_GET_REGS`, against the copy KVM leaves in the run page at each exit.
+fn regs_cost(m: &vmm::machine::Machine, n: u64) {
+    let vcpu = &m.vm().vcpu;
+    let time = |f: &dyn Fn()| {
+        let t = std::time::Instant::now();
+        (0..n).for_each(|_| f());
+        t.elapsed().as_nanos() as f64 / n as f64 / 1e3
+    };
+    let ioctl = time(&|| {
+        std::hint::black_box(vcpu.regs_from_kernel().expect("KVM_GET_REGS"));
+    });
+    let copy = time(&|| {
+        std::hint::black_box(vcpu.regs().expect("registers"));
+    });
+    println!(
+        "registers at a boundary: KVM_GET_REGS {ioctl:.2} us, the exit's copy {copy:.3} us (sync regs {}), {n} reads each",
+        if vcpu.syncs_regs() { "on" } else { "off: both are the ioctl" }
+    );
 }
 
 fn main() -> anyhow::Result<()> {

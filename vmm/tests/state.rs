@@ -796,3 +796,36 @@ fn a_machine_paused_from_another_thread_is_saved_and_continues_in_a_new_one() {
     assert_eq!(m1.end().unwrap(), &recorded);
     assert_eq!(m2.end().unwrap(), &recorded);
 }
+
+#[test]
+fn the_registers_kvm_hands_over_at_each_exit_are_the_ones_it_holds() {
+    // Fingerprints read the registers KVM copies into the run page at every exit (no ioctl);
+    // at every boundary, and after a restore, they must be what KVM_GET_REGS reads.
+    let dir = tempfile::tempdir().unwrap();
+    let (args, log, _) = clockwork_log(dir.path(), 100, 0);
+    let image = vmm::guests::bundled("clockwork").unwrap();
+    let setup = VmSetup::plain(image, 64 << 20, &args);
+    let mut m = replayer(&setup, &log, None, None);
+    assert!(
+        m.vm().vcpu.syncs_regs(),
+        "this KVM lacks KVM_CAP_SYNC_REGS: every fingerprint costs a KVM_GET_REGS"
+    );
+    let mut rips = std::collections::BTreeSet::new();
+    for k in 1..=120 {
+        assert!(m.run_until(k).unwrap().is_none(), "paused at {k}");
+        let copy = m.vm().vcpu.regs().unwrap();
+        let kernel = m.vm().vcpu.regs_from_kernel().unwrap();
+        assert_eq!(copy, kernel, "boundary {k}");
+        rips.insert(copy.rip);
+    }
+    assert!(
+        rips.len() > 3,
+        "the guest moved between boundaries: {rips:?}"
+    );
+    // After a restore the copy is stale until the next exit: the registers come from KVM.
+    let s = m.save_state().unwrap();
+    let mut m2 = replayer(&setup, &log, None, None);
+    copy_memory(&m, &m2);
+    m2.restore_state(&s).unwrap();
+    assert_eq!(m2.vm().vcpu.regs().unwrap(), s.vcpu.regs);
+}

@@ -18,7 +18,7 @@ use super::lag::LagTracker;
 use super::msg::{self, Msg, MsgReader};
 use super::{now_ns, ChannelStats};
 use crate::devices::tap::Tap;
-use crate::devices::virtio::net::FrameSink;
+use crate::devices::virtio::net::{FrameBatch, FrameSink};
 use crate::epoch::{Boundary, ClockValue, Fingerprint, InputError, Inputs};
 use crate::replay::codec::{Encoder, End, Record};
 use crate::replay::recorder::LogSink;
@@ -34,12 +34,12 @@ pub enum ToChannel {
         /// The watermark after them.
         watermark: Boundary,
     },
-    /// A frame the guest transmitted at `boundary`.
-    Frame {
-        /// The boundary that took it.
+    /// The frames the guest transmitted at `boundary`, in order.
+    Frames {
+        /// The boundary that took them.
         boundary: Boundary,
-        /// The frame.
-        frame: Vec<u8>,
+        /// The frames.
+        frames: Vec<Vec<u8>>,
     },
     /// A join's commit point, sent by the vCPU thread at the pause after boundary `from`:
     /// `link` is the new backup; `preamble` (the last pages and blocks and the state, encoded
@@ -117,15 +117,32 @@ impl LogSink for ChannelLog {
     }
 }
 
-/// The NIC's sink on a primary: every frame goes to the output task to be held.
-pub struct HeldFrames(pub mpsc::UnboundedSender<ToChannel>);
+/// The NIC's sink on a primary: every frame goes to the output task to be held, a boundary's
+/// frames in one hand-off.
+pub struct HeldFrames {
+    tx: mpsc::UnboundedSender<ToChannel>,
+    batch: FrameBatch,
+}
+
+impl HeldFrames {
+    /// A sink feeding `tx`.
+    pub fn new(tx: mpsc::UnboundedSender<ToChannel>) -> Self {
+        HeldFrames {
+            tx,
+            batch: FrameBatch::default(),
+        }
+    }
+}
 
 impl FrameSink for HeldFrames {
     fn send(&mut self, boundary: Boundary, frame: &[u8]) {
-        let _ = self.0.send(ToChannel::Frame {
-            boundary,
-            frame: frame.to_vec(),
-        });
+        self.batch.push(boundary, frame);
+    }
+    fn flush(&mut self) {
+        if let Some((boundary, frames)) = self.batch.take() {
+            // The task ends only when the node is going down: nothing to do about lost frames.
+            let _ = self.tx.send(ToChannel::Frames { boundary, frames });
+        }
     }
 }
 
@@ -385,15 +402,17 @@ pub async fn output_task(
                                 urgent = true;
                             }
                         }
-                        ToChannel::Frame { boundary, frame } => {
+                        ToChannel::Frames { boundary, frames } => {
                             let need = boundary.saturating_sub(1);
                             if attached.is_some() && stream_w < need {
                                 Encoder::new().encode(&Record::Watermark(need), &mut out);
                                 stream_w = need;
                             }
-                            // The frame waits for an ack of `need`: what covers it goes now.
+                            // The frames wait for an ack of `need`: what covers it goes now.
                             urgent |= need > sent_w;
-                            gate.hold(boundary, frame);
+                            for frame in frames {
+                                gate.hold(boundary, frame);
+                            }
                         }
                         ToChannel::Attach { link, reader, preamble, from } => {
                             let peer = link.peer.clone();

@@ -81,6 +81,13 @@ impl KickHandle {
 /// The VM's single vCPU.
 pub struct Vcpu {
     fd: VcpuFd,
+    /// Whether KVM copies the general registers into the `kvm_run` page at every exit
+    /// (`KVM_CAP_SYNC_REGS`).
+    sync_regs: bool,
+    /// Whether that copy is current: set by an exit, cleared by anything that writes the
+    /// registers. While it is, [`Vcpu::regs`] needs no ioctl — a `KVM_GET_REGS` costs a vCPU
+    /// load and put, which under this machine's hypervisor is dearer than the copy.
+    regs_fresh: std::cell::Cell<bool>,
 }
 
 impl Vcpu {
@@ -117,13 +124,25 @@ impl Vcpu {
         };
         fd.set_regs(&regs)
             .map_err(|e| VmmError::Kvm("KVM_SET_REGS", e))?;
-        Ok(Vcpu { fd })
+        let mut fd = fd;
+        let sync_regs = kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs) as u32
+            & kvm_bindings::KVM_SYNC_X86_REGS
+            != 0;
+        if sync_regs {
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
+        Ok(Vcpu {
+            fd,
+            sync_regs,
+            regs_fresh: std::cell::Cell::new(false),
+        })
     }
 
     /// Sets the initial stack pointer.
     pub fn set_stack(&mut self, rsp: u64) -> Result<(), VmmError> {
         let mut regs = self.regs()?;
         regs.rsp = rsp;
+        self.regs_fresh.set(false);
         self.fd
             .set_regs(&regs)
             .map_err(|e| VmmError::Kvm("KVM_SET_REGS", e))
@@ -138,6 +157,9 @@ impl Vcpu {
     /// Runs the guest until the next exit and classifies it. This is the one place every
     /// exit passes through.
     pub fn run(&mut self) -> Result<VmExit, VmmError> {
+        // KVM fills the copy on every return from KVM_RUN past its argument checks, an
+        // interrupted one included; a failed run leaves it stale.
+        self.regs_fresh.set(false);
         let exit = match self.fd.run() {
             Ok(VcpuExit::MmioRead(addr, data)) => VmExit::MmioRead {
                 addr,
@@ -172,6 +194,7 @@ impl Vcpu {
         if exit == VmExit::Interrupted {
             self.fd.set_kvm_immediate_exit(0);
         }
+        self.regs_fresh.set(self.sync_regs);
         Ok(exit)
     }
 
@@ -187,8 +210,22 @@ impl Vcpu {
         }
     }
 
-    /// The general-purpose registers.
+    /// The general-purpose registers: KVM's copy from the last exit when it is current, else
+    /// read with `KVM_GET_REGS`.
     pub fn regs(&self) -> Result<kvm_regs, VmmError> {
+        if self.regs_fresh.get() {
+            return Ok(self.fd.sync_regs().regs);
+        }
+        self.regs_from_kernel()
+    }
+
+    /// Whether KVM hands this vCPU's registers over at every exit (`KVM_CAP_SYNC_REGS`).
+    pub fn syncs_regs(&self) -> bool {
+        self.sync_regs
+    }
+
+    /// The general-purpose registers read with `KVM_GET_REGS`, whatever copy there is.
+    pub fn regs_from_kernel(&self) -> Result<kvm_regs, VmmError> {
         self.fd
             .get_regs()
             .map_err(|e| VmmError::Kvm("KVM_GET_REGS", e))
@@ -235,6 +272,8 @@ impl Vcpu {
     /// keeps an unfinished access in state userspace cannot read, so this must come before
     /// [`save_state`](Self::save_state). Invisible to the guest.
     pub fn complete_pending(&mut self) -> Result<(), VmmError> {
+        // (Completing the access moves RIP: read the registers from KVM after it.)
+        self.regs_fresh.set(false);
         self.fd.set_kvm_immediate_exit(1);
         let r = match self.fd.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
@@ -361,6 +400,7 @@ impl Vcpu {
             mp_state: s.mp_state,
         })
         .map_err(|e| VmmError::Kvm("KVM_SET_MP_STATE", e))?;
+        self.regs_fresh.set(false);
         fd.set_regs(&s.regs)
             .map_err(|e| VmmError::Kvm("KVM_SET_REGS", e))?;
         fd.set_vcpu_events(&s.events)

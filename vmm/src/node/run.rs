@@ -34,7 +34,7 @@ use crate::channel::primary::{
 use crate::channel::{now_ns, ChannelStats};
 use crate::console::StdoutConsole;
 use crate::devices::tap::{open_tap, Tap};
-use crate::devices::virtio::net::FrameSink;
+use crate::devices::virtio::net::{FrameBatch, FrameSink};
 use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
 use crate::join::blocks::BlockWrites;
 use crate::live::LiveInputs;
@@ -1020,7 +1020,7 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
                 Recorder::dormant(live, ChannelLog::new(txc.clone()), sw)
             };
             let inputs = Throttle::new(rec, stats, stop.clone());
-            let sink: Box<dyn FrameSink> = Box::new(HeldFrames(txc));
+            let sink: Box<dyn FrameSink> = Box::new(HeldFrames::new(txc));
             crate::setup::assemble_tracked(
                 &setup,
                 disk,
@@ -1443,6 +1443,7 @@ async fn run_backup(
             let sink: Box<dyn FrameSink> = Box::new(LiveFrames {
                 live: live_for_sink,
                 tx: txc.clone(),
+                batch: FrameBatch::default(),
             });
             let assemble = |inputs: Box<dyn Inputs>| {
                 crate::setup::assemble_tracked(
@@ -1867,19 +1868,23 @@ async fn backup_failover(
     exit
 }
 
-/// A backup's NIC sink: frames dropped while following, sent once live.
+/// A backup's NIC sink: frames dropped while following, sent once live (a boundary's frames
+/// in one hand-off, as a primary's).
 struct LiveFrames {
     live: Arc<AtomicBool>,
     tx: mpsc::UnboundedSender<ToChannel>,
+    batch: FrameBatch,
 }
 
 impl FrameSink for LiveFrames {
     fn send(&mut self, boundary: Boundary, frame: &[u8]) {
         if self.live.load(Ordering::Relaxed) {
-            let _ = self.tx.send(ToChannel::Frame {
-                boundary,
-                frame: frame.to_vec(),
-            });
+            self.batch.push(boundary, frame);
+        }
+    }
+    fn flush(&mut self) {
+        if let Some((boundary, frames)) = self.batch.take() {
+            let _ = self.tx.send(ToChannel::Frames { boundary, frames });
         }
     }
 }

@@ -28,6 +28,32 @@ pub const MAX_TX_FRAME: usize = 65_536;
 pub trait FrameSink: Send {
     /// A frame the guest transmitted at boundary `b`.
     fn send(&mut self, b: Boundary, frame: &[u8]);
+    /// The boundary's last frame was sent: a sink that gathers a boundary's frames hands them
+    /// on now (one hand-off per boundary rather than one per frame).
+    fn flush(&mut self) {}
+}
+
+/// The frames of one boundary, gathered between a sink's `send`s and its `flush`.
+#[derive(Debug, Default)]
+pub struct FrameBatch {
+    boundary: Boundary,
+    frames: Vec<Vec<u8>>,
+}
+
+impl FrameBatch {
+    /// Adds a frame taken at `boundary`.
+    pub fn push(&mut self, boundary: Boundary, frame: &[u8]) {
+        self.boundary = boundary;
+        self.frames.push(frame.to_vec());
+    }
+
+    /// The gathered frames and their boundary, if any, leaving the batch empty.
+    pub fn take(&mut self) -> Option<(Boundary, Vec<Vec<u8>>)> {
+        if self.frames.is_empty() {
+            return None;
+        }
+        Some((self.boundary, std::mem::take(&mut self.frames)))
+    }
 }
 
 /// Drops every frame (a backup, a replay).
@@ -79,10 +105,12 @@ impl VirtioDevice for Net {
         cx: &mut BoundaryCx<'_>,
     ) -> Result<(), VmmError> {
         let q = &mut queues[TX];
+        let mut sent = false;
         while let Some(req) = pop_request(q, cx.mem) {
             match read_segments(cx.mem, &req.segments, MAX_TX_FRAME + HDR_LEN) {
                 Ok(bytes) if bytes.len() > HDR_LEN => {
-                    self.sink.send(cx.boundary, &bytes[HDR_LEN..])
+                    self.sink.send(cx.boundary, &bytes[HDR_LEN..]);
+                    sent = true;
                 }
                 Ok(_) => {
                     if self.warnings.allow("virtio-net") {
@@ -96,6 +124,9 @@ impl VirtioDevice for Net {
                 }
             }
             complete(q, cx.mem, req.head, 0)?;
+        }
+        if sent {
+            self.sink.flush();
         }
         Ok(())
     }
@@ -142,5 +173,22 @@ impl VirtioDevice for Net {
             complete(q, cx.mem, req.head, n as u32)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::FrameBatch;
+
+    #[test]
+    fn a_batch_hands_over_its_frames_in_order_once() {
+        let mut b = FrameBatch::default();
+        assert!(b.take().is_none(), "an empty batch hands nothing over");
+        b.push(7, &[1]);
+        b.push(7, &[2, 2]);
+        assert_eq!(b.take(), Some((7, vec![vec![1], vec![2, 2]])));
+        assert!(b.take().is_none(), "taken once");
+        b.push(9, &[3]);
+        assert_eq!(b.take(), Some((9, vec![vec![3]])));
     }
 }

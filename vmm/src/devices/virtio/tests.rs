@@ -57,13 +57,17 @@ impl Inputs for TestInputs {
     }
 }
 
-/// Frames the device transmitted.
+/// Frames the device transmitted, and how many had been sent at each `flush`.
 #[derive(Clone, Default)]
-struct Sent(Arc<Mutex<Vec<Vec<u8>>>>);
+struct Sent(Arc<Mutex<Vec<Vec<u8>>>>, Arc<Mutex<Vec<usize>>>);
 
 impl FrameSink for Sent {
     fn send(&mut self, _b: Boundary, frame: &[u8]) {
         self.0.lock().unwrap().push(frame.to_vec());
+    }
+    fn flush(&mut self) {
+        let n = self.0.lock().unwrap().len();
+        self.1.lock().unwrap().push(n);
     }
 }
 
@@ -545,6 +549,11 @@ fn net_transmits_frames_ignores_short_ones_and_receives_only_into_room() {
     r.boundary();
     assert_eq!(r.used(1), vec![(a, 0), (b, 0)]);
     assert_eq!(*sent.0.lock().unwrap(), vec![vec![0x42; 60]]);
+    assert_eq!(
+        *sent.1.lock().unwrap(),
+        vec![1],
+        "one flush after the boundary's frames"
+    );
     // RX (queue 0): no buffers, no room, no frames asked for.
     r.asked
         .lock()
@@ -570,4 +579,39 @@ fn net_transmits_frames_ignores_short_ones_and_receives_only_into_room() {
     assert_eq!(r.used(0), vec![(h2, (HDR_LEN + 50) as u32)]);
     assert_eq!(r.bytes(b2 + HDR_LEN as u64, 50), vec![3u8; 50]);
     assert!(r.asked.lock().unwrap().frames.is_empty());
+    assert_eq!(
+        *sent.1.lock().unwrap(),
+        vec![1],
+        "no flush at boundaries that sent nothing"
+    );
+}
+
+#[test]
+fn net_flushes_its_sink_once_per_boundary_that_transmitted() {
+    let sent = Sent::default();
+    let mut r = Rig::new(Net::new([2, 0, 0, 0, 0, 1], Box::new(sent.clone())));
+    r.setup(8);
+    // Three frames in one boundary: one flush, after all three.
+    for byte in [1u8, 2, 3] {
+        let f = r.buffer(HDR_LEN + 60, byte);
+        r.submit(1, &[(f, (HDR_LEN + 60) as u32, 0)]);
+    }
+    r.boundary();
+    assert_eq!(*sent.1.lock().unwrap(), vec![3]);
+    // Only a frame shorter than its header: nothing sent, nothing flushed.
+    let short = r.buffer(4, 9);
+    r.submit(1, &[(short, 4, 0)]);
+    r.boundary();
+    assert_eq!(*sent.1.lock().unwrap(), vec![3]);
+    // The next frame: a flush of its own.
+    let f = r.buffer(HDR_LEN + 60, 4);
+    r.submit(1, &[(f, (HDR_LEN + 60) as u32, 0)]);
+    r.boundary();
+    assert_eq!(*sent.1.lock().unwrap(), vec![3, 4]);
+    let order: Vec<u8> = sent.0.lock().unwrap().iter().map(|f| f[0]).collect();
+    assert_eq!(
+        order,
+        vec![1, 2, 3, 4],
+        "frames in the order the guest sent them"
+    );
 }
