@@ -1,7 +1,9 @@
 //! `kv`: a Redis-protocol (RESP2) server on port 6379, durable on its virtio-blk disk.
 //!
 //! Every write is appended to a log on the disk and its reply is sent only after the data is
-//! on the disk (one group commit per loop iteration; the VMM's disk is write-through). At boot
+//! on the disk (one group commit per loop iteration, left in flight so that the exit which
+//! ends the iteration both transmits the previous commit's replies and writes this one; the
+//! VMM's disk is write-through). At boot
 //! the data is rebuilt from the disk; a torn or corrupt tail is cut off and reported.
 //!
 //! The network loop (accepting up to `maxclients` clients, refusing one more with Redis's
@@ -49,6 +51,16 @@ impl kvnet::Platform for Guest {
     }
     fn write_disk(&mut self, offset: u64, bytes: &[u8]) -> Result<(), Self::Error> {
         self.disk.write(offset, bytes)
+    }
+    fn start_write(
+        &mut self,
+        offset: u64,
+        bytes: alloc::vec::Vec<u8>,
+    ) -> Result<bool, Self::Error> {
+        self.disk.start_write(offset, bytes)
+    }
+    fn write_done(&mut self) -> Option<Result<(), Self::Error>> {
+        self.disk.write_done()
     }
 }
 

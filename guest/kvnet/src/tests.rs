@@ -86,10 +86,26 @@ impl Device for End {
     }
 }
 
-/// The scripted clock and an in-memory disk.
+/// The scripted clock and an in-memory disk; with `deferred` set, writes are left in flight
+/// (as the guest's are) until the test lands them.
 struct Plat {
     ms: Rc<Cell<u64>>,
     disk: Vec<u8>,
+    deferred: bool,
+    in_flight: Option<(u64, Vec<u8>)>,
+    landed: Option<Result<(), ()>>,
+    started: usize,
+}
+
+impl Plat {
+    /// Completes the write in flight (its bytes reach the disk only if `ok`).
+    fn land(&mut self, ok: bool) {
+        let (offset, bytes) = self.in_flight.take().expect("a write in flight");
+        if ok {
+            self.write_disk(offset, &bytes).unwrap();
+        }
+        self.landed = Some(if ok { Ok(()) } else { Err(()) });
+    }
 }
 
 impl Platform for Plat {
@@ -103,6 +119,22 @@ impl Platform for Plat {
     fn write_disk(&mut self, offset: u64, bytes: &[u8]) -> Result<(), ()> {
         self.disk[offset as usize..][..bytes.len()].copy_from_slice(bytes);
         Ok(())
+    }
+    fn start_write(&mut self, offset: u64, bytes: Vec<u8>) -> Result<bool, ()> {
+        self.started += 1;
+        if !self.deferred {
+            return self.write_disk(offset, &bytes).map(|()| true);
+        }
+        assert!(self.in_flight.is_none(), "two writes in flight");
+        assert!(
+            self.landed.is_none(),
+            "a new write before the last one was reported"
+        );
+        self.in_flight = Some((offset, bytes));
+        Ok(false)
+    }
+    fn write_done(&mut self) -> Option<Result<(), ()>> {
+        self.landed.take()
     }
 }
 
@@ -141,6 +173,10 @@ impl Lab {
         let mut plat = Plat {
             ms: Rc::new(Cell::new(0)),
             disk: vec![0; 1 << 20],
+            deferred: false,
+            in_flight: None,
+            landed: None,
+            started: 0,
         };
         let mut log = LogWriter::format(1 << 20, 7).unwrap();
         let b = log.seal().unwrap();
@@ -162,22 +198,24 @@ impl Lab {
     /// One round: the client host polls, the server steps, the client polls again. Returns
     /// what the step returned (more work ready at once).
     fn round(&mut self) -> bool {
+        self.try_round().unwrap()
+    }
+
+    /// A round whose step may fail.
+    fn try_round(&mut self) -> Result<bool, StepError<()>> {
         let now = self.plat.now();
         self.cdev.deliver();
         self.client.poll(now, &mut self.cdev, &mut self.csockets);
         self.sdev.deliver();
-        let more = self
-            .server
-            .step(
-                &mut self.sdev,
-                &mut self.plat,
-                &mut self.store,
-                &mut self.log,
-            )
-            .unwrap();
+        let more = self.server.step(
+            &mut self.sdev,
+            &mut self.plat,
+            &mut self.store,
+            &mut self.log,
+        )?;
         self.cdev.deliver();
         self.client.poll(now, &mut self.cdev, &mut self.csockets);
-        more
+        Ok(more)
     }
 
     /// Rounds until `done` holds (at most 200).
@@ -415,6 +453,59 @@ fn a_step_asks_to_poll_again_only_when_work_is_ready() {
     );
     assert_eq!(lab.received(h), b"+OK\r\n+PONG\r\n");
     assert!(!lab.round());
+}
+
+#[test]
+fn a_reply_waits_for_its_write_in_flight_and_the_next_commit_waits_for_it_too() {
+    let mut lab = Lab::new(cfg(10));
+    lab.plat.deferred = true;
+    let h = lab.connect();
+    lab.until("connected", |l| l.established(h));
+    lab.send(h, b"SET k v1\r\n");
+    lab.until("the write started", |l| l.plat.in_flight.is_some());
+    let other = lab.connect();
+    lab.until("connected", |l| l.established(other));
+    // While it is in flight: no reply, the step asks to be run again (a POLL, so the write
+    // is taken at once), and a second client's write waits for the first to land.
+    lab.send(other, b"SET j w\r\n");
+    for _ in 0..5 {
+        assert!(lab.round(), "a write in flight asks for a POLL");
+    }
+    assert_eq!(lab.received(h), b"", "a reply before its write landed");
+    assert_eq!(lab.received(other), b"");
+    assert_eq!(lab.plat.started, 1, "this commit's write only");
+    assert!(
+        !lab.plat.disk.windows(2).any(|w| w == b"v1"),
+        "not on the disk yet"
+    );
+    // It lands: its reply goes, and the next commit (the second client's) starts.
+    lab.plat.land(true);
+    lab.round();
+    assert_eq!(lab.received(h), b"+OK\r\n");
+    assert!(lab.plat.disk.windows(2).any(|w| w == b"v1"));
+    assert_eq!(lab.received(other), b"", "its write is in flight now");
+    assert_eq!(lab.plat.started, 2);
+    lab.plat.land(true);
+    lab.round();
+    assert_eq!(lab.received(other), b"+OK\r\n");
+    assert!(!lab.round(), "nothing left to do");
+}
+
+#[test]
+fn a_write_that_fails_in_flight_stops_the_server_and_its_reply_never_goes() {
+    let mut lab = Lab::new(cfg(10));
+    lab.plat.deferred = true;
+    let h = lab.connect();
+    lab.until("connected", |l| l.established(h));
+    lab.send(h, b"SET k v\r\n");
+    lab.until("the write started", |l| l.plat.in_flight.is_some());
+    lab.plat.land(false);
+    assert!(matches!(lab.try_round(), Err(StepError::Disk(()))));
+    assert_eq!(
+        lab.received(h),
+        b"",
+        "a reply for a write that is not on the disk"
+    );
 }
 
 #[test]
