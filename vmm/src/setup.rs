@@ -97,6 +97,9 @@ pub fn assemble_tracked(
     vm.vcpu.set_stack(setup.mem_size)?;
     let mut bus = MmioBus::new();
     bus.insert(control::BASE, control::SIZE, Box::new(ControlDevice::new()))?;
+    // Bus order is the order in which devices take requests at a boundary. The NIC comes
+    // before the disk, so one exit transmits the replies of a commit already on the disk
+    // before it writes the next (the kv guest leaves that write in flight for this exit).
     let mut slot = VIRTIO_BASE;
     let mut sink = Some(sink);
     if let Some(n) = &setup.devices.net {
