@@ -371,6 +371,14 @@ fn main() -> Result<()> {
     };
     for (ci, (t, p, _)) in cases.iter().enumerate() {
         let raw = format!("{:?}", rps[ci]);
+        // Each round's VM/redis ratio: the two ran seconds apart, so drift in the
+        // machine's speed from round to round (large here) cancels out of it.
+        let mut per_round: Vec<f64> = rps[ci][0]
+            .iter()
+            .zip(&rps[ci][1])
+            .map(|(vm, redis)| vm / redis)
+            .collect();
+        let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
         let m = |v: &mut Vec<f64>| median(v);
         let base = (m(&mut rps[ci][1]), m(&mut rps[ci][2]));
         let (cr, cn) = (m(&mut cpu[ci][1]), m(&mut cpu[ci][2]));
@@ -391,6 +399,11 @@ fn main() -> Result<()> {
             );
         }
         println!("           req/s each round, per server (VM, redis, native[, before]): {raw}");
+        println!(
+            "           VM/redis each round: [{}], median {:.2}",
+            shown.join(", "),
+            median(&mut per_round)
+        );
     }
     Ok(())
 }
