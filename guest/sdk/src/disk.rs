@@ -144,17 +144,12 @@ impl Disk {
             data,
         });
         let block = offset as usize / SECTOR_SIZE;
-        let PendingWrite {
-            token,
-            req,
-            resp,
-            data,
-        } = &mut *p;
+        let w = &mut *p;
         // SAFETY: `req`, `data` and `resp` live in the box, which is kept (and not touched)
         // in `self.pending` until `write_done` completes the request with the same three.
-        *token = unsafe {
+        w.token = unsafe {
             self.blk
-                .write_blocks_nb(block, req, data, resp)
+                .write_blocks_nb(block, &mut w.req, &w.data, &mut w.resp)
                 .map_err(DiskError::Driver)?
         };
         self.pending = Some(p);
@@ -169,16 +164,14 @@ impl Disk {
             return None;
         }
         let mut p = self.pending.take()?;
-        let PendingWrite {
-            token,
-            req,
-            resp,
-            data,
-        } = &mut *p;
+        let w = &mut *p;
         // SAFETY: the same request, buffers and status the write was started with, untouched
         // since; the device has completed it.
-        let r = unsafe { self.blk.complete_write_blocks(*token, req, data, resp) };
-        Some(r.map_err(DiskError::Driver).and_then(|()| ok(resp)))
+        let r = unsafe {
+            self.blk
+                .complete_write_blocks(w.token, &w.req, &w.data, &mut w.resp)
+        };
+        Some(r.map_err(DiskError::Driver).and_then(|()| ok(&w.resp)))
     }
 }
 
