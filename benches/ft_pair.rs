@@ -8,8 +8,13 @@
 //! lag p50/p99 under load.
 //!
 //! `cargo bench -p ftvm-benches --bench ft_pair` (root, /dev/kvm, redis-tools).
-//! `FTVM_BENCH_QUOTA` (percent of one core per host, default 60), `FTVM_BENCH_N` (requests
-//! per run, default 20000), `FTVM_BENCH_ROUNDS` (default 2), `FTVM_BENCH_PERF=DIR` (a `perf
+//! Each round runs both under one quota per host (DESIGN §10) and under a quota for the vCPU
+//! thread beside another for the node's other threads (a host with a core to spare beside the
+//! VM's; see [`Budget`]).
+//!
+//! `FTVM_BENCH_QUOTA` (percent of one core per host, default 60), `FTVM_BENCH_VCPU_QUOTA` and
+//! `FTVM_BENCH_VMM_QUOTA` (the split budget's, default 40 each), `FTVM_BENCH_N` (requests
+//! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_PERF=DIR` (a `perf
 //! record -g` of the solo node, the primary and the backup under load, into DIR).
 
 use std::path::PathBuf;
@@ -27,6 +32,10 @@ struct Cgroup {
 
 impl Cgroup {
     fn new(name: &str, percent: u64) -> Result<Cgroup> {
+        anyhow::ensure!(
+            std::path::Path::new("/sys/fs/cgroup/cpu").is_dir(),
+            "this bench needs the cgroup v1 cpu controller at /sys/fs/cgroup/cpu (DESIGN §10)"
+        );
         let path = PathBuf::from(format!(
             "/sys/fs/cgroup/cpu/ftvm-bench-{}-{name}",
             std::process::id()
@@ -37,9 +46,68 @@ impl Cgroup {
         std::fs::write(path.join("cpu.cfs_quota_us"), (percent * 100).to_string())?;
         Ok(Cgroup { path })
     }
+    /// A cgroup with no quota and CPU weight `shares` (the default is 1024).
+    fn weighted(name: &str, shares: u64) -> Result<Cgroup> {
+        let g = Cgroup::new(name, 100)?;
+        std::fs::write(g.path.join("cpu.cfs_quota_us"), "-1")?;
+        std::fs::write(g.path.join("cpu.shares"), shares.to_string())?;
+        Ok(g)
+    }
+    /// Moves every thread of process `pid` here.
     fn add(&self, pid: u32) -> Result<()> {
         std::fs::write(self.path.join("cgroup.procs"), pid.to_string())
             .with_context(|| format!("moving {pid} into {}", self.path.display()))
+    }
+    /// Moves the one thread `tid` here (cgroup v1 places threads one by one).
+    fn add_thread(&self, tid: u32) -> Result<()> {
+        std::fs::write(self.path.join("tasks"), tid.to_string())
+            .with_context(|| format!("moving thread {tid} into {}", self.path.display()))
+    }
+}
+
+/// How a simulated host's CPU is budgeted (the same in the solo and the pair runs).
+#[derive(Clone, Copy)]
+enum Budget {
+    /// DESIGN §10: one quota for all of a node's threads, as if the host had less than one
+    /// core for the VM and its VMM together: whatever the VMM does to replicate comes out of
+    /// the guest's time.
+    OneQuota,
+    /// A quota for the vCPU thread (the core the guest runs on) and another for the node's
+    /// other threads (the VMM's work on the host's other cores), as on a host with a core to
+    /// spare beside the VM's: the replication's work costs CPU (printed) but not the guest's.
+    VcpuAndVmm,
+}
+
+/// The cgroups of one simulated host, for both budgets.
+struct HostCpu {
+    one: Cgroup,
+    vcpu: Cgroup,
+    vmm: Cgroup,
+}
+
+impl HostCpu {
+    fn new(name: &str, one: u64, vcpu: u64, vmm: u64) -> Result<HostCpu> {
+        Ok(HostCpu {
+            one: Cgroup::new(name, one)?,
+            vcpu: Cgroup::new(&format!("{name}-vcpu"), vcpu)?,
+            vmm: Cgroup::new(&format!("{name}-vmm"), vmm)?,
+        })
+    }
+
+    /// Puts node `pid` under `budget`.
+    fn place(&self, budget: Budget, pid: u32) -> Result<()> {
+        match budget {
+            Budget::OneQuota => self.one.add(pid),
+            Budget::VcpuAndVmm => {
+                self.vmm.add(pid)?;
+                let mut vcpus = threads_named(pid, "ftvm-vcpu");
+                if vcpus.is_empty() {
+                    // A solo run's vCPU is its main thread.
+                    vcpus.push(pid);
+                }
+                vcpus.into_iter().try_for_each(|t| self.vcpu.add_thread(t))
+            }
+        }
     }
 }
 
@@ -98,23 +166,110 @@ fn redis_benchmark(
     )
 }
 
+/// The cases whose latency is measured at `-c 1`.
+const LATENCY_CASES: [&str; 2] = ["set", "get"];
+
+/// One latency case through the pair, with what the primary measured meanwhile.
+struct PairLatency {
+    bench: Bench,
+    rtt_ms: f64,
+    hold_ms: f64,
+    handoff_ms: f64,
+    echo_ms: f64,
+}
+
 const CASES: &[(&str, u32)] = &[("set", 1), ("get", 1), ("set", 16), ("get", 16)];
 
-fn throughput(lab: &PairLab, n: u32) -> Result<Vec<f64>> {
+/// Requests per run at pipeline depth `p`: more when pipelined, so that every run lasts long
+/// enough to measure.
+fn requests_for(n: u32, p: u32) -> u32 {
+    if p > 1 {
+        n * 8
+    } else {
+        n
+    }
+}
+
+/// Frames (into the guest, out of it) so far on `host`'s TAP: the TAP's own counters, read in
+/// the host's namespace (its tx is the guest's rx).
+fn tap_frames(host: &Host) -> (u64, u64) {
+    let Some(tap) = host.tap.as_deref() else {
+        return (0, 0);
+    };
+    let read = |what: &str| -> u64 {
+        host.ns
+            .command("cat")
+            .arg(format!("/sys/class/net/{tap}/statistics/{what}"))
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (read("tx_packets"), read("rx_packets"))
+}
+
+/// This machine's interrupts so far, all CPUs: (TLB shootdowns, function calls, reschedules).
+fn interrupts() -> [u64; 3] {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .map_while(|w| w.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    [count("TLB:"), count("CAL:"), count("RES:")]
+}
+
+/// Runs the four cases against the guest, counting the exits of the nodes `pids` and the
+/// frames on `tap`'s TAP (the host where the guest's output leaves) in each.
+fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64>> {
     CASES
         .iter()
         .map(|(t, p)| {
             let t0 = Instant::now();
-            let r = redis_benchmark(&lab.client, lab.guest_ip, t, n, 50, *p).map(|b| b.rps);
-            eprintln!("  {t} -P{p}: {:.1} s", t0.elapsed().as_secs_f64());
+            let counters: Vec<_> = pids.iter().map(|&pid| ExitCounter::start(pid)).collect();
+            let frames0 = tap_frames(tap);
+            let irq0 = interrupts();
+            let requests = requests_for(n, *p);
+            let r = redis_benchmark(&lab.client, lab.guest_ip, t, requests, 50, *p).map(|b| b.rps);
+            let exits: Vec<String> = counters
+                .into_iter()
+                .map(|c| match c.finish() {
+                    Some((u, all, pf)) => {
+                        let per = |x: u64| x as f64 / requests as f64;
+                        format!("{:.4} (all {:.4}, faults {:.4})", per(u), per(all), per(pf))
+                    }
+                    None => "-".into(),
+                })
+                .collect();
+            let frames1 = tap_frames(tap);
+            let irq1 = interrupts();
+            let per = |a: u64, b: u64| (b - a) as f64 / requests as f64;
+            eprintln!(
+                "  {t} -P{p}: {:.1} s; exits to the VMM per request: {}; frames per request: {:.3} in, {:.3} out; interrupts per request (the machine's): TLB shootdowns {:.3}, function calls {:.3}, reschedules {:.3}",
+                t0.elapsed().as_secs_f64(),
+                exits.join(", "),
+                per(frames0.0, frames1.0),
+                per(frames0.1, frames1.1),
+                per(irq0[0], irq1[0]),
+                per(irq0[1], irq1[1]),
+                per(irq0[2], irq1[2]),
+            );
             r
         })
         .collect()
 }
 
-fn start_solo(lab: &PairLab) -> Result<RunningNode> {
+/// The guest alone on host a; `record`: recording its inputs to a file as it runs (with a
+/// memory digest every 1000 boundaries, as the pair's default).
+fn start_solo(lab: &PairLab, record: Option<&std::path::Path>) -> Result<RunningNode> {
     let a = lab.host("a");
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "run",
         "--solo",
         "--guest",
@@ -133,6 +288,11 @@ fn start_solo(lab: &PairLab) -> Result<RunningNode> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if let Some(log) = record {
+        let _ = std::fs::remove_file(log);
+        args.extend(["--record".into(), log.display().to_string()]);
+        args.extend(["--digest-every".into(), "1000".into()]);
+    }
     let mut n = RunningNode::start(&a.ns, &args)?;
     n.expect_line("kv: listening on", Duration::from_secs(60))?;
     // A solo run sends no gratuitous ARP: the fabric may still send the guest's MAC to the
@@ -169,9 +329,13 @@ fn start_pair(lab: &mut PairLab) -> Result<Pair> {
     })
 }
 
-/// CPU time (user + system, in clock ticks) of every thread of `pid`, by thread name.
-fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, u64> {
-    let mut m = std::collections::BTreeMap::new();
+/// CPU time of every thread of `pid` by thread name, in clock ticks: (user, system, the part
+/// of user spent running the guest).
+type ThreadCpu = std::collections::BTreeMap<String, [u64; 3]>;
+
+/// See [`ThreadCpu`].
+fn thread_cpu(pid: u32) -> ThreadCpu {
+    let mut m = ThreadCpu::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return m;
     };
@@ -179,35 +343,48 @@ fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, u64> {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             continue;
         };
-        // pid (comm) state ... utime stime are fields 14 and 15; comm may hold spaces.
+        // pid (comm) state ...: utime, stime and guest_time are fields 14, 15 and 43; comm
+        // may hold spaces.
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
         let comm = stat[open + 1..close].to_string();
         let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        *m.entry(comm).or_insert(0) += ticks;
+        let field = |n: usize| {
+            f.get(n - 3)
+                .and_then(|u| u.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let e = m.entry(comm).or_insert([0; 3]);
+        for (i, n) in [14, 15, 43].into_iter().enumerate() {
+            e[i] += field(n);
+        }
     }
     m
 }
 
-/// Counts a process's KVM exits to the VMM (`kvm:kvm_userspace_exit`) and MMIO exits
-/// (`kvm:kvm_mmio`) with `perf stat` while it runs; `None` where perf or its tracepoints are
-/// missing.
+/// Counts a process's KVM exits to the VMM (`kvm:kvm_userspace_exit`), all its exits from the
+/// guest (`kvm:kvm_exit`, most handled in the kernel) and its guest page faults
+/// (`kvm:kvm_page_fault`) with `perf stat` while it runs; `None` where perf or its tracepoints
+/// are missing.
 struct ExitCounter(Option<std::process::Child>);
 
 impl ExitCounter {
     fn start(pid: u32) -> ExitCounter {
         ExitCounter(perf(
-            &["stat", "-x,", "-e", "kvm:kvm_userspace_exit,kvm:kvm_mmio"],
+            &[
+                "stat",
+                "-x,",
+                "-e",
+                "kvm:kvm_userspace_exit,kvm:kvm_exit,kvm:kvm_page_fault",
+            ],
             pid,
             std::process::Stdio::piped(),
         ))
     }
 
-    /// Stops counting: (exits to the VMM, MMIO exits).
-    fn finish(self) -> Option<(u64, u64)> {
+    /// Stops counting: (exits to the VMM, all exits, page faults).
+    fn finish(self) -> Option<(u64, u64, u64)> {
         let out = interrupt(self.0?)?;
         let text = String::from_utf8_lossy(&out.stderr);
         let count = |ev: &str| {
@@ -216,7 +393,11 @@ impl ExitCounter {
                 .and_then(|l| l.split(',').next())
                 .and_then(|c| c.trim().parse::<u64>().ok())
         };
-        Some((count("kvm_userspace_exit")?, count("kvm_mmio")?))
+        Some((
+            count("kvm:kvm_userspace_exit")?,
+            count("kvm:kvm_exit")?,
+            count("kvm:kvm_page_fault")?,
+        ))
     }
 }
 
@@ -265,16 +446,37 @@ impl Profile {
     }
 }
 
-/// `exits/request` for the printout.
-fn per_request(exits: Option<(u64, u64)>, requests: f64) -> String {
-    match exits {
-        Some((u, m)) => format!(
-            "{:.2} exits to the VMM per request ({:.2} MMIO)",
-            u as f64 / requests,
-            m as f64 / requests
-        ),
-        None => "exits not counted (no perf kvm tracepoints)".into(),
+fn xpin(pid: u32, others: &[u32]) {
+    if std::env::var("XPIN").is_err() {
+        return;
     }
+    let run = |a: &[&str]| {
+        let _ = std::process::Command::new("taskset").args(a).status();
+    };
+    for o in others {
+        run(&["-a", "-p", "-c", "1", &o.to_string()]);
+    }
+    run(&["-a", "-p", "-c", "1", &pid.to_string()]);
+    let mut v = threads_named(pid, "ftvm-vcpu");
+    if v.is_empty() {
+        v.push(pid);
+    }
+    for t in v {
+        run(&["-p", "-c", "0", &t.to_string()]);
+    }
+}
+
+/// The ids of `pid`'s threads named `name`.
+fn threads_named(pid: u32, name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 /// UDP datagrams (received, sent) so far in `host`'s namespace (its `/proc/net/snmp`): the
@@ -300,21 +502,23 @@ fn udp_datagrams(host: &Host) -> (u64, u64) {
 }
 
 /// The CPU each thread group used between two samples, in ms.
-fn cpu_delta(
-    before: &std::collections::BTreeMap<String, u64>,
-    after: &std::collections::BTreeMap<String, u64>,
-) -> String {
+fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
     let tick_ms = 1000.0 / 100.0; // USER_HZ
     let mut parts: Vec<String> = after
         .iter()
         .map(|(k, v)| {
-            (
-                k,
-                (v - before.get(k).copied().unwrap_or(0)) as f64 * tick_ms,
+            let b = before.get(k).copied().unwrap_or([0; 3]);
+            let ms = |i: usize| (v[i] - b[i]) as f64 * tick_ms;
+            (k, ms(0), ms(1), ms(2))
+        })
+        .filter(|(_, u, s, _)| u + s > 0.0)
+        .map(|(k, u, s, g)| {
+            format!(
+                "{k} {:.0} (guest {g:.0}, user {:.0}, sys {s:.0})",
+                u + s,
+                u - g
             )
         })
-        .filter(|(_, ms)| *ms > 0.0)
-        .map(|(k, ms)| format!("{k} {ms:.0}"))
         .collect();
     parts.sort();
     parts.join(", ")
@@ -338,7 +542,15 @@ fn main() -> Result<()> {
     let n: u32 = std::env::var("FTVM_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(50_000);
+    let env_u64 = |k: &str, d: u64| -> u64 {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let vcpu_quota = env_u64("FTVM_BENCH_VCPU_QUOTA", 40);
+    let vmm_quota = env_u64("FTVM_BENCH_VMM_QUOTA", 40);
     let rounds: usize = std::env::var("FTVM_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -349,44 +561,65 @@ fn main() -> Result<()> {
         failure_timeout: "500ms".into(),
         ..PairOptions::default()
     })?;
-    let (ga, gb) = (Cgroup::new("a", quota)?, Cgroup::new("b", quota)?);
-    let mut solo: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
-    let mut ft: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let hosts = [
+        HostCpu::new("a", quota, vcpu_quota, vmm_quota)?,
+        HostCpu::new("b", quota, vcpu_quota, vmm_quota)?,
+    ];
+    let budgets = [Budget::OneQuota, Budget::VcpuAndVmm];
+    // Throughput by budget, then case.
+    let mut solo: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; budgets.len()];
+    let mut recorded: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; budgets.len()];
+    let mut ft: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; budgets.len()];
     let (mut bytes_per_req, mut bytes_per_s, mut lag) = (Vec::new(), Vec::new(), Vec::new());
     // Requests per run of the four cases.
-    let requests = n as f64 * CASES.len() as f64;
-    for round in 0..rounds {
-        // Solo, host a's quota.
-        let s = start_solo(&lab)?;
-        ga.add(s.pid())?;
-        let (c0, t0) = (thread_cpu(s.pid()), Instant::now());
-        let exits = ExitCounter::start(s.pid());
-        let prof = Profile::start(s.pid(), "solo");
-        for (i, r) in throughput(&lab, n)?.into_iter().enumerate() {
-            solo[i].push(r);
+    let requests: f64 = CASES.iter().map(|&(_, p)| requests_for(n, p) as f64).sum();
+    let log = lab.path().join("solo.ftlog");
+    for (round, (bi, &budget)) in
+        (0..rounds).flat_map(|r| budgets.iter().enumerate().map(move |b| (r, b)))
+    {
+        let label = ["one quota per host", "vCPU and VMM quotas"][bi];
+        eprintln!("round {} of {rounds}, {label}", round + 1);
+        // Solo, host a's budget; then solo recording to a file (what the recorder and the
+        // dirty log cost, without the channel).
+        for (record, results) in [(None, &mut solo), (Some(log.as_path()), &mut recorded)] {
+            let name = if record.is_some() {
+                "solo recording"
+            } else {
+                "solo"
+            };
+            let s = start_solo(&lab, record)?;
+            hosts[0].place(budget, s.pid())?;
+            xpin(s.pid(), &[]);
+            let (c0, t0) = (thread_cpu(s.pid()), Instant::now());
+            let prof = Profile::start(s.pid(), name);
+            for (i, r) in throughput(&lab, n, &[s.pid()], lab.host("a"))?
+                .into_iter()
+                .enumerate()
+            {
+                results[bi][i].push(r);
+            }
+            prof.finish();
+            eprintln!(
+                "  CPU ms by thread, {name}, {:.1} s: {}",
+                t0.elapsed().as_secs_f64(),
+                cpu_delta(&c0, &thread_cpu(s.pid())),
+            );
+            drop(s);
+            let _ = std::fs::remove_file(lab.disk("solo"));
+            let _ = std::fs::remove_file(&log);
         }
-        prof.finish();
-        eprintln!(
-            "  CPU ms by thread, solo, {:.1} s: {}; {}",
-            t0.elapsed().as_secs_f64(),
-            cpu_delta(&c0, &thread_cpu(s.pid())),
-            per_request(exits.finish(), requests)
-        );
-        drop(s);
-        let _ = std::fs::remove_file(lab.disk("solo"));
         // The pair, each node in its host's quota.
         let p = start_pair(&mut lab)?;
-        ga.add(p.nodes[0].pid())?;
-        gb.add(p.nodes[1].pid())?;
+        hosts[0].place(budget, p.nodes[0].pid())?;
+        hosts[1].place(budget, p.nodes[1].pid())?;
+        {
+            let (pi, bi) = if p.primary == "a" { (0, 1) } else { (1, 0) };
+            xpin(p.nodes[pi].pid(), &[p.nodes[bi].pid()]);
+        }
         let before = lab.status(&p.primary)?;
         let cpu0: Vec<_> = p.nodes.iter().map(|n| thread_cpu(n.pid())).collect();
         let primary_host = &lab.nodes[if p.primary == "a" { 0 } else { 1 }];
         let udp0 = udp_datagrams(primary_host);
-        let exits: Vec<_> = p
-            .nodes
-            .iter()
-            .map(|n| ExitCounter::start(n.pid()))
-            .collect();
         let profs: Vec<_> = p
             .nodes
             .iter()
@@ -424,11 +657,16 @@ fn main() -> Result<()> {
                 v
             })
         };
-        let r = throughput(&lab, n)?;
+        // Exits: the primary's first.
+        let pids: Vec<u32> = if p.primary == "a" { [0, 1] } else { [1, 0] }
+            .iter()
+            .map(|&i| p.nodes[i].pid())
+            .collect();
+        eprintln!("  (exits: the primary's, then the backup's)");
+        let r = throughput(&lab, n, &pids, primary_host)?;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         lag.extend(sampler.join().unwrap());
         let secs = t0.elapsed().as_secs_f64();
-        let exits: Vec<_> = exits.into_iter().map(ExitCounter::finish).collect();
         profs.into_iter().for_each(Profile::finish);
         for (i, n) in p.nodes.iter().enumerate() {
             let name = ["a", "b"][i];
@@ -438,9 +676,8 @@ fn main() -> Result<()> {
                 "backup"
             };
             eprintln!(
-                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}; {}",
+                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}",
                 cpu_delta(&cpu0[i], &thread_cpu(n.pid())),
-                per_request(exits[i], requests)
             );
         }
         let udp1 = udp_datagrams(primary_host);
@@ -453,7 +690,7 @@ fn main() -> Result<()> {
         let boundaries =
             after["boundary"].as_u64().unwrap_or(0) - before["boundary"].as_u64().unwrap_or(0);
         eprintln!(
-            "  the primary's boundaries per request: {:.2}",
+            "  the primary's boundaries per request: {:.4}",
             boundaries as f64 / requests
         );
         let bytes =
@@ -461,21 +698,56 @@ fn main() -> Result<()> {
         bytes_per_req.push(bytes as f64 / requests);
         bytes_per_s.push(bytes as f64 / secs);
         for (i, x) in r.into_iter().enumerate() {
-            ft[i].push(x);
+            ft[bi][i].push(x);
         }
         drop(p);
-        eprintln!("round {} of {rounds} done", round + 1);
     }
-    // Latency at -c 1, no quotas (DESIGN §10): solo, then the pair, with the channel's RTT.
-    let s = start_solo(&lab)?;
-    let solo_lat = redis_benchmark(&lab.client, lab.guest_ip, "set", 3000, 1, 1)?;
-    drop(s);
-    let _ = std::fs::remove_file(lab.disk("solo"));
+    // Latency at -c 1, no quotas (DESIGN §10): solo, solo recording to a file (what the
+    // recorder and the dirty log cost the vCPU, without the channel), then the pair, with the
+    // channel's RTT and the Output Rule's own figures for each case.
+    let lat_n = 3000;
+    let mut solo_lat = Vec::new();
+    for record in [None, Some(log.as_path())] {
+        let s = start_solo(&lab, record)?;
+        let r: Result<Vec<Bench>> = LATENCY_CASES
+            .iter()
+            .map(|t| redis_benchmark(&lab.client, lab.guest_ip, t, lat_n, 1, 1))
+            .collect();
+        solo_lat.push(r?);
+        drop(s);
+        let _ = std::fs::remove_file(lab.disk("solo"));
+        let _ = std::fs::remove_file(&log);
+    }
     let mut p = start_pair(&mut lab)?;
-    let pair_lat = redis_benchmark(&lab.client, lab.guest_ip, "set", 3000, 1, 1)?;
-    let rtt_ms = lab.status(&p.primary)?["channel_rtt_ms"]
-        .as_f64()
-        .unwrap_or(0.0);
+    // Twice: the backup's vCPU at the default CPU weight, then at the lowest (cgroup v1
+    // `cpu.shares` 2, no quota), so that on these 2 shared cores its replay yields to the
+    // primary and the channel as it would on a host of its own (it is idle between requests
+    // at -c 1, and acks do not wait for it).
+    let yielding = Cgroup::weighted("backup-vcpu", 2)?;
+    let backup_pid = p.nodes[if p.primary == "a" { 1 } else { 0 }].pid();
+    let mut pair_lat: Vec<Vec<PairLatency>> = Vec::new();
+    for pass in 0..2 {
+        if pass == 1 {
+            for t in threads_named(backup_pid, "ftvm-vcpu") {
+                yielding.add_thread(t)?;
+            }
+        }
+        let mut v = Vec::new();
+        for t in LATENCY_CASES {
+            let before = lab.status(&p.primary)?;
+            let b = redis_benchmark(&lab.client, lab.guest_ip, t, lat_n, 1, 1)?;
+            let after = lab.status(&p.primary)?;
+            let d = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+            v.push(PairLatency {
+                bench: b,
+                rtt_ms: after["channel_rtt_ms"].as_f64().unwrap_or(0.0),
+                hold_ms: d("hold_ms_total") / d("holds").max(1.0),
+                handoff_ms: d("handoff_ms_total") / d("holds").max(1.0),
+                echo_ms: d("echo_ms_total") / d("echoes").max(1.0),
+            });
+        }
+        pair_lat.push(v);
+    }
     let get_bytes = {
         let before = lab.status(&p.primary)?["log_bytes"].as_u64().unwrap_or(0);
         redis_benchmark(&lab.client, lab.guest_ip, "get", 5000, 10, 1)?;
@@ -484,35 +756,75 @@ fn main() -> Result<()> {
     p.nodes.clear();
 
     println!("ft_pair: the kv guest through an FT pair vs solo, redis-benchmark -c 50, n={n}, {rounds} round(s), medians");
-    println!("  CPU quota: {quota}% of one core per simulated host (cgroup v1, 10 ms period), client unthrottled");
-    println!(
-        "  {:<10} {:>12} {:>12} {:>8}",
-        "case", "solo req/s", "pair req/s", "pair/solo"
-    );
-    for (i, (t, pl)) in CASES.iter().enumerate() {
-        let (s, f) = (median(&mut solo[i]), median(&mut ft[i]));
+    for (bi, title) in [
+        format!("one CPU quota per simulated host (DESIGN §10): {quota}% of one core for all of a node's threads"),
+        format!("a vCPU quota and a VMM quota per simulated host: {vcpu_quota}% of one core for the vCPU thread, {vmm_quota}% for the node's other threads"),
+    ]
+    .iter()
+    .enumerate()
+    .filter(|_| rounds > 0)
+    {
+        println!("  {title} (cgroup v1, 10 ms period; the client unthrottled)");
         println!(
-            "  {:<10} {:>12.0} {:>12.0} {:>8.3}",
-            format!("{} -P{pl}", t.to_uppercase()),
-            s,
-            f,
-            f / s
+            "    {:<10} {:>12} {:>12} {:>12} {:>10} {:>10}",
+            "case", "solo req/s", "recording", "pair req/s", "rec/solo", "pair/solo"
+        );
+        for (i, (t, pl)) in CASES.iter().enumerate() {
+            let (s, r, f) = (
+                median(&mut solo[bi][i]),
+                median(&mut recorded[bi][i]),
+                median(&mut ft[bi][i]),
+            );
+            println!(
+                "    {:<10} {:>12.0} {:>12.0} {:>12.0} {:>10.3} {:>10.3}",
+                format!("{} -P{pl}", t.to_uppercase()),
+                s,
+                r,
+                f,
+                r / s,
+                f / s
+            );
+        }
+    }
+    if rounds > 0 {
+        println!(
+            "  log: {:.1} bytes/request (all four cases), {:.0} bytes/s",
+            median(&mut bytes_per_req),
+            median(&mut bytes_per_s)
         );
     }
-    println!(
-        "  log: {:.1} bytes/request (all four cases), {:.0} bytes/s; GET only: {get_bytes:.1} bytes/request (block reads are not on the channel)",
-        median(&mut bytes_per_req),
-        median(&mut bytes_per_s)
-    );
-    println!(
-        "  latency -c 1 SET (no quota): solo p50 {:.3} ms p99 {:.3} ms; pair p50 {:.3} ms p99 {:.3} ms; added p50 {:.3} ms = {:.2} x channel RTT ({rtt_ms:.3} ms)",
-        solo_lat.p50_ms,
-        solo_lat.p99_ms,
-        pair_lat.p50_ms,
-        pair_lat.p99_ms,
-        pair_lat.p50_ms - solo_lat.p50_ms,
-        if rtt_ms > 0.0 { (pair_lat.p50_ms - solo_lat.p50_ms) / rtt_ms } else { f64::NAN }
-    );
+    println!("  log, GET only: {get_bytes:.1} bytes/request (block reads are not on the channel)");
+    for (i, t) in LATENCY_CASES.iter().enumerate() {
+        let (solo, rec) = (&solo_lat[0][i], &solo_lat[1][i]);
+        println!(
+            "  latency -c 1 {} (no quota): solo p50 {:.3} ms p99 {:.3} ms; solo recording to a file p50 {:.3} ms (+{:.3} ms: the recorder and the dirty log, no channel)",
+            t.to_uppercase(),
+            solo.p50_ms,
+            solo.p99_ms,
+            rec.p50_ms,
+            rec.p50_ms - solo.p50_ms,
+        );
+        for (pass, label) in [
+            "the backup's vCPU at the default weight",
+            "the backup's vCPU yielding",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let pair = &pair_lat[pass][i];
+            let added = pair.bench.p50_ms - solo.p50_ms;
+            println!(
+                "    pair, {label}: p50 {:.3} ms p99 {:.3} ms; added p50 {added:.3} ms = {:.2} x channel RTT ({:.3} ms); a reply held {:.3} ms on average ({:.3} ms of it the vCPU's hand-off), a log message echoed {:.3} ms after its send",
+                pair.bench.p50_ms,
+                pair.bench.p99_ms,
+                if pair.rtt_ms > 0.0 { added / pair.rtt_ms } else { f64::NAN },
+                pair.rtt_ms,
+                pair.hold_ms,
+                pair.handoff_ms,
+                pair.echo_ms,
+            );
+        }
+    }
     if !lag.is_empty() {
         let p50 = pct(&mut lag, 0.5);
         let p99 = pct(&mut lag, 0.99);

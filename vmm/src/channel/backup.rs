@@ -129,6 +129,9 @@ pub async fn receive_task(
     let mut tick = tokio::time::interval(cfg.heartbeat.max(Duration::from_millis(1)) / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = Vec::new();
+    // Records decoded and checked but not yet handed to the vCPU: they go after the ack, so
+    // waking the vCPU is not on the Output Rule's path (acking them needs only the check).
+    let mut pending: Vec<Record> = Vec::new();
     let result = 'outer: loop {
         // Whole messages already buffered first.
         let mut got_any = false;
@@ -190,9 +193,7 @@ pub async fn receive_task(
                             }
                             Record::Digest { .. } => {}
                         }
-                        if feed.send(Ok(rec)).is_err() {
-                            break 'outer BackupEnd::Stopped;
-                        }
+                        pending.push(rec);
                     }
                 }
                 Msg::Heartbeat { seq } => echo = echo.max(seq),
@@ -219,6 +220,13 @@ pub async fn receive_task(
             ChannelStats::set(&stats.acked, decoded_w);
             ChannelStats::add(&stats.acks, 1);
             last_sent = now_ns();
+            // Let the connection's task put the ack on the wire before the vCPU wakes.
+            tokio::task::yield_now().await;
+            for rec in pending.drain(..) {
+                if feed.send(Ok(rec)).is_err() {
+                    break 'outer BackupEnd::Stopped;
+                }
+            }
         }
         tokio::select! {
             biased;
@@ -281,6 +289,10 @@ pub async fn receive_task(
             let _ = send.write_all(&buf).await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+            // What was checked before the bad record is replayed up to it.
+            for rec in pending.drain(..) {
+                let _ = feed.send(Ok(rec));
+            }
             let _ = feed.send(Err(InputError::Divergence {
                 boundary: *boundary,
                 what: what.clone(),

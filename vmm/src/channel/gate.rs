@@ -121,8 +121,9 @@ impl OutputGate {
     }
 
     /// An ack arrived: the backup has the log through `watermark` and had received message
-    /// `echo`.
-    pub fn ack(&mut self, echo: u64, watermark: Boundary) {
+    /// `echo`. Returns that message's send time if this ack is the first to echo it.
+    pub fn ack(&mut self, echo: u64, watermark: Boundary) -> Option<u64> {
+        let mut first = None;
         while let Some(&(s, t)) = self.sent.front() {
             if s > echo {
                 break;
@@ -130,6 +131,7 @@ impl OutputGate {
             self.sent.pop_front();
             if s == echo {
                 self.echoed = Some((s, t));
+                first = Some(t);
             }
         }
         if let Some((s, t)) = self.echoed {
@@ -139,6 +141,7 @@ impl OutputGate {
             }
         }
         self.acked = self.acked.max(watermark);
+        first
     }
 
     /// The guest transmitted `frame` at boundary `b`.
@@ -205,6 +208,18 @@ mod tests {
         g.ack(1, 9);
         assert_eq!(g.release(3), vec![(10, vec![1])]);
         assert_eq!(g.released, 1);
+    }
+
+    #[test]
+    fn an_ack_gives_the_send_time_of_the_message_it_is_first_to_echo() {
+        let mut g = gate();
+        g.sent(1, 100);
+        g.sent(2, 250);
+        assert_eq!(g.ack(2, 5), Some(250), "echoes 2 (and passes over 1)");
+        assert_eq!(g.ack(2, 6), None, "2 was echoed already");
+        assert_eq!(g.ack(1, 6), None, "1 went unechoed and is gone");
+        g.sent(3, 400);
+        assert_eq!(g.ack(3, 7), Some(400));
     }
 
     #[test]

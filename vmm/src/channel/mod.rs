@@ -60,6 +60,18 @@ pub struct ChannelStats {
     pub lag_oldest_busy_ns: AtomicU64,
     /// The lag bound, in nanoseconds (0: none).
     pub max_lag_ns: AtomicU64,
+    /// Boundaries whose frames the Output Rule held and released.
+    pub holds: AtomicU64,
+    /// Their time from the vCPU's hand-off to the first frame's release, summed (ns).
+    pub hold_ns: AtomicU64,
+    /// Their time from the vCPU's hand-off to the output task's receipt, summed (ns).
+    pub handoff_ns: AtomicU64,
+    /// Primary messages echoed by an ack, and the time from each one's send to the first ack
+    /// that echoed it, summed (ns): the round trip the Output Rule waits for, from the
+    /// channel's tasks' point of view (QUIC's own estimate is `rtt_ns`).
+    pub echoes: AtomicU64,
+    /// See [`echoes`](Self::echoes).
+    pub echo_ns: AtomicU64,
     /// The channel's round-trip time as QUIC estimates it, in nanoseconds.
     pub rtt_ns: AtomicU64,
     /// Wall-clock time (Unix ns) of the last frame released to the TAP (0: none yet).

@@ -40,6 +40,8 @@ pub enum ToChannel {
         boundary: Boundary,
         /// The frames.
         frames: Vec<Vec<u8>>,
+        /// When the vCPU handed them over ([`now_ns`]).
+        taken_ns: u64,
     },
     /// A join's commit point, sent by the vCPU thread at the pause after boundary `from`:
     /// `link` is the new backup; `preamble` (the last pages and blocks and the state, encoded
@@ -141,7 +143,11 @@ impl FrameSink for HeldFrames {
     fn flush(&mut self) {
         if let Some((boundary, frames)) = self.batch.take() {
             // The task ends only when the node is going down: nothing to do about lost frames.
-            let _ = self.tx.send(ToChannel::Frames { boundary, frames });
+            let _ = self.tx.send(ToChannel::Frames {
+                boundary,
+                frames,
+                taken_ns: now_ns(),
+            });
         }
     }
 }
@@ -369,6 +375,8 @@ pub async fn output_task(
     // The watermark the messages sent so far cover; whether `out` must go at once.
     let mut sent_w: Boundary = stream_w;
     let mut urgent = false;
+    // The boundaries whose frames are held, with their hand-off times (for `hold_ns`).
+    let mut taken: std::collections::VecDeque<(Boundary, u64)> = Default::default();
     loop {
         tokio::select! {
             biased;
@@ -376,6 +384,7 @@ pub async fn output_task(
                 Some(OutputCmd::SetMode(m)) => gate.set_mode(m),
                 Some(OutputCmd::DropAll) => {
                     let n = gate.drop_all();
+                    taken.clear();
                     ChannelStats::add(&stats.frames_dropped, n as u64);
                 }
                 None => {}
@@ -402,7 +411,9 @@ pub async fn output_task(
                                 urgent = true;
                             }
                         }
-                        ToChannel::Frames { boundary, frames } => {
+                        ToChannel::Frames { boundary, frames, taken_ns } => {
+                            ChannelStats::add(&stats.handoff_ns, now_ns().saturating_sub(taken_ns));
+                            taken.push_back((boundary, taken_ns));
                             let need = boundary.saturating_sub(1);
                             if attached.is_some() && stream_w < need {
                                 Encoder::new().encode(&Record::Watermark(need), &mut out);
@@ -440,10 +451,12 @@ pub async fn output_task(
                         next = rx.try_recv().ok();
                     }
                 }
-                // Records no held frame waits for go with the next frame, at the next tick, or
-                // once 64 KiB have gathered: one message (and one ack) per burst, not per
-                // boundary.
-                if urgent || out.len() >= FLUSH_BYTES {
+                // Records no held frame waits for go at once when nothing sent is waiting for
+                // its ack (so the round trip overlaps the guest's work towards its reply);
+                // otherwise with the next frame, when the ack comes, at the next tick, or once
+                // 64 KiB have gathered: one message (and one ack) per round trip or burst, not
+                // per boundary.
+                if urgent || out.len() >= FLUSH_BYTES || (!out.is_empty() && gate.acked() >= sent_w) {
                     send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
                     urgent = false;
                 }
@@ -453,7 +466,14 @@ pub async fn output_task(
                     Some(Ok(Msg::Ack { echo, watermark, replayed })) => {
                         let now = now_ns();
                         if let Some(a) = attached.as_mut() { a.last_receipt = now; }
-                        gate.ack(echo, watermark);
+                        if let Some(sent) = gate.ack(echo, watermark) {
+                            ChannelStats::add(&stats.echoes, 1);
+                            ChannelStats::add(&stats.echo_ns, now.saturating_sub(sent));
+                        }
+                        // Everything sent is acknowledged: what gathered meanwhile goes now.
+                        if !out.is_empty() && gate.acked() >= sent_w {
+                            send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
+                        }
                         lag.replayed(replayed);
                         ChannelStats::add(&stats.acks, 1);
                         ChannelStats::set(&stats.acked, gate.acked());
@@ -533,6 +553,14 @@ pub async fn output_task(
             }
             released += 1;
             top = b;
+            while let Some(&(tb, t)) = taken.front() {
+                if tb > b {
+                    break;
+                }
+                taken.pop_front();
+                ChannelStats::add(&stats.holds, 1);
+                ChannelStats::add(&stats.hold_ns, now_ns().saturating_sub(t));
+            }
             ChannelStats::add(&stats.frames_released, 1);
             stats.released_boundary.fetch_max(b, Ordering::Relaxed);
         }

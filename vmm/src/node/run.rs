@@ -1884,7 +1884,11 @@ impl FrameSink for LiveFrames {
     }
     fn flush(&mut self) {
         if let Some((boundary, frames)) = self.batch.take() {
-            let _ = self.tx.send(ToChannel::Frames { boundary, frames });
+            let _ = self.tx.send(ToChannel::Frames {
+                boundary,
+                frames,
+                taken_ns: crate::channel::now_ns(),
+            });
         }
     }
 }

@@ -199,6 +199,11 @@ impl Shared {
             digests_checked: ChannelStats::get(&s.digests_checked),
             heartbeats_missed: ChannelStats::get(&s.heartbeats_missed),
             channel_rtt_ms: ChannelStats::get(&s.rtt_ns) as f64 / 1e6,
+            echoes: ChannelStats::get(&s.echoes),
+            echo_ms_total: ChannelStats::get(&s.echo_ns) as f64 / 1e6,
+            holds: ChannelStats::get(&s.holds),
+            hold_ms_total: ChannelStats::get(&s.hold_ns) as f64 / 1e6,
+            handoff_ms_total: ChannelStats::get(&s.handoff_ns) as f64 / 1e6,
             witness_reachable: self.witness_reachable.load(Ordering::Relaxed),
             witness_error: self
                 .witness_error
@@ -270,6 +275,17 @@ pub struct Status {
     pub heartbeats_missed: u64,
     /// The channel's round trip (QUIC's estimate, ms; primary).
     pub channel_rtt_ms: f64,
+    /// Primary messages echoed by an ack (primary).
+    pub echoes: u64,
+    /// Their times from send to the first ack that echoed them, summed (ms): the round trip
+    /// as the channel's tasks see it (`echo_ms_total / echoes` is its mean).
+    pub echo_ms_total: f64,
+    /// Boundaries whose frames the Output Rule held and released (primary).
+    pub holds: u64,
+    /// Their times from the vCPU's hand-off to the first frame's release, summed (ms).
+    pub hold_ms_total: f64,
+    /// The part of `hold_ms_total` from the vCPU's hand-off to the output task's receipt.
+    pub handoff_ms_total: f64,
     /// Whether the witness answered the last request.
     pub witness_reachable: bool,
     /// The last witness problem.
@@ -391,6 +407,11 @@ fn publish(sh: &Shared) {
     c("ftvm_node_frames_dropped_total", &s.frames_dropped);
     c("ftvm_node_throttle_waits_total", &s.throttle_waits);
     c("ftvm_node_digests_checked_total", &s.digests_checked);
+    c("ftvm_node_frame_holds_total", &s.holds);
+    c("ftvm_node_frame_hold_nanoseconds_total", &s.hold_ns);
+    c("ftvm_node_frame_handoff_nanoseconds_total", &s.handoff_ns);
+    c("ftvm_node_echoes_total", &s.echoes);
+    c("ftvm_node_echo_nanoseconds_total", &s.echo_ns);
     metrics::counter!("ftvm_node_failovers_total").absolute(st.failovers);
     metrics::counter!("ftvm_node_joins_total").absolute(st.joins);
     if let Some(j) = &st.join {
