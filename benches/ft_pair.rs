@@ -446,26 +446,6 @@ impl Profile {
     }
 }
 
-fn xpin(pid: u32, others: &[u32]) {
-    if std::env::var("XPIN").is_err() {
-        return;
-    }
-    let run = |a: &[&str]| {
-        let _ = std::process::Command::new("taskset").args(a).status();
-    };
-    for o in others {
-        run(&["-a", "-p", "-c", "1", &o.to_string()]);
-    }
-    run(&["-a", "-p", "-c", "1", &pid.to_string()]);
-    let mut v = threads_named(pid, "ftvm-vcpu");
-    if v.is_empty() {
-        v.push(pid);
-    }
-    for t in v {
-        run(&["-p", "-c", "0", &t.to_string()]);
-    }
-}
-
 /// The ids of `pid`'s threads named `name`.
 fn threads_named(pid: u32, name: &str) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -589,7 +569,6 @@ fn main() -> Result<()> {
             };
             let s = start_solo(&lab, record)?;
             hosts[0].place(budget, s.pid())?;
-            xpin(s.pid(), &[]);
             let (c0, t0) = (thread_cpu(s.pid()), Instant::now());
             let prof = Profile::start(s.pid(), name);
             for (i, r) in throughput(&lab, n, &[s.pid()], lab.host("a"))?
@@ -612,10 +591,6 @@ fn main() -> Result<()> {
         let p = start_pair(&mut lab)?;
         hosts[0].place(budget, p.nodes[0].pid())?;
         hosts[1].place(budget, p.nodes[1].pid())?;
-        {
-            let (pi, bi) = if p.primary == "a" { (0, 1) } else { (1, 0) };
-            xpin(p.nodes[pi].pid(), &[p.nodes[bi].pid()]);
-        }
         let before = lab.status(&p.primary)?;
         let cpu0: Vec<_> = p.nodes.iter().map(|n| thread_cpu(n.pid())).collect();
         let primary_host = &lab.nodes[if p.primary == "a" { 0 } else { 1 }];
