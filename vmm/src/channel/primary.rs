@@ -456,7 +456,7 @@ pub async fn output_task(
                 // otherwise with the next frame, when the ack comes, at the next tick, or once
                 // 64 KiB have gathered: one message (and one ack) per round trip or burst, not
                 // per boundary.
-                if urgent || out.len() >= FLUSH_BYTES || (!out.is_empty() && gate.acked() >= sent_w) {
+                if urgent || out.len() >= FLUSH_BYTES || all_acked(&gate, sent_w) {
                     send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
                     urgent = false;
                 }
@@ -471,7 +471,7 @@ pub async fn output_task(
                             ChannelStats::add(&stats.echo_ns, now.saturating_sub(sent));
                         }
                         // Everything sent is acknowledged: what gathered meanwhile goes now.
-                        if !out.is_empty() && gate.acked() >= sent_w {
+                        if all_acked(&gate, sent_w) {
                             send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
                         }
                         lag.replayed(replayed);
@@ -542,7 +542,11 @@ pub async fn output_task(
         // (docs/operations.md).
         let mut released = 0usize;
         let (mut first_unix, mut top) = (0u64, 0);
-        while let Some((b, f)) = gate.release_one(now_ns()) {
+        loop {
+            let now = now_ns();
+            let Some((b, f)) = gate.release_one(now) else {
+                break;
+            };
             if released == 0 {
                 first_unix = unix_ns();
             }
@@ -559,7 +563,7 @@ pub async fn output_task(
                 }
                 taken.pop_front();
                 ChannelStats::add(&stats.holds, 1);
-                ChannelStats::add(&stats.hold_ns, now_ns().saturating_sub(t));
+                ChannelStats::add(&stats.hold_ns, now.saturating_sub(t));
             }
             ChannelStats::add(&stats.frames_released, 1);
             stats.released_boundary.fetch_max(b, Ordering::Relaxed);
@@ -586,6 +590,12 @@ pub async fn output_task(
     }
     let _ = events.send(OutputEvent::Finished);
     gate
+}
+
+/// Whether the backup acknowledged everything sent (watermark `sent_w`): nothing is in flight,
+/// so records gathered now go at once.
+fn all_acked(gate: &OutputGate, sent_w: Boundary) -> bool {
+    gate.acked() >= sent_w
 }
 
 /// Records gathered past this go out without waiting for a frame or a tick.
