@@ -14,7 +14,7 @@
 //!
 //! `FTVM_BENCH_QUOTA` (percent of one core per host, default 60), `FTVM_BENCH_VCPU_QUOTA` and
 //! `FTVM_BENCH_VMM_QUOTA` (the split budget's, default 40 each), `FTVM_BENCH_N` (requests
-//! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_PERF=DIR` (a `perf
+//! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_BUDGET` (`one` or `split`: only that budget), `FTVM_BENCH_PERF=DIR` (a `perf
 //! record -g` of the solo node, the primary and the backup under load, into DIR).
 
 use std::path::PathBuf;
@@ -122,6 +122,20 @@ struct Bench {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The client's CPU time (user + sys), seconds.
+    client_cpu_s: f64,
+}
+
+/// CPU time (user + sys, seconds) of this process's children that have ended so far.
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a valid value.
+    let u = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 fn redis_benchmark(
@@ -132,6 +146,7 @@ fn redis_benchmark(
     clients: u32,
     pipeline: u32,
 ) -> Result<Bench> {
+    let cpu0 = children_cpu_s();
     let o = client
         .ns
         .command("redis-benchmark")
@@ -148,6 +163,7 @@ fn redis_benchmark(
         .args(["-r", "100000", "-t", test, "--csv"])
         .output()
         .context("redis-benchmark")?;
+    let client_cpu_s = children_cpu_s() - cpu0;
     let out = String::from_utf8_lossy(&o.stdout);
     for line in out.lines() {
         let f: Vec<&str> = line.split(',').map(|x| x.trim_matches('"')).collect();
@@ -157,6 +173,7 @@ fn redis_benchmark(
                 rps: f[1].parse()?,
                 p50_ms: f[4].parse()?,
                 p99_ms: f[6].parse()?,
+                client_cpu_s,
             });
         }
     }
@@ -236,11 +253,16 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
             let frames0 = tap_frames(tap);
             let irq0 = interrupts();
             let requests = requests_for(n, *p);
-            let r = redis_benchmark(&lab.client, lab.guest_ip, t, requests, 50, *p).map(|b| b.rps);
+            let b = redis_benchmark(&lab.client, lab.guest_ip, t, requests, 50, *p)?;
+            let secs = t0.elapsed().as_secs_f64();
             let exits: Vec<String> = counters
                 .into_iter()
                 .map(|c| match c.finish() {
-                    Some(u) => format!("{:.4}", u as f64 / requests as f64),
+                    Some((u, cs)) => format!(
+                        "{:.4} ({:.4} context switches)",
+                        u as f64 / requests as f64,
+                        cs as f64 / requests as f64
+                    ),
                     None => "-".into(),
                 })
                 .collect();
@@ -248,8 +270,8 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
             let irq1 = interrupts();
             let per = |a: u64, b: u64| (b - a) as f64 / requests as f64;
             eprintln!(
-                "  {t} -P{p}: {:.1} s; exits to the VMM per request: {}; frames per request: {:.3} in, {:.3} out; interrupts per request (the machine's): TLB shootdowns {:.3}, function calls {:.3}, reschedules {:.3}",
-                t0.elapsed().as_secs_f64(),
+                "  {t} -P{p}: {secs:.1} s, the client busy {:.0}% of a core; exits to the VMM per request: {}; frames per request: {:.3} in, {:.3} out; interrupts per request (the machine's): TLB shootdowns {:.3}, function calls {:.3}, reschedules {:.3}",
+                100.0 * b.client_cpu_s / secs,
                 exits.join(", "),
                 per(frames0.0, frames1.0),
                 per(frames0.1, frames1.1),
@@ -257,7 +279,7 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
                 per(irq0[1], irq1[1]),
                 per(irq0[2], irq1[2]),
             );
-            r
+            Ok(b.rps)
         })
         .collect()
 }
@@ -327,8 +349,8 @@ fn start_pair(lab: &mut PairLab) -> Result<Pair> {
 }
 
 /// CPU time of every thread of `pid` by thread name, in clock ticks: (user, system, the part
-/// of user spent running the guest).
-type ThreadCpu = std::collections::BTreeMap<String, [u64; 3]>;
+/// of user spent running the guest), then its context switches (voluntary, involuntary).
+type ThreadCpu = std::collections::BTreeMap<String, [u64; 5]>;
 
 /// See [`ThreadCpu`].
 fn thread_cpu(pid: u32) -> ThreadCpu {
@@ -352,9 +374,20 @@ fn thread_cpu(pid: u32) -> ThreadCpu {
                 .and_then(|u| u.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        let e = m.entry(comm).or_insert([0; 3]);
+        let e = m.entry(comm).or_insert([0; 5]);
         for (i, n) in [14, 15, 43].into_iter().enumerate() {
             e[i] += field(n);
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for (i, key) in [
+            (3, "voluntary_ctxt_switches:"),
+            (4, "nonvoluntary_ctxt_switches:"),
+        ] {
+            e[i] += status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     m
@@ -368,14 +401,19 @@ struct ExitCounter(Option<std::process::Child>);
 impl ExitCounter {
     fn start(pid: u32) -> ExitCounter {
         ExitCounter(perf(
-            &["stat", "-x,", "-e", "kvm:kvm_userspace_exit"],
+            &[
+                "stat",
+                "-x,",
+                "-e",
+                "kvm:kvm_userspace_exit,context-switches",
+            ],
             pid,
             std::process::Stdio::piped(),
         ))
     }
 
-    /// Stops counting: exits to the VMM.
-    fn finish(self) -> Option<u64> {
+    /// Stops counting: (exits to the VMM, context switches of all its threads).
+    fn finish(self) -> Option<(u64, u64)> {
         let out = interrupt(self.0?)?;
         let text = String::from_utf8_lossy(&out.stderr);
         let count = |ev: &str| {
@@ -384,7 +422,7 @@ impl ExitCounter {
                 .and_then(|l| l.split(',').next())
                 .and_then(|c| c.trim().parse::<u64>().ok())
         };
-        count("kvm:kvm_userspace_exit")
+        Some((count("kvm:kvm_userspace_exit")?, count("context-switches")?))
     }
 }
 
@@ -474,14 +512,14 @@ fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
     let mut parts: Vec<String> = after
         .iter()
         .map(|(k, v)| {
-            let b = before.get(k).copied().unwrap_or([0; 3]);
+            let b = before.get(k).copied().unwrap_or([0; 5]);
             let ms = |i: usize| (v[i] - b[i]) as f64 * tick_ms;
-            (k, ms(0), ms(1), ms(2))
+            (k, ms(0), ms(1), ms(2), v[3] - b[3], v[4] - b[4])
         })
-        .filter(|(_, u, s, _)| u + s > 0.0)
-        .map(|(k, u, s, g)| {
+        .filter(|(_, u, s, ..)| u + s > 0.0)
+        .map(|(k, u, s, g, vol, invol)| {
             format!(
-                "{k} {:.0} (guest {g:.0}, user {:.0}, sys {s:.0})",
+                "{k} {:.0} (guest {g:.0}, user {:.0}, sys {s:.0}; switches {vol} waiting, {invol} preempted)",
                 u + s,
                 (u - g).max(0.0) // tick-sampled apart from guest time: clamped
             )
@@ -526,12 +564,17 @@ fn main() -> Result<()> {
     let mut lab = PairLab::new(PairOptions {
         disk_size: "64M".into(),
         failure_timeout: "500ms".into(),
+        // The node's default, and the solo recording's.
+        digest_every: 1000,
         ..PairOptions::default()
     })?;
     let hosts = [
         HostCpu::new("a", quota, vcpu_quota, vmm_quota)?,
         HostCpu::new("b", quota, vcpu_quota, vmm_quota)?,
     ];
+    // `FTVM_BENCH_BUDGET=one` or `split`: only that budget (quicker experiments).
+    let only = std::env::var("FTVM_BENCH_BUDGET").unwrap_or_default();
+    let wanted = |bi: usize| only.is_empty() || only == ["one", "split"][bi];
     let budgets = [Budget::OneQuota, Budget::VcpuAndVmm];
     // Throughput by budget, then case.
     let mut solo: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; budgets.len()];
@@ -544,6 +587,9 @@ fn main() -> Result<()> {
     for (round, (bi, &budget)) in
         (0..rounds).flat_map(|r| budgets.iter().enumerate().map(move |b| (r, b)))
     {
+        if !wanted(bi) {
+            continue;
+        }
         let label = ["one quota per host", "vCPU and VMM quotas"][bi];
         eprintln!("round {} of {rounds}, {label}", round + 1);
         // Solo, host a's budget; then solo recording to a file (what the recorder and the
@@ -596,21 +642,18 @@ fn main() -> Result<()> {
             })
             .collect();
         let t0 = Instant::now();
-        // Sample the lag while the -P 16 SET runs.
+        // Sample the lag while the load runs.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
             let stop = stop.clone();
-            let cfg = lab.config(&p.primary);
+            // Over the control socket from this process: a `ftvm-node status` process every
+            // few ms would take CPU from the client and the nodes on these 2 cores.
+            let socket = lab.path().join(format!("{}.sock", p.primary));
             std::thread::spawn(move || {
                 let mut v = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok(o) =
-                        std::process::Command::new(ftvm_tests::node::node_binary().unwrap())
-                            .args(["status", "--json", "--config"])
-                            .arg(&cfg)
-                            .output()
-                    {
-                        if let Ok(j) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                    if let Ok(text) = vmm::node::status::query(&socket) {
+                        if let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) {
                             v.push(j["lag_ms"].as_f64().unwrap_or(0.0));
                         }
                     }
@@ -724,7 +767,7 @@ fn main() -> Result<()> {
     ]
     .iter()
     .enumerate()
-    .filter(|_| rounds > 0)
+    .filter(|&(bi, _)| rounds > 0 && wanted(bi))
     {
         println!("  {title} (cgroup v1, 10 ms period; the client unthrottled)");
         println!(
