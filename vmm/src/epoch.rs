@@ -76,6 +76,9 @@ pub trait Inputs: Send {
     ) -> Result<(), InputError> {
         Ok(())
     }
+    /// Called once at the end of every boundary that completed, just before the guest
+    /// resumes.
+    fn boundary_end(&mut self, _b: Boundary) {}
     /// The clock at boundary `b`.
     fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError>;
     /// Eight bytes of entropy at boundary `b`.

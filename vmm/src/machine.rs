@@ -462,6 +462,7 @@ impl Machine {
                 dev.apply_events(&mut cx)?;
             }
         }
+        self.inputs.boundary_end(b);
         Ok(request)
     }
 

@@ -3,7 +3,8 @@
 //! and the output task that owns the Output Rule ([`OutputGate`]).
 //!
 //! The vCPU thread never blocks on the network: it hands records and frames to the output
-//! task through an unbounded queue, in the order it produced them. The task sends a batch as
+//! task through an unbounded queue, in the order it produced them, a boundary's in one message
+//! ([`Handoff`]: one wake of the output task per boundary, not one per kind). The task sends a batch as
 //! soon as it has one (so a frame waiting for its watermark is never delayed by batching),
 //! applies acks, and writes released frames to the TAP. TAP writes change no guest state.
 
@@ -57,6 +58,57 @@ pub enum ToChannel {
         /// The boundary of the state the joiner restores.
         from: Boundary,
     },
+    /// What one boundary produced ([`Log`](Self::Log) and [`Frames`](Self::Frames)), in
+    /// order: one message, so that the output task wakes once for it.
+    Batch(Vec<ToChannel>),
+}
+
+/// The vCPU thread's end of its queue to the output task. Records and frames a boundary
+/// produces are gathered and handed over in one message when the boundary has its frames,
+/// when the vCPU is about to block in a WAIT, or when it leaves the boundary — whichever comes
+/// first — so the output task (on another thread) is woken once per boundary. A boundary's
+/// frames need the records before it (DESIGN §5), which are in the same message or an
+/// earlier one: gathering never delays a frame's release.
+#[derive(Clone)]
+pub struct Handoff {
+    gathered: Arc<std::sync::Mutex<Vec<ToChannel>>>,
+    tx: mpsc::UnboundedSender<ToChannel>,
+}
+
+impl Handoff {
+    /// A hand-off feeding `tx`.
+    pub fn new(tx: mpsc::UnboundedSender<ToChannel>) -> Self {
+        Handoff {
+            gathered: Arc::default(),
+            tx,
+        }
+    }
+
+    fn gathered(&self) -> std::sync::MutexGuard<'_, Vec<ToChannel>> {
+        self.gathered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gather(&self, m: ToChannel) {
+        self.gathered().push(m);
+    }
+
+    /// Hands over what was gathered, as one message.
+    pub fn send(&self) {
+        let mut v = std::mem::take(&mut *self.gathered());
+        let m = match v.len() {
+            0 => return,
+            1 => v.pop().expect("one"),
+            _ => ToChannel::Batch(v),
+        };
+        // The task ends only when the node is going down: nothing to do about a lost batch.
+        let _ = self.tx.send(m);
+    }
+
+    /// Drops the gathered records (a restarted log), keeping the frames.
+    fn drop_log(&self) {
+        self.gathered()
+            .retain(|m| !matches!(m, ToChannel::Log { .. }));
+    }
 }
 
 impl std::fmt::Debug for super::connect::Link {
@@ -70,24 +122,23 @@ impl std::fmt::Debug for super::connect::Link {
 /// batch).
 pub struct ChannelLog {
     buf: Vec<u8>,
-    tx: mpsc::UnboundedSender<ToChannel>,
+    out: Handoff,
     header_sent: bool,
 }
 
 impl ChannelLog {
-    /// A sink feeding `tx`.
-    pub fn new(tx: mpsc::UnboundedSender<ToChannel>) -> Self {
+    /// A sink feeding `out`.
+    pub fn new(out: Handoff) -> Self {
         ChannelLog {
             buf: Vec::new(),
-            tx,
+            out,
             header_sent: false,
         }
     }
 
-    fn send(&mut self, watermark: Boundary) {
+    fn gather(&mut self, watermark: Boundary) {
         let bytes = std::mem::take(&mut self.buf);
-        // The task ends only when the node is going down: nothing to do about a lost batch.
-        let _ = self.tx.send(ToChannel::Log { bytes, watermark });
+        self.out.gather(ToChannel::Log { bytes, watermark });
     }
 }
 
@@ -96,58 +147,74 @@ impl LogSink for ChannelLog {
         self.buf.extend_from_slice(bytes);
         if !self.header_sent {
             self.header_sent = true;
-            self.send(0);
+            self.gather(0);
         }
         Ok(())
     }
     fn log_watermark(&mut self, w: Boundary) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             Encoder::new().encode(&Record::Watermark(w), &mut self.buf);
-            self.send(w);
+            self.gather(w);
         }
         Ok(())
     }
+    fn log_handoff(&mut self) {
+        self.out.send();
+    }
     fn log_flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
-            self.send(Boundary::MAX);
+            self.gather(Boundary::MAX);
         }
+        self.out.send();
         Ok(())
     }
     fn log_restart(&mut self) {
         self.buf.clear();
+        self.out.drop_log();
         self.header_sent = false;
     }
 }
 
 /// The NIC's sink on a primary: every frame goes to the output task to be held, a boundary's
-/// frames in one hand-off.
+/// frames in one hand-off (with the records gathered before them).
 pub struct HeldFrames {
-    tx: mpsc::UnboundedSender<ToChannel>,
+    out: Handoff,
     batch: FrameBatch,
+    live: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl HeldFrames {
-    /// A sink feeding `tx`.
-    pub fn new(tx: mpsc::UnboundedSender<ToChannel>) -> Self {
+    /// A sink feeding `out`.
+    pub fn new(out: Handoff) -> Self {
         HeldFrames {
-            tx,
+            out,
             batch: FrameBatch::default(),
+            live: None,
         }
+    }
+
+    /// Drops every frame while `live` is false (a backup's guest transmits nothing until the
+    /// node goes live).
+    pub fn while_live(mut self, live: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.live = Some(live);
+        self
     }
 }
 
 impl FrameSink for HeldFrames {
     fn send(&mut self, boundary: Boundary, frame: &[u8]) {
-        self.batch.push(boundary, frame);
+        if self.live.as_ref().is_none_or(|l| l.load(Ordering::Relaxed)) {
+            self.batch.push(boundary, frame);
+        }
     }
     fn flush(&mut self) {
         if let Some((boundary, frames)) = self.batch.take() {
-            // The task ends only when the node is going down: nothing to do about lost frames.
-            let _ = self.tx.send(ToChannel::Frames {
+            self.out.gather(ToChannel::Frames {
                 boundary,
                 frames,
                 taken_ns: now_ns(),
             });
+            self.out.send();
         }
     }
 }
@@ -182,6 +249,9 @@ impl<I: Inputs> Throttle<I> {
 impl<I: Inputs> Inputs for Throttle<I> {
     fn wants_fingerprint(&self) -> bool {
         self.inner.wants_fingerprint()
+    }
+    fn boundary_end(&mut self, b: Boundary) {
+        self.inner.boundary_end(b)
     }
     fn boundary(&mut self, b: Boundary, fp: Option<Fingerprint>) -> Result<(), InputError> {
         if self.held() {
@@ -396,10 +466,16 @@ pub async fn output_task(
                     send_log(&mut attached, &mut out, &mut seq, &mut gate, &mut lag, &events, &stats, stream_w, &mut sent_w);
                     continue;
                 };
-                let mut next = Some(first);
+                let mut queue = std::collections::VecDeque::from([first]);
                 let mut n = 0;
-                while let Some(m) = next.take() {
+                while let Some(m) = queue.pop_front() {
                     match m {
+                        ToChannel::Batch(ms) => {
+                            for m in ms.into_iter().rev() {
+                                queue.push_front(m);
+                            }
+                            continue;
+                        }
                         ToChannel::Log { bytes, watermark } => {
                             ChannelStats::add(&stats.log_bytes, bytes.len() as u64);
                             if attached.is_some() {
@@ -447,8 +523,8 @@ pub async fn output_task(
                         }
                     }
                     n += 1;
-                    if n < 4096 && out.len() < (4 << 20) {
-                        next = rx.try_recv().ok();
+                    if queue.is_empty() && n < 4096 && out.len() < (4 << 20) {
+                        queue.extend(rx.try_recv().ok());
                     }
                 }
                 // Records no held frame waits for go at once when nothing sent is waiting for

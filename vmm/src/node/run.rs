@@ -29,12 +29,13 @@ use crate::channel::connect::{self, Link};
 use crate::channel::gate::GateMode;
 use crate::channel::msg::{self, Hello, Msg, MsgReader, PairConfig, Role};
 use crate::channel::primary::{
-    output_task, ChannelLog, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle, ToChannel,
+    output_task, ChannelLog, Handoff, HeldFrames, OutputCmd, OutputConfig, OutputEvent, Throttle,
+    ToChannel,
 };
 use crate::channel::{now_ns, ChannelStats};
 use crate::console::StdoutConsole;
 use crate::devices::tap::{open_tap, Tap};
-use crate::devices::virtio::net::{FrameBatch, FrameSink};
+use crate::devices::virtio::net::FrameSink;
 use crate::epoch::{Boundary, ClockValue, InputError, Inputs};
 use crate::join::blocks::BlockWrites;
 use crate::live::LiveInputs;
@@ -1009,18 +1010,19 @@ async fn run_primary(node: &Arc<Node>, link: Option<(Link, MsgReader)>) -> NodeE
             if let Some(t) = &tap {
                 live = live.with_tap(t.clone());
             }
+            let handoff = Handoff::new(txc);
             let rec = if replicated {
                 Recorder::new(
                     live,
-                    ChannelLog::new(txc.clone()),
+                    ChannelLog::new(handoff.clone()),
                     setup.log_header(digest_every),
                 )?
                 .with_switch(sw)
             } else {
-                Recorder::dormant(live, ChannelLog::new(txc.clone()), sw)
+                Recorder::dormant(live, ChannelLog::new(handoff.clone()), sw)
             };
             let inputs = Throttle::new(rec, stats, stop.clone());
-            let sink: Box<dyn FrameSink> = Box::new(HeldFrames::new(txc));
+            let sink: Box<dyn FrameSink> = Box::new(HeldFrames::new(handoff));
             crate::setup::assemble_tracked(
                 &setup,
                 disk,
@@ -1432,19 +1434,17 @@ async fn run_backup(
     let vcpu = spawn_vcpu(
         move || {
             let stats = stats_c;
+            let handoff = Handoff::new(txc.clone());
             let feed = ChannelFeed::new(feed_rx, stop.clone(), stats.clone());
             let follower = |replayer: Replayer| {
                 let f = Follower::new(replayer, stop.clone(), tap, caught_tx, decide_rx, is_live)
                     .with_pause(p);
                 // Dormant until a join after this node went live restarts it.
-                let rec = Recorder::dormant(f, ChannelLog::new(txc.clone()), sw);
+                let rec = Recorder::dormant(f, ChannelLog::new(handoff.clone()), sw);
                 Throttle::new(rec, stats.clone(), stop.clone())
             };
-            let sink: Box<dyn FrameSink> = Box::new(LiveFrames {
-                live: live_for_sink,
-                tx: txc.clone(),
-                batch: FrameBatch::default(),
-            });
+            let sink: Box<dyn FrameSink> =
+                Box::new(HeldFrames::new(handoff.clone()).while_live(live_for_sink));
             let assemble = |inputs: Box<dyn Inputs>| {
                 crate::setup::assemble_tracked(
                     &setup,
@@ -1866,31 +1866,6 @@ async fn backup_failover(
     };
     record_failover(node, report);
     exit
-}
-
-/// A backup's NIC sink: frames dropped while following, sent once live (a boundary's frames
-/// in one hand-off, as a primary's).
-struct LiveFrames {
-    live: Arc<AtomicBool>,
-    tx: mpsc::UnboundedSender<ToChannel>,
-    batch: FrameBatch,
-}
-
-impl FrameSink for LiveFrames {
-    fn send(&mut self, boundary: Boundary, frame: &[u8]) {
-        if self.live.load(Ordering::Relaxed) {
-            self.batch.push(boundary, frame);
-        }
-    }
-    fn flush(&mut self) {
-        if let Some((boundary, frames)) = self.batch.take() {
-            let _ = self.tx.send(ToChannel::Frames {
-                boundary,
-                frames,
-                taken_ns: crate::channel::now_ns(),
-            });
-        }
-    }
 }
 
 /// Reads and discards what arrives on a backup's TAP until the node goes live.

@@ -19,6 +19,9 @@ pub trait LogSink: Send {
     fn log_watermark(&mut self, _w: Boundary) -> std::io::Result<()> {
         Ok(())
     }
+    /// The vCPU is leaving the boundary (resuming the guest, or about to block in a WAIT):
+    /// what was gathered for a receiver goes now. Files ignore it.
+    fn log_handoff(&mut self) {}
     /// The run ended: make everything durable or sent.
     fn log_flush(&mut self) -> std::io::Result<()>;
     /// A new log starts (the recorder was restarted for a joiner): drop anything buffered
@@ -292,6 +295,12 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         self.live.boundary(b, fingerprint)
     }
 
+    fn boundary_end(&mut self, b: Boundary) {
+        // Whether recording or not: a primary's frames go to the channel through the sink.
+        self.out.log_handoff();
+        self.live.boundary_end(b)
+    }
+
     fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError> {
         let r = self.live.clock(b);
         let c = self.passed(r)?;
@@ -312,6 +321,9 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         deadline_ns: u64,
         rx_room: usize,
     ) -> Result<ClockValue, InputError> {
+        // Nothing gathered may wait for the end of a WAIT (DESIGN §5: the frames taken here
+        // need the records before it acknowledged).
+        self.out.log_handoff();
         let r = self.live.wait(b, deadline_ns, rx_room);
         let c = self.passed(r)?;
         self.push(Event::WaitEnded(c));
@@ -373,6 +385,7 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
 
     fn finish(&mut self, end: &End) -> Result<(), InputError> {
         if !self.active {
+            self.out.log_handoff();
             return self.live.finish(end);
         }
         self.flush_pending()?;
