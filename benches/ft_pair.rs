@@ -94,11 +94,8 @@ impl HostCpu {
         })
     }
 
-    /// Puts node `pid` under `budget`; with `cpu`, every thread of it on that CPU only.
-    fn place(&self, budget: Budget, pid: u32, cpu: Option<usize>) -> Result<()> {
-        if let Some(cpu) = cpu {
-            pin(pid, cpu)?;
-        }
+    /// Puts node `pid` under `budget`.
+    fn place(&self, budget: Budget, pid: u32) -> Result<()> {
         match budget {
             Budget::OneQuota => self.one.add(pid),
             Budget::VcpuAndVmm => {
@@ -112,28 +109,6 @@ impl HostCpu {
             }
         }
     }
-}
-
-/// Restricts every thread of `pid` to CPU `cpu` (threads it starts later inherit it).
-fn pin(pid: u32, cpu: usize) -> Result<()> {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity get a
-        // pointer to it and its size.
-        let r = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
-        };
-        anyhow::ensure!(
-            r == 0,
-            "pinning thread {tid} to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }
 
 impl Drop for Cgroup {
@@ -601,9 +576,6 @@ fn main() -> Result<()> {
     let only = std::env::var("FTVM_BENCH_BUDGET").unwrap_or_default();
     let wanted = |bi: usize| only.is_empty() || only == ["one", "split"][bi];
     let budgets = [Budget::OneQuota, Budget::VcpuAndVmm];
-    // `FTVM_BENCH_PIN=1`: each simulated host's threads on a CPU of its own.
-    let pinned = std::env::var("FTVM_BENCH_PIN").is_ok_and(|v| v == "1");
-    let pin_cpu = |cpu: usize| pinned.then_some(cpu);
     // Throughput by budget, then case.
     let mut solo: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; budgets.len()];
     let mut recorded: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; budgets.len()];
@@ -629,7 +601,7 @@ fn main() -> Result<()> {
                 "solo"
             };
             let s = start_solo(&lab, record)?;
-            hosts[0].place(budget, s.pid(), pin_cpu(0))?;
+            hosts[0].place(budget, s.pid())?;
             let (c0, t0) = (thread_cpu(s.pid()), Instant::now());
             let prof = Profile::start(s.pid(), name);
             for (i, r) in throughput(&lab, n, &[s.pid()], lab.host("a"))?
@@ -650,8 +622,8 @@ fn main() -> Result<()> {
         }
         // The pair, each node in its host's quota.
         let p = start_pair(&mut lab)?;
-        hosts[0].place(budget, p.nodes[0].pid(), pin_cpu(0))?;
-        hosts[1].place(budget, p.nodes[1].pid(), pin_cpu(1))?;
+        hosts[0].place(budget, p.nodes[0].pid())?;
+        hosts[1].place(budget, p.nodes[1].pid())?;
         let before = lab.status(&p.primary)?;
         let cpu0: Vec<_> = p.nodes.iter().map(|n| thread_cpu(n.pid())).collect();
         let primary_host = &lab.nodes[if p.primary == "a" { 0 } else { 1 }];
