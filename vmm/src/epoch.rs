@@ -77,8 +77,10 @@ pub trait Inputs: Send {
         Ok(())
     }
     /// Called once at the end of every boundary that completed, just before the guest
-    /// resumes.
-    fn boundary_end(&mut self, _b: Boundary) {}
+    /// resumes: every question about `b` has been asked.
+    fn boundary_end(&mut self, _b: Boundary) -> Result<(), InputError> {
+        Ok(())
+    }
     /// The clock at boundary `b`.
     fn clock(&mut self, b: Boundary) -> Result<ClockValue, InputError>;
     /// Eight bytes of entropy at boundary `b`.

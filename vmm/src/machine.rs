@@ -462,7 +462,7 @@ impl Machine {
                 dev.apply_events(&mut cx)?;
             }
         }
-        self.inputs.boundary_end(b);
+        self.inputs.boundary_end(b)?;
         Ok(request)
     }
 

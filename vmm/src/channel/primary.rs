@@ -250,7 +250,7 @@ impl<I: Inputs> Inputs for Throttle<I> {
     fn wants_fingerprint(&self) -> bool {
         self.inner.wants_fingerprint()
     }
-    fn boundary_end(&mut self, b: Boundary) {
+    fn boundary_end(&mut self, b: Boundary) -> Result<(), InputError> {
         self.inner.boundary_end(b)
     }
     fn boundary(&mut self, b: Boundary, fp: Option<Fingerprint>) -> Result<(), InputError> {

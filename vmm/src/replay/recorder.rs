@@ -295,7 +295,13 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         self.live.boundary(b, fingerprint)
     }
 
-    fn boundary_end(&mut self, b: Boundary) {
+    fn boundary_end(&mut self, b: Boundary) -> Result<(), InputError> {
+        // The boundary's record is complete: it goes out now, while the guest works towards
+        // the output that will need it (DESIGN §5: a frame of boundary E waits for E − 1).
+        if self.active {
+            self.flush_pending()?;
+            self.out.log_watermark(b)?;
+        }
         // Whether recording or not: a primary's frames go to the channel through the sink.
         self.out.log_handoff();
         self.live.boundary_end(b)
