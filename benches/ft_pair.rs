@@ -819,14 +819,15 @@ fn main() -> Result<()> {
             let pair = &pair_lat[pass][i];
             let added = pair.bench.p50_ms - solo.p50_ms;
             println!(
-                "    pair, {label}: p50 {:.3} ms p99 {:.3} ms; added p50 {added:.3} ms = {:.2} x channel RTT ({:.3} ms); a reply held {:.3} ms on average ({:.3} ms of it the vCPU's hand-off), a log message echoed {:.3} ms after its send",
+                "    pair, {label}: p50 {:.3} ms p99 {:.3} ms; added p50 {added:.3} ms = {:.2} x the channel's round trip as the Output Rule waits for it (a log message echoed by an ack {:.3} ms after its send), {:.2} x QUIC's RTT estimate ({:.3} ms); a reply held {:.3} ms on average ({:.3} ms of it the vCPU's hand-off)",
                 pair.bench.p50_ms,
                 pair.bench.p99_ms,
+                if pair.echo_ms > 0.0 { added / pair.echo_ms } else { f64::NAN },
+                pair.echo_ms,
                 if pair.rtt_ms > 0.0 { added / pair.rtt_ms } else { f64::NAN },
                 pair.rtt_ms,
                 pair.hold_ms,
                 pair.handoff_ms,
-                pair.echo_ms,
             );
         }
     }

@@ -794,3 +794,78 @@ fn attach(link: super::connect::Link, reader: MsgReader) -> Attached {
         last_sent: now,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(m: &ToChannel) -> Vec<&'static str> {
+        match m {
+            ToChannel::Log { .. } => vec!["log"],
+            ToChannel::Frames { .. } => vec!["frames"],
+            ToChannel::Attach { .. } => vec!["attach"],
+            ToChannel::Batch(v) => v.iter().flat_map(kinds).collect(),
+        }
+    }
+
+    #[test]
+    fn a_boundarys_records_and_frames_reach_the_output_task_as_one_message_in_order() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let h = Handoff::new(tx);
+        let mut log = ChannelLog::new(h.clone());
+        let mut nic = HeldFrames::new(h.clone());
+        log.log_bytes(b"header").unwrap();
+        log.log_bytes(b"record").unwrap();
+        log.log_watermark(6).unwrap();
+        assert!(rx.try_recv().is_err(), "gathered, not sent yet");
+        nic.send(7, b"frame a");
+        nic.send(7, b"frame b");
+        nic.flush();
+        let m = rx.try_recv().expect("one message");
+        assert_eq!(kinds(&m), ["log", "log", "frames"]);
+        assert!(rx.try_recv().is_err(), "and only one");
+        // Nothing gathered: a hand-off sends nothing.
+        log.log_handoff();
+        assert!(rx.try_recv().is_err());
+        // A lone record goes as itself when the boundary ends.
+        log.log_bytes(b"record").unwrap();
+        log.log_watermark(7).unwrap();
+        log.log_handoff();
+        assert_eq!(kinds(&rx.try_recv().unwrap()), ["log"]);
+    }
+
+    #[test]
+    fn a_restarted_log_drops_gathered_records_but_not_frames() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let h = Handoff::new(tx);
+        let mut log = ChannelLog::new(h.clone());
+        log.log_bytes(b"old header").unwrap();
+        h.gather(ToChannel::Frames {
+            boundary: 3,
+            frames: vec![b"frame".to_vec()],
+            taken_ns: 0,
+        });
+        log.log_restart();
+        log.log_handoff();
+        assert_eq!(kinds(&rx.try_recv().unwrap()), ["frames"]);
+    }
+
+    #[test]
+    fn a_backups_nic_passes_nothing_on_until_the_node_is_live() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let live = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut nic = HeldFrames::new(Handoff::new(tx)).while_live(live.clone());
+        nic.send(1, b"dropped");
+        nic.flush();
+        assert!(rx.try_recv().is_err());
+        live.store(true, Ordering::Relaxed);
+        nic.send(2, b"sent");
+        nic.flush();
+        match rx.try_recv().unwrap() {
+            ToChannel::Frames {
+                boundary, frames, ..
+            } => assert_eq!((boundary, frames), (2, vec![b"sent".to_vec()])),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -281,9 +281,13 @@ impl<I: Inputs, W: LogSink> Inputs for Recorder<I, W> {
         if !self.active {
             return self.live.boundary(b, fingerprint);
         }
-        self.flush_pending()?;
-        if b > 1 {
-            self.out.log_watermark(b - 1)?;
+        // The previous boundary's record went out when it ended (`boundary_end`); one that
+        // did not end goes now.
+        if self.pending.is_some() {
+            self.flush_pending()?;
+            if b > 1 {
+                self.out.log_watermark(b - 1)?;
+            }
         }
         self.pending = Some(Pending {
             boundary: b,
@@ -516,6 +520,48 @@ mod tests {
             !logs[1..logs.len() - 1].iter().any(|l| !l.is_empty()),
             "nothing is recorded while stopped"
         );
+    }
+
+    /// Keeps every call in order: records' boundaries, watermarks, hand-offs.
+    #[derive(Default)]
+    struct Calls(Vec<String>, StreamDecoder);
+    impl LogSink for Calls {
+        fn log_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            self.1.push(bytes);
+            while let Some(r) = self.1.next_record().expect("decodes") {
+                if let Record::Boundary { boundary, .. } = r {
+                    self.0.push(format!("record {boundary}"));
+                }
+            }
+            Ok(())
+        }
+        fn log_watermark(&mut self, w: Boundary) -> std::io::Result<()> {
+            self.0.push(format!("watermark {w}"));
+            Ok(())
+        }
+        fn log_handoff(&mut self) {
+            self.0.push("handoff".into());
+        }
+        fn log_flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_boundarys_record_and_watermark_are_handed_off_when_it_ends_and_before_a_wait() {
+        let mut rec = Recorder::new(Ticks(0), Calls::default(), header()).unwrap();
+        rec.boundary(1, Some(Fingerprint::default())).unwrap();
+        rec.clock(1).unwrap();
+        assert!(rec.out.0.is_empty(), "nothing of boundary 1 before it ends");
+        rec.boundary_end(1).unwrap();
+        assert_eq!(rec.out.0, ["record 1", "watermark 1", "handoff"]);
+        // Boundary 2 WAITs: what was gathered goes before the wait blocks; its own record
+        // only once it ended (a primary blocked in a WAIT at 2 advertises 1).
+        rec.boundary(2, Some(Fingerprint::default())).unwrap();
+        rec.wait(2, 0, 0).unwrap();
+        assert_eq!(rec.out.0[3..], ["handoff"]);
+        rec.boundary_end(2).unwrap();
+        assert_eq!(rec.out.0[4..], ["record 2", "watermark 2", "handoff"]);
     }
 
     #[test]
