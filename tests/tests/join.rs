@@ -128,6 +128,11 @@ fn check_joined(lab: &PairLab, primary: &str, backup: &str, generation: u64) {
         "a memory digest compared after the join",
         |s| s["digests_checked"].as_u64().unwrap_or(0) > before + 1,
     );
+    // The primary reports its new backup (role, peer) as soon as the output task attached it;
+    // the join's own record of the pause may follow a moment later.
+    let sp = wait_status(lab, primary, ROLE, "the join's end on the primary", |s| {
+        matches!(s["join"]["phase"].as_str(), Some("done" | "failed"))
+    });
     let j = &sp["join"];
     eprintln!("join (primary side): {j}");
     let log = std::fs::read_to_string(lab.log(backup)).unwrap_or_default();
