@@ -694,9 +694,13 @@ fn main() -> Result<()> {
         let after = lab.status(&p.primary)?;
         let boundaries =
             after["boundary"].as_u64().unwrap_or(0) - before["boundary"].as_u64().unwrap_or(0);
+        let d = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+        let per = |n: f64, of: f64| if of > 0.0 { n / of } else { 0.0 };
         eprintln!(
-            "  the primary's boundaries per request: {:.4}",
-            boundaries as f64 / requests
+            "  the primary's boundaries per request: {:.4}; under load a reply held {:.3} ms on average, a log message echoed {:.3} ms after its send",
+            boundaries as f64 / requests,
+            per(d("hold_ms_total"), d("holds")),
+            per(d("echo_ms_total"), d("echoes")),
         );
         let bytes =
             after["log_bytes"].as_u64().unwrap_or(0) - before["log_bytes"].as_u64().unwrap_or(0);

@@ -190,6 +190,10 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
         // `block_in_place`, which hands the worker's other tasks to a new thread.
         .worker_threads(1)
         .thread_name("ftvm-io")
+        .on_thread_start({
+            let nice = cfg.io_nice;
+            move || set_thread_nice(nice)
+        })
         .enable_all()
         .build()
         .map_err(|e| NodeExit::Failed(format!("tokio runtime: {e}")))?;
@@ -886,6 +890,22 @@ fn spawn_vcpu(
         handles: hrx,
         jobs: jtx,
         pause,
+    }
+}
+
+/// Gives the calling thread nice value `nice` (Linux's nice is per thread); a node without
+/// the right to raise its priority (`CAP_SYS_NICE`) runs on at the default, with a warning.
+fn set_thread_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority(2) with `who` 0, the calling thread; no memory is passed.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r != 0 {
+        tracing::warn!(
+            "io_nice {nice}: {} (the I/O thread runs at the vCPU's priority)",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
