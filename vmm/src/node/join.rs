@@ -158,7 +158,7 @@ async fn send_pages(
     let list: Vec<u64> = if skip_zero {
         // The pages with data first, then only those, in one burst: a page sent early in a
         // long scan of mostly empty memory would have longer to be written again.
-        tokio::task::block_in_place(|| pages_with_data(pages, dirty.iter()))
+        super::priority::blocking(|| pages_with_data(pages, dirty.iter()))
             .map_err(|e| format!("reading guest memory: {e}"))?
     } else {
         dirty.iter().collect()
@@ -172,7 +172,7 @@ async fn send_pages(
             .filter(|&p| !again.contains(p))
             .peekable();
         while it.peek().is_some() {
-            let mut batch = tokio::task::block_in_place(|| PageBatch::read(pages, &mut it))
+            let mut batch = super::priority::blocking(|| PageBatch::read(pages, &mut it))
                 .map_err(|e| format!("reading guest memory: {e}"))?;
             if skip_zero {
                 batch.pages.retain(|(_, d)| !matches!(d, PageData::Zero));
@@ -217,7 +217,7 @@ async fn send_blocks(
         .peekable();
     let mut n = 0;
     while it.peek().is_some() {
-        let batch = tokio::task::block_in_place(|| BlockBatch::read(disk, geo, &mut it))
+        let batch = super::priority::blocking(|| BlockBatch::read(disk, geo, &mut it))
             .map_err(|e| format!("reading the disk: {e}"))?;
         for (i, d) in &batch.blocks {
             leaves[*i as usize] = disksync::hash::leaf_hash(d);
@@ -405,7 +405,7 @@ async fn copy_rounds(
     // Round 1, disk: every block whose hash differs from the joiner's.
     if let Some((w, disk)) = &src.disk {
         let geo = w.geometry();
-        leaves = tokio::task::block_in_place(|| crate::join::blocks::hash_disk(disk, geo))
+        leaves = super::priority::blocking(|| crate::join::blocks::hash_disk(disk, geo))
             .map_err(|e| format!("hashing the disk: {e}"))?;
         let differing: Vec<u64> = (0..geo.blocks())
             .filter(|&i| leaves[i as usize] != theirs[i as usize])
@@ -700,7 +700,7 @@ pub async fn receive_copy(
                 };
                 bytes += b.len() as u64;
                 let batch = BlockBatch::decode(&b, d.geo).map_err(|e| e.to_string())?;
-                tokio::task::block_in_place(|| batch.apply(&d.file, d.geo, &mut d.leaves))
+                super::priority::blocking(|| batch.apply(&d.file, d.geo, &mut d.leaves))
                     .map_err(|e| format!("writing the disk: {e}"))?;
                 shared.update_join(|j| {
                     j.blocks += batch.blocks.len() as u64;
@@ -730,7 +730,7 @@ pub async fn receive_copy(
             } => {
                 let t_state = Instant::now();
                 if let Some(d) = &disk {
-                    tokio::task::block_in_place(|| d.file.sync_data())
+                    super::priority::blocking(|| d.file.sync_data())
                         .map_err(|e| format!("syncing the disk: {e}"))?;
                     let ours = root_of(&d.leaves, d.geo);
                     if ours != disk_root {
@@ -764,7 +764,7 @@ pub async fn receive_copy(
             Msg::RoundDone { round } => {
                 // Blocks are made durable round by round, so the commit's sync is small.
                 if let Some(d) = &disk {
-                    tokio::task::block_in_place(|| d.file.sync_data())
+                    super::priority::blocking(|| d.file.sync_data())
                         .map_err(|e| format!("syncing the disk: {e}"))?;
                 }
                 let (tx, rx) = oneshot::channel();

@@ -8,6 +8,7 @@ pub mod follow;
 pub mod garp;
 pub mod generation;
 pub mod join;
+pub mod priority;
 pub mod rules;
 pub mod run;
 pub mod status;

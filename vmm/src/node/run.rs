@@ -187,12 +187,13 @@ fn prepare(cfg: NodeConfig, opts: RunOptions) -> Result<(Node, tokio::runtime::R
         // a hand-off is a queue push, not a wake-up of another thread. Measured
         // (benches/ft_pair.rs, 60% quota): the primary's I/O CPU 1350 -> 870 ms and the
         // backup's 600 -> 330 ms for the same 80,000 requests. Blocking work goes through
-        // `block_in_place`, which hands the worker's other tasks to a new thread.
+        // `priority::blocking` (`block_in_place`, which hands the worker's other tasks to a new
+        // thread, at the default nice value).
         .worker_threads(1)
         .thread_name("ftvm-io")
         .on_thread_start({
             let nice = cfg.io_nice;
-            move || set_thread_nice(nice)
+            move || super::priority::set_thread_nice(nice)
         })
         .enable_all()
         .build()
@@ -890,22 +891,6 @@ fn spawn_vcpu(
         handles: hrx,
         jobs: jtx,
         pause,
-    }
-}
-
-/// Gives the calling thread nice value `nice` (Linux's nice is per thread); a node without
-/// the right to raise its priority (`CAP_SYS_NICE`) runs on at the default, with a warning.
-fn set_thread_nice(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    // SAFETY: setpriority(2) with `who` 0, the calling thread; no memory is passed.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-    if r != 0 {
-        tracing::warn!(
-            "io_nice {nice}: {} (the I/O thread runs at the vCPU's priority)",
-            std::io::Error::last_os_error()
-        );
     }
 }
 
