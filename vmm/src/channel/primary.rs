@@ -117,9 +117,10 @@ impl std::fmt::Debug for super::connect::Link {
     }
 }
 
-/// The recorder's sink on a primary: records go to the output task at every watermark that
-/// has new records behind it (a watermark with nothing new is implied by the next frame or
-/// batch).
+/// The recorder's sink on a primary: records are gathered in the [`Handoff`] with a watermark
+/// record whenever a watermark has new records behind it (a watermark with nothing new is
+/// implied by the next frame or batch), and go to the output task at the recorder's
+/// `log_handoff` (the boundary's end, or before a WAIT) or with the boundary's frames.
 pub struct ChannelLog {
     buf: Vec<u8>,
     out: Handoff,
