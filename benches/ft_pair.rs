@@ -5,7 +5,9 @@
 //! Prints, as ratios pair/solo: redis-benchmark `-c 50` SET and GET at `-P 1` and `-P 16`;
 //! the log's bytes per request and per second; the added latency at `-c 1` (p50, p99,
 //! without quotas) against the channel's round trip measured in the same run; the backup's
-//! lag p50/p99 under load.
+//! lag p50/p99 under load. Each node's CPU per request and its use of a core over the run are
+//! printed beside its thread times: a node at its quota is CPU-bound, and its throughput is
+//! then the quota divided by the CPU a request costs.
 //!
 //! `cargo bench -p ftvm-benches --bench ft_pair` (root, /dev/kvm, redis-tools).
 //! Each round runs both under one quota per host (DESIGN §10) and under a quota for the vCPU
@@ -529,6 +531,27 @@ fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
     parts.join(", ")
 }
 
+/// All threads' CPU between two samples, in ms.
+fn cpu_total_ms(before: &ThreadCpu, after: &ThreadCpu) -> f64 {
+    after
+        .iter()
+        .map(|(k, v)| {
+            let b = before.get(k).copied().unwrap_or([0; 5]);
+            (v[0] + v[1] - b[0] - b[1]) as f64 * 10.0 // USER_HZ ticks
+        })
+        .sum()
+}
+
+/// A node's CPU per request and its use of one core over the run: throughput under a quota
+/// is the quota divided by the CPU a request costs, so a run at its quota is CPU-bound.
+fn cpu_use(ms: f64, secs: f64, requests: f64) -> String {
+    format!(
+        "{:.1} µs of CPU per request, {:.0}% of one core over the run",
+        ms * 1000.0 / requests,
+        ms / 10.0 / secs
+    )
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -611,10 +634,11 @@ fn main() -> Result<()> {
                 results[bi][i].push(r);
             }
             prof.finish();
+            let (secs, c1) = (t0.elapsed().as_secs_f64(), thread_cpu(s.pid()));
             eprintln!(
-                "  CPU ms by thread, {name}, {:.1} s: {}",
-                t0.elapsed().as_secs_f64(),
-                cpu_delta(&c0, &thread_cpu(s.pid())),
+                "  CPU ms by thread, {name}, {secs:.1} s: {}; {}",
+                cpu_delta(&c0, &c1),
+                cpu_use(cpu_total_ms(&c0, &c1), secs, requests),
             );
             drop(s);
             let _ = std::fs::remove_file(lab.disk("solo"));
@@ -680,9 +704,11 @@ fn main() -> Result<()> {
             } else {
                 "backup"
             };
+            let c1 = thread_cpu(n.pid());
             eprintln!(
-                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}",
-                cpu_delta(&cpu0[i], &thread_cpu(n.pid())),
+                "  CPU ms by thread, {name} ({role}), {secs:.1} s: {}; {}",
+                cpu_delta(&cpu0[i], &c1),
+                cpu_use(cpu_total_ms(&cpu0[i], &c1), secs, requests),
             );
         }
         let udp1 = udp_datagrams(primary_host);
