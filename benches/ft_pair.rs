@@ -508,14 +508,16 @@ fn udp_datagrams(host: &Host) -> (u64, u64) {
     (field("InDatagrams"), field("OutDatagrams"))
 }
 
+/// Milliseconds per clock tick of `/proc/*/stat`'s times (USER_HZ, 100).
+const TICK_MS: f64 = 1000.0 / 100.0;
+
 /// The CPU each thread group used between two samples, in ms.
 fn cpu_delta(before: &ThreadCpu, after: &ThreadCpu) -> String {
-    let tick_ms = 1000.0 / 100.0; // USER_HZ
     let mut parts: Vec<String> = after
         .iter()
         .map(|(k, v)| {
             let b = before.get(k).copied().unwrap_or([0; 5]);
-            let ms = |i: usize| (v[i] - b[i]) as f64 * tick_ms;
+            let ms = |i: usize| (v[i] - b[i]) as f64 * TICK_MS;
             (k, ms(0), ms(1), ms(2), v[3] - b[3], v[4] - b[4])
         })
         .filter(|(_, u, s, ..)| u + s > 0.0)
@@ -537,7 +539,7 @@ fn cpu_total_ms(before: &ThreadCpu, after: &ThreadCpu) -> f64 {
         .iter()
         .map(|(k, v)| {
             let b = before.get(k).copied().unwrap_or([0; 5]);
-            (v[0] + v[1] - b[0] - b[1]) as f64 * 10.0 // USER_HZ ticks
+            (v[0] + v[1] - b[0] - b[1]) as f64 * TICK_MS
         })
         .sum()
 }
