@@ -17,7 +17,15 @@
 //! `FTVM_BENCH_QUOTA` (percent of one core per host, default 60), `FTVM_BENCH_VCPU_QUOTA` and
 //! `FTVM_BENCH_VMM_QUOTA` (the split budget's, default 40 each), `FTVM_BENCH_N` (requests
 //! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_BUDGET` (`one` or `split`: only that budget), `FTVM_BENCH_PERF=DIR` (a `perf
-//! record -g` of the solo node, the primary and the backup under load, into DIR).
+//! record -g` of the solo node, the primary and the backup under load, into DIR),
+//! `FTVM_BENCH_TRACE=DIR` (instead, `perf trace -s`: each thread's system calls, counted and
+//! timed, into `DIR/NAME.txt`; it slows every run several-fold, so read its counts, not the
+//! ratios).
+//!
+//! The latency at `-c 1` is taken three times: the backup at the default CPU weight; its vCPU
+//! yielding (`cpu.shares` 2); and the backup as on a host of its own: its vCPU yielding and its
+//! disk image on another device (tmpfs), so that its `fdatasync` does not queue behind the
+//! primary's on this machine's one disk.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -197,6 +205,21 @@ struct PairLatency {
     echo_ms: f64,
 }
 
+/// Latency case `test` at `-c 1` through the pair whose primary is `primary`.
+fn pair_latency(lab: &PairLab, primary: &str, test: &str, n: u32) -> Result<PairLatency> {
+    let before = lab.status(primary)?;
+    let bench = redis_benchmark(&lab.client, lab.guest_ip, test, n, 1, 1)?;
+    let after = lab.status(primary)?;
+    let d = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+    Ok(PairLatency {
+        bench,
+        rtt_ms: after["channel_rtt_ms"].as_f64().unwrap_or(0.0),
+        hold_ms: d("hold_ms_total") / d("holds").max(1.0),
+        handoff_ms: d("handoff_ms_total") / d("holds").max(1.0),
+        echo_ms: d("echo_ms_total") / d("echoes").max(1.0),
+    })
+}
+
 const CASES: &[(&str, u32)] = &[("set", 1), ("get", 1), ("set", 16), ("get", 16)];
 
 /// Requests per run at pipeline depth `p`: more when pipelined, so that every run lasts long
@@ -328,6 +351,13 @@ struct Pair {
 }
 
 fn start_pair(lab: &mut PairLab) -> Result<Pair> {
+    start_pair_with(lab, None)
+}
+
+/// Starts the pair; with `backup_disk`, node a first, as the primary (it claims before b
+/// starts), and node b as its backup with its disk image at `backup_disk` (a path on another
+/// device, as a host of its own would have: b's image in the lab is a link to it).
+fn start_pair_with(lab: &mut PairLab, backup_disk: Option<&std::path::Path>) -> Result<Pair> {
     for n in ["a", "b"] {
         let _ = std::fs::remove_file(lab.disk(n));
         let _ = std::fs::remove_file(lab.disk(n).with_extension("img.ftvm-generation"));
@@ -336,6 +366,12 @@ fn start_pair(lab: &mut PairLab) -> Result<Pair> {
     lab.kill_witness();
     lab.start_witness()?;
     let mut a = lab.start_node("a", &[])?;
+    if let Some(path) = backup_disk {
+        let _ = std::fs::remove_file(path);
+        std::os::unix::fs::symlink(path, lab.disk("b"))
+            .with_context(|| format!("link b's disk to {}", path.display()))?;
+        lab.wait_role("a", "primary", Duration::from_secs(60))?;
+    }
     let mut b = lab.start_node("b", &[])?;
     a.expect_line("kv: listening on", Duration::from_secs(60))?;
     b.expect_line("kv: listening on", Duration::from_secs(60))?;
@@ -453,6 +489,16 @@ struct Profile(Option<std::process::Child>);
 
 impl Profile {
     fn start(pid: u32, name: &str) -> Profile {
+        if let Ok(dir) = std::env::var("FTVM_BENCH_TRACE") {
+            let _ = std::fs::create_dir_all(&dir);
+            let out = std::path::Path::new(&dir).join(format!("{name}.txt"));
+            let out = out.to_string_lossy();
+            return Profile(perf(
+                &["trace", "-s", "-o", &out],
+                pid,
+                std::process::Stdio::null(),
+            ));
+        }
         let Ok(dir) = std::env::var("FTVM_BENCH_PERF") else {
             return Profile(None);
         };
@@ -771,17 +817,7 @@ fn main() -> Result<()> {
         }
         let mut v = Vec::new();
         for t in LATENCY_CASES {
-            let before = lab.status(&p.primary)?;
-            let b = redis_benchmark(&lab.client, lab.guest_ip, t, lat_n, 1, 1)?;
-            let after = lab.status(&p.primary)?;
-            let d = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
-            v.push(PairLatency {
-                bench: b,
-                rtt_ms: after["channel_rtt_ms"].as_f64().unwrap_or(0.0),
-                hold_ms: d("hold_ms_total") / d("holds").max(1.0),
-                handoff_ms: d("handoff_ms_total") / d("holds").max(1.0),
-                echo_ms: d("echo_ms_total") / d("echoes").max(1.0),
-            });
+            v.push(pair_latency(&lab, &p.primary, t, lat_n)?);
         }
         pair_lat.push(v);
     }
@@ -791,6 +827,27 @@ fn main() -> Result<()> {
         (lab.status(&p.primary)?["log_bytes"].as_u64().unwrap_or(0) - before) as f64 / 5000.0
     };
     p.nodes.clear();
+    // A third pass, the backup as on a host of its own: its vCPU yielding as above, and its
+    // disk on another device (tmpfs), so that its `fdatasync` does not queue with the
+    // primary's on this machine's one disk. The primary's disk stays where solo's is.
+    let own_disk =
+        std::path::Path::new("/dev/shm").join(format!("ftvm-bench-{}-b.img", std::process::id()));
+    {
+        let p = start_pair_with(&mut lab, Some(&own_disk))?;
+        anyhow::ensure!(
+            p.primary == "a",
+            "node a started first but b became primary"
+        );
+        for t in threads_named(p.nodes[1].pid(), "ftvm-vcpu") {
+            yielding.add_thread(t)?;
+        }
+        let mut v = Vec::new();
+        for t in LATENCY_CASES {
+            v.push(pair_latency(&lab, &p.primary, t, lat_n)?);
+        }
+        pair_lat.push(v);
+    }
+    let _ = std::fs::remove_file(&own_disk);
 
     println!("ft_pair: the kv guest through an FT pair vs solo, redis-benchmark -c 50, n={n}, {rounds} round(s), medians");
     for (bi, title) in [
@@ -844,6 +901,7 @@ fn main() -> Result<()> {
         for (pass, label) in [
             "the backup's vCPU at the default weight",
             "the backup's vCPU yielding",
+            "the backup as on a host of its own (its vCPU yielding, its disk on tmpfs)",
         ]
         .iter()
         .enumerate()
