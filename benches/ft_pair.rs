@@ -18,6 +18,7 @@
 //! `FTVM_BENCH_VMM_QUOTA` (the split budget's, default 40 each), `FTVM_BENCH_N` (requests
 //! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_BUDGET` (`one` or `split`: only that budget), `FTVM_BENCH_PERF=DIR` (a `perf
 //! record -g` of the solo node, the primary and the backup under load, into DIR),
+//! `FTVM_BENCH_NODE_TOML` (lines added to both nodes' node.toml, e.g. `io_nice = 0`),
 //! `FTVM_BENCH_TRACE=DIR` (instead, `perf trace -s`: each thread's system calls, counted and
 //! timed, into `DIR/NAME.txt`; it slows every run several-fold, so read its counts, not the
 //! ratios).
@@ -637,6 +638,7 @@ fn main() -> Result<()> {
         failure_timeout: "500ms".into(),
         // The node's default, and the solo recording's.
         digest_every: 1000,
+        extra: std::env::var("FTVM_BENCH_NODE_TOML").unwrap_or_default(),
         ..PairOptions::default()
     })?;
     let hosts = [
