@@ -18,7 +18,8 @@
 //! `FTVM_BENCH_VMM_QUOTA` (the split budget's, default 40 each), `FTVM_BENCH_N` (requests
 //! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_BUDGET` (`one` or `split`: only that budget), `FTVM_BENCH_PERF=DIR` (a `perf
 //! record -g` of the solo node, the primary and the backup under load, into DIR),
-//! `FTVM_BENCH_NODE_TOML` (lines added to both nodes' node.toml, e.g. `io_nice = 0`),
+//! `FTVM_BENCH_PIN_a` / `FTVM_BENCH_PIN_b` (a CPU list for `taskset`: pins that simulated
+//! host's node, all its threads, e.g. a to 0 and b to 1), `FTVM_BENCH_NODE_TOML` (lines added to both nodes' node.toml, e.g. `io_nice = 0`),
 //! `FTVM_BENCH_TRACE=DIR` (instead, `perf trace -s`: each thread's system calls, counted and
 //! timed, into `DIR/NAME.txt`; it slows every run several-fold, so read its counts, not the
 //! ratios).
@@ -91,6 +92,7 @@ enum Budget {
 
 /// The cgroups of one simulated host, for both budgets.
 struct HostCpu {
+    name: String,
     one: Cgroup,
     vcpu: Cgroup,
     vmm: Cgroup,
@@ -99,6 +101,7 @@ struct HostCpu {
 impl HostCpu {
     fn new(name: &str, one: u64, vcpu: u64, vmm: u64) -> Result<HostCpu> {
         Ok(HostCpu {
+            name: name.to_string(),
             one: Cgroup::new(name, one)?,
             vcpu: Cgroup::new(&format!("{name}-vcpu"), vcpu)?,
             vmm: Cgroup::new(&format!("{name}-vmm"), vmm)?,
@@ -107,6 +110,14 @@ impl HostCpu {
 
     /// Puts node `pid` under `budget`.
     fn place(&self, budget: Budget, pid: u32) -> Result<()> {
+        if let Ok(cpu) = std::env::var(format!("FTVM_BENCH_PIN_{}", self.name)) {
+            let ok = std::process::Command::new("taskset")
+                .args(["-a", "-cp", &cpu, &pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .status()?
+                .success();
+            anyhow::ensure!(ok, "taskset {cpu} {pid}");
+        }
         match budget {
             Budget::OneQuota => self.one.add(pid),
             Budget::VcpuAndVmm => {
