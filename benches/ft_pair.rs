@@ -289,6 +289,7 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
             let counters: Vec<_> = pids.iter().map(|&pid| ExitCounter::start(pid)).collect();
             let frames0 = tap_frames(tap);
             let irq0 = interrupts();
+            let cpu0: Vec<ThreadCpu> = pids.iter().map(|&pid| thread_cpu(pid)).collect();
             let requests = requests_for(n, *p);
             let b = redis_benchmark(&lab.client, lab.guest_ip, t, requests, 50, *p)?;
             let secs = t0.elapsed().as_secs_f64();
@@ -305,10 +306,28 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
                 .collect();
             let frames1 = tap_frames(tap);
             let irq1 = interrupts();
+            // Each node's CPU per request in this case alone (its guest's part in brackets).
+            let cpu: Vec<String> = pids
+                .iter()
+                .zip(&cpu0)
+                .map(|(&pid, c0)| {
+                    let c1 = thread_cpu(pid);
+                    let guest: u64 = c1
+                        .iter()
+                        .map(|(k, v)| v[2] - c0.get(k).map_or(0, |b| b[2]))
+                        .sum();
+                    format!(
+                        "{:.2} µs (guest {:.2})",
+                        cpu_total_ms(c0, &c1) * 1000.0 / requests as f64,
+                        guest as f64 * TICK_MS * 1000.0 / requests as f64
+                    )
+                })
+                .collect();
             let per = |a: u64, b: u64| (b - a) as f64 / requests as f64;
             eprintln!(
-                "  {t} -P{p}: {secs:.1} s, the client busy {:.0}% of a core; exits to the VMM per request: {}; frames per request: {:.3} in, {:.3} out; interrupts per request (the machine's): TLB shootdowns {:.3}, function calls {:.3}, reschedules {:.3}",
+                "  {t} -P{p}: {secs:.1} s, the client busy {:.0}% of a core; CPU per request: {}; exits to the VMM per request: {}; frames per request: {:.3} in, {:.3} out; interrupts per request (the machine's): TLB shootdowns {:.3}, function calls {:.3}, reschedules {:.3}",
                 100.0 * b.client_cpu_s / secs,
+                cpu.join(", "),
                 exits.join(", "),
                 per(frames0.0, frames1.0),
                 per(frames0.1, frames1.1),
