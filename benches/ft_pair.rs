@@ -19,7 +19,8 @@
 //! per run at `-P 1`, default 50000; 8 times as many at `-P 16`), `FTVM_BENCH_ROUNDS` (default 2; 0: the latency figures only), `FTVM_BENCH_BUDGET` (`one` or `split`: only that budget), `FTVM_BENCH_PERF=DIR` (a `perf
 //! record -g` of the solo node, the primary and the backup under load, into DIR),
 //! `FTVM_BENCH_PIN_a` / `FTVM_BENCH_PIN_b` (a CPU list for `taskset`: pins that simulated
-//! host's node, all its threads, e.g. a to 0 and b to 1), `FTVM_BENCH_NODE_TOML` (lines added to both nodes' node.toml, e.g. `io_nice = 0`),
+//! host's node, all its threads, e.g. a to 0 and b to 1), `FTVM_BENCH_NODE_TOML` (lines
+//! added to both nodes' node.toml, e.g. `io_nice = 0`),
 //! `FTVM_BENCH_TRACE=DIR` (instead, `perf trace -s`: each thread's system calls, counted and
 //! timed, into `DIR/NAME.txt`; it slows every run several-fold, so read its counts, not the
 //! ratios).
@@ -215,6 +216,16 @@ struct PairLatency {
     hold_ms: f64,
     handoff_ms: f64,
     echo_ms: f64,
+}
+
+/// A file removed when this goes out of scope, on error paths too (the backup's image on
+/// tmpfs: 64 MiB of memory).
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Latency case `test` at `-c 1` through the pair whose primary is `primary`.
@@ -862,10 +873,11 @@ fn main() -> Result<()> {
     // A third pass, the backup as on a host of its own: its vCPU yielding as above, and its
     // disk on another device (tmpfs), so that its `fdatasync` does not queue with the
     // primary's on this machine's one disk. The primary's disk stays where solo's is.
-    let own_disk =
-        std::path::Path::new("/dev/shm").join(format!("ftvm-bench-{}-b.img", std::process::id()));
+    let own_disk = RemovedOnDrop(
+        std::path::Path::new("/dev/shm").join(format!("ftvm-bench-{}-b.img", std::process::id())),
+    );
     {
-        let p = start_pair_with(&mut lab, Some(&own_disk))?;
+        let p = start_pair_with(&mut lab, Some(&own_disk.0))?;
         anyhow::ensure!(
             p.primary == "a",
             "node a started first but b became primary"
@@ -879,7 +891,7 @@ fn main() -> Result<()> {
         }
         pair_lat.push(v);
     }
-    let _ = std::fs::remove_file(&own_disk);
+    drop(own_disk);
 
     println!("ft_pair: the kv guest through an FT pair vs solo, redis-benchmark -c 50, n={n}, {rounds} round(s), medians");
     for (bi, title) in [
