@@ -293,6 +293,15 @@ fn interrupts() -> [u64; 3] {
 /// Runs the four cases against the guest, counting the exits of the nodes `pids` and the
 /// frames on `tap`'s TAP (the host where the guest's output leaves) in each.
 fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64>> {
+    // What each node burns with no load at all (a floor under every case's CPU).
+    let idle0: Vec<ThreadCpu> = pids.iter().map(|&pid| thread_cpu(pid)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle: Vec<String> = pids
+        .iter()
+        .zip(&idle0)
+        .map(|(&pid, c0)| format!("{:.1}%", cpu_total_ms(c0, &thread_cpu(pid)) / 20.0))
+        .collect();
+    eprintln!("  idle for 2 s: {} of a core", idle.join(", "));
     CASES
         .iter()
         .map(|(t, p)| {
@@ -327,10 +336,18 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
                         .iter()
                         .map(|(k, v)| v[2] - c0.get(k).map_or(0, |b| b[2]))
                         .sum();
+                    let io: u64 = c1
+                        .iter()
+                        .filter(|(k, _)| k.as_str() == "ftvm-io")
+                        .map(|(k, v)| v[0] + v[1] - c0.get(k).map_or(0, |b| b[0] + b[1]))
+                        .sum();
+                    let ms = cpu_total_ms(c0, &c1);
                     format!(
-                        "{:.2} µs (guest {:.2})",
-                        cpu_total_ms(c0, &c1) * 1000.0 / requests as f64,
-                        guest as f64 * TICK_MS * 1000.0 / requests as f64
+                        "{:.2} µs (guest {:.2}, ftvm-io {:.2}), {:.0}% of a core",
+                        ms * 1000.0 / requests as f64,
+                        guest as f64 * TICK_MS * 1000.0 / requests as f64,
+                        io as f64 * TICK_MS * 1000.0 / requests as f64,
+                        ms / 10.0 / secs
                     )
                 })
                 .collect();
