@@ -336,11 +336,9 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
                         .iter()
                         .map(|(k, v)| v[2] - c0.get(k).map_or(0, |b| b[2]))
                         .sum();
-                    let io: u64 = c1
-                        .iter()
-                        .filter(|(k, _)| k.as_str() == "ftvm-io")
-                        .map(|(k, v)| v[0] + v[1] - c0.get(k).map_or(0, |b| b[0] + b[1]))
-                        .sum();
+                    let io = c1.get("ftvm-io").map_or(0, |v| {
+                        v[0] + v[1] - c0.get("ftvm-io").map_or(0, |b| b[0] + b[1])
+                    });
                     let ms = cpu_total_ms(c0, &c1);
                     format!(
                         "{:.2} µs (guest {:.2}, ftvm-io {:.2}), {:.0}% of a core",
