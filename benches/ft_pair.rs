@@ -299,7 +299,7 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
     let idle: Vec<String> = pids
         .iter()
         .zip(&idle0)
-        .map(|(&pid, c0)| format!("{:.1}%", cpu_total_ms(c0, &thread_cpu(pid)) / 20.0))
+        .map(|(&pid, c0)| format!("{:.1}%", core_pct(cpu_total_ms(c0, &thread_cpu(pid)), 2.0)))
         .collect();
     eprintln!("  idle for 2 s: {} of a core", idle.join(", "));
     CASES
@@ -345,7 +345,7 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
                         ms * 1000.0 / requests as f64,
                         guest as f64 * TICK_MS * 1000.0 / requests as f64,
                         io as f64 * TICK_MS * 1000.0 / requests as f64,
-                        ms / 10.0 / secs
+                        core_pct(ms, secs)
                     )
                 })
                 .collect();
@@ -653,8 +653,13 @@ fn cpu_use(ms: f64, secs: f64, requests: f64) -> String {
     format!(
         "{:.1} µs of CPU per request, {:.0}% of one core over the run",
         ms * 1000.0 / requests,
-        ms / 10.0 / secs
+        core_pct(ms, secs)
     )
+}
+
+/// `ms` of CPU over `secs` of time, as a percentage of one core.
+fn core_pct(ms: f64, secs: f64) -> f64 {
+    ms / 10.0 / secs
 }
 
 fn median(v: &mut [f64]) -> f64 {
