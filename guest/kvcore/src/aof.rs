@@ -304,11 +304,12 @@ impl fmt::Display for Recovery {
 }
 
 /// Encodes a command payload.
-fn encode_command(out: &mut Vec<u8>, now_ms: u64, args: &[&[u8]]) {
+fn encode_command<A: AsRef<[u8]>>(out: &mut Vec<u8>, now_ms: u64, args: &[A]) {
     out.push(KIND_COMMAND);
     out.extend_from_slice(&now_ms.to_le_bytes());
     out.extend_from_slice(&(args.len() as u32).to_le_bytes());
     for a in args {
+        let a = a.as_ref();
         out.extend_from_slice(&(a.len() as u32).to_le_bytes());
         out.extend_from_slice(a);
     }
@@ -662,8 +663,10 @@ impl LogWriter {
         (start + len).saturating_sub(self.end() + 4)
     }
 
-    fn push_record(&mut self, now_ms: u64, args: &[&[u8]]) {
+    fn push_record<A: AsRef<[u8]>>(&mut self, now_ms: u64, args: &[A]) {
         let start = self.pending.len();
+        self.pending
+            .reserve(record_len_of(args.iter().map(|a| a.as_ref().len())));
         self.pending.extend_from_slice(&RECORD_MAGIC.to_le_bytes());
         self.pending.extend_from_slice(&[0; 8]);
         encode_command(&mut self.pending, now_ms, args);
@@ -687,8 +690,7 @@ impl LogWriter {
         if len as u64 > self.room() {
             return Err(LogError::Full);
         }
-        let refs: Vec<&[u8]> = args.iter().map(|a| a.as_slice()).collect();
-        self.push_record(now_ms, &refs);
+        self.push_record(now_ms, args);
         self.appended += 1;
         Ok(())
     }

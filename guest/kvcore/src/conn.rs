@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use crate::aof::LogWriter;
 use crate::commands::is_write_command;
-use crate::resp::{self, write_error, Limits, Parse};
+use crate::resp::{self, write_error, Limits, Parsed};
 use crate::store::Store;
 
 /// Room, beyond a write request's own record, that must be left on the disk for it to run.
@@ -32,12 +32,26 @@ pub enum Status {
 pub struct Connection {
     limits: Limits,
     input: Vec<u8>,
-    /// Replies not yet released: (tag, bytes), in order.
-    held: VecDeque<(u64, Vec<u8>)>,
-    held_bytes: usize,
+    /// Replies not yet released, back to back.
+    held: Vec<u8>,
+    /// Each held reply's tag and where it ends in `held`, counted from `held_base`
+    /// (replies with equal tags share an entry).
+    held_ends: VecDeque<(u64, usize)>,
+    /// Bytes taken out of `held` so far (the stream offset of `held[0]`).
+    held_base: usize,
     status: Status,
     scratch: Vec<u8>,
+    /// The arguments of the request being run; their allocations are reused.
+    args: Vec<Vec<u8>>,
 }
+
+/// An argument vector that grew past this is freed after its request rather than kept for
+/// the next (a client that once sent a large value does not keep the memory).
+const KEEP_ARG_CAPACITY: usize = 4096;
+
+/// The reply buffer, once emptied, is freed if it grew past this (a large reply's memory
+/// is not kept for the life of the connection).
+const KEEP_HELD_CAPACITY: usize = 16 << 10;
 
 impl Connection {
     /// A new connection whose requests are bounded by `limits`.
@@ -45,10 +59,12 @@ impl Connection {
         Connection {
             limits,
             input: Vec::new(),
-            held: VecDeque::new(),
-            held_bytes: 0,
+            held: Vec::new(),
+            held_ends: VecDeque::new(),
+            held_base: 0,
             status: Status::Open,
             scratch: Vec::new(),
+            args: Vec::new(),
         }
     }
 
@@ -67,7 +83,7 @@ impl Connection {
     /// Bytes of replies produced but not yet taken by [`Connection::take_output`]. A guest
     /// may stop calling [`Connection::process`] while this is large (backpressure).
     pub fn pending_output(&self) -> usize {
-        self.held_bytes
+        self.held.len()
     }
 
     /// The connection's status.
@@ -77,17 +93,18 @@ impl Connection {
 
     /// Closing and every reply taken: close the socket now.
     pub fn finished(&self) -> bool {
-        self.status == Status::Closing && self.held.is_empty()
+        self.status == Status::Closing && self.held_ends.is_empty()
     }
 
     fn push_reply(&mut self, tag: u64, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
-        self.held_bytes += bytes.len();
-        match self.held.back_mut() {
-            Some((t, b)) if *t == tag => b.extend_from_slice(bytes),
-            _ => self.held.push_back((tag, bytes.to_vec())),
+        self.held.extend_from_slice(bytes);
+        let end = self.held_base + self.held.len();
+        match self.held_ends.back_mut() {
+            Some((t, e)) if *t == tag => *e = end,
+            _ => self.held_ends.push_back((tag, end)),
         }
     }
 
@@ -97,10 +114,10 @@ impl Connection {
     pub fn process(&mut self, store: &mut Store, log: &mut LogWriter, now_ms: u64) -> Status {
         let mut pos = 0;
         while self.status == Status::Open {
-            match resp::parse(&self.input[pos..], &self.limits) {
-                Parse::Incomplete => break,
-                Parse::Empty { consumed } => pos += consumed,
-                Parse::Error(e) => {
+            match resp::parse_into(&self.input[pos..], &self.limits, &mut self.args) {
+                Parsed::Incomplete => break,
+                Parsed::Empty { consumed } => pos += consumed,
+                Parsed::Error(e) => {
                     self.scratch.clear();
                     e.write_reply(&mut self.scratch);
                     let s = core::mem::take(&mut self.scratch);
@@ -108,9 +125,16 @@ impl Connection {
                     self.scratch = s;
                     self.status = Status::Closing;
                 }
-                Parse::Command { args, consumed } => {
+                Parsed::Command { consumed } => {
                     pos += consumed;
+                    let mut args = core::mem::take(&mut self.args);
                     self.run(&args, store, log, now_ms);
+                    for a in args.iter_mut() {
+                        if a.capacity() > KEEP_ARG_CAPACITY {
+                            *a = Vec::new();
+                        }
+                    }
+                    self.args = args;
                 }
             }
         }
@@ -157,13 +181,21 @@ impl Connection {
 
     /// Moves every reply whose log records are durable (per `log`) to `out`, in order.
     pub fn take_output(&mut self, log: &LogWriter, out: &mut Vec<u8>) {
-        while let Some((tag, _)) = self.held.front() {
-            if *tag > log.durable() {
+        let mut upto = self.held_base;
+        while let Some(&(tag, end)) = self.held_ends.front() {
+            if tag > log.durable() {
                 break;
             }
-            if let Some((_, b)) = self.held.pop_front() {
-                self.held_bytes -= b.len();
-                out.extend_from_slice(&b);
+            self.held_ends.pop_front();
+            upto = end;
+        }
+        let n = upto - self.held_base;
+        if n > 0 {
+            out.extend_from_slice(&self.held[..n]);
+            self.held.drain(..n);
+            self.held_base = upto;
+            if self.held.is_empty() && self.held.capacity() > KEEP_HELD_CAPACITY {
+                self.held = Vec::new();
             }
         }
     }

@@ -119,16 +119,48 @@ pub enum Parse {
 /// Requests starting with `*` are multibulk, anything else is an inline command split on
 /// whitespace with `"..."` and `'...'` quoting as in Redis.
 pub fn parse(buf: &[u8], limits: &Limits) -> Parse {
+    let mut args = Vec::new();
+    match parse_into(buf, limits, &mut args) {
+        Parsed::Command { consumed } => Parse::Command { args, consumed },
+        Parsed::Empty { consumed } => Parse::Empty { consumed },
+        Parsed::Incomplete => Parse::Incomplete,
+        Parsed::Error(e) => Parse::Error(e),
+    }
+}
+
+/// What [`parse_into`] found; a command's arguments are in the caller's vector.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// One complete request, its arguments in `args`; it used `consumed` input bytes.
+    Command {
+        /// Input bytes consumed by this request.
+        consumed: usize,
+    },
+    /// Input that forms no command: skip `consumed` bytes and parse again.
+    Empty {
+        /// Input bytes to skip.
+        consumed: usize,
+    },
+    /// The input holds only part of a request: wait for more bytes.
+    Incomplete,
+    /// The input is malformed or too large: reply with the error and close the connection.
+    Error(ProtocolError),
+}
+
+/// [`parse`], with a command's arguments put into `args` (replacing what it held) and the
+/// allocations of its vectors reused: a connection's stream of requests costs no allocation
+/// per argument once its vectors have grown. Unchanged unless a command is found.
+pub fn parse_into(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parsed {
     let r = if buf.is_empty() {
-        Parse::Incomplete
+        Parsed::Incomplete
     } else if buf[0] == b'*' {
-        parse_multibulk(buf, limits)
+        parse_multibulk(buf, limits, args)
     } else {
-        parse_inline(buf, limits)
+        parse_inline(buf, limits, args)
     };
     match r {
-        Parse::Incomplete if buf.len() > limits.max_request_len => {
-            Parse::Error(ProtocolError::RequestTooLarge)
+        Parsed::Incomplete if buf.len() > limits.max_request_len => {
+            Parsed::Error(ProtocolError::RequestTooLarge)
         }
         r => r,
     }
@@ -196,21 +228,21 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
     Some(v)
 }
 
-fn parse_multibulk(buf: &[u8], limits: &Limits) -> Parse {
+fn parse_multibulk(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parsed {
     let (line, mut pos) = match header_line(buf, 0, limits, ProtocolError::TooBigMbulkCount) {
-        Err(e) => return Parse::Error(e),
-        Ok(None) => return Parse::Incomplete,
+        Err(e) => return Parsed::Error(e),
+        Ok(None) => return Parsed::Incomplete,
         Ok(Some(x)) => x,
     };
     let count = match parse_i64(&line[1..]) {
         Some(n) => n,
-        None => return Parse::Error(ProtocolError::InvalidMultibulkLength),
+        None => return Parsed::Error(ProtocolError::InvalidMultibulkLength),
     };
     if count <= 0 {
-        return Parse::Empty { consumed: pos };
+        return Parsed::Empty { consumed: pos };
     }
     if count as u64 > limits.max_args as u64 {
-        return Parse::Error(ProtocolError::InvalidMultibulkLength);
+        return Parsed::Error(ProtocolError::InvalidMultibulkLength);
     }
     let count = count as usize;
     // First pass: validate all headers and lengths without copying anything, so an
@@ -218,73 +250,78 @@ fn parse_multibulk(buf: &[u8], limits: &Limits) -> Parse {
     let first = pos;
     for _ in 0..count {
         match buf.get(pos) {
-            None => return Parse::Incomplete,
+            None => return Parsed::Incomplete,
             Some(b'$') => {}
-            Some(&b) => return Parse::Error(ProtocolError::ExpectedDollar(b)),
+            Some(&b) => return Parsed::Error(ProtocolError::ExpectedDollar(b)),
         }
         let (line, next) = match header_line(buf, pos, limits, ProtocolError::TooBigBulkCount) {
-            Err(e) => return Parse::Error(e),
-            Ok(None) => return Parse::Incomplete,
+            Err(e) => return Parsed::Error(e),
+            Ok(None) => return Parsed::Incomplete,
             Ok(Some(x)) => x,
         };
         let len = match parse_i64(&line[1..]) {
             Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len as u64 => n as usize,
-            _ => return Parse::Error(ProtocolError::InvalidBulkLength),
+            _ => return Parsed::Error(ProtocolError::InvalidBulkLength),
         };
         let end = next + len;
         if end + 2 > limits.max_request_len {
             // Refuse as soon as the declared size is known, without buffering it.
-            return Parse::Error(ProtocolError::RequestTooLarge);
+            return Parsed::Error(ProtocolError::RequestTooLarge);
         }
         if buf.len() < end + 2 {
-            return Parse::Incomplete;
+            return Parsed::Incomplete;
         }
         if &buf[end..end + 2] != b"\r\n" {
-            return Parse::Error(ProtocolError::ExpectedCrlf);
+            return Parsed::Error(ProtocolError::ExpectedCrlf);
         }
         pos = end + 2;
     }
-    // Second pass: copy the arguments out (headers are known to be valid now).
-    let mut args = Vec::with_capacity(count);
+    // Second pass: copy the arguments out (headers are known to be valid now), into the
+    // caller's vectors.
+    args.truncate(count);
     let mut p = first;
-    for _ in 0..count {
+    for i in 0..count {
         let nl = p + buf[p..].iter().position(|&b| b == b'\r').unwrap_or(0);
         let len = parse_i64(&buf[p + 1..nl]).unwrap_or(0) as usize;
         let start = nl + 2;
-        args.push(buf[start..start + len].to_vec());
+        let arg = &buf[start..start + len];
+        match args.get_mut(i) {
+            Some(a) => {
+                a.clear();
+                a.extend_from_slice(arg);
+            }
+            None => args.push(arg.to_vec()),
+        }
         p = start + len + 2;
     }
-    Parse::Command {
-        args,
-        consumed: pos,
-    }
+    Parsed::Command { consumed: pos }
 }
 
-fn parse_inline(buf: &[u8], limits: &Limits) -> Parse {
+fn parse_inline(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parsed {
     let nl = match buf.iter().position(|&b| b == b'\n') {
         None => {
             return if buf.len() > limits.max_inline_len {
-                Parse::Error(ProtocolError::TooBigInline)
+                Parsed::Error(ProtocolError::TooBigInline)
             } else {
-                Parse::Incomplete
+                Parsed::Incomplete
             }
         }
         Some(i) => i,
     };
     if nl > limits.max_inline_len {
-        return Parse::Error(ProtocolError::TooBigInline);
+        return Parsed::Error(ProtocolError::TooBigInline);
     }
     let mut line = &buf[..nl];
     if let [rest @ .., b'\r'] = line {
         line = rest;
     }
     match split_args(line, limits.max_args) {
-        Err(e) => Parse::Error(e),
-        Ok(args) if args.is_empty() => Parse::Empty { consumed: nl + 1 },
-        Ok(args) => Parse::Command {
-            args,
-            consumed: nl + 1,
-        },
+        Err(e) => Parsed::Error(e),
+        Ok(a) if a.is_empty() => Parsed::Empty { consumed: nl + 1 },
+        Ok(a) => {
+            *args = a;
+            Parsed::Command { consumed: nl + 1 }
+        }
     }
 }
 
@@ -468,6 +505,41 @@ mod tests {
             args: args.iter().map(|a| a.to_vec()).collect(),
             consumed,
         }
+    }
+
+    #[test]
+    fn parse_into_reuses_the_vectors_and_gives_what_parse_gives() {
+        // Commands of falling and rising argument counts, multibulk and inline, so stale
+        // arguments of a longer command would show.
+        let reqs: [&[u8]; 6] = [
+            b"*5\r\n$4\r\nMSET\r\n$1\r\na\r\n$3\r\none\r\n$1\r\nb\r\n$3\r\ntwo\r\n",
+            b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n",
+            b"PING\r\n",
+            b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$0\r\n\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+            b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$5\r\nvalue\r\n",
+        ];
+        let mut args = Vec::new();
+        for r in reqs {
+            let Parse::Command {
+                args: want,
+                consumed,
+            } = parse(r, &lim())
+            else {
+                panic!("{r:?}");
+            };
+            assert_eq!(
+                parse_into(r, &lim(), &mut args),
+                Parsed::Command { consumed }
+            );
+            assert_eq!(args, want, "{r:?}");
+        }
+        // Nothing found: the vector is left as it was.
+        assert_eq!(
+            parse_into(b"*2\r\n$3\r\nGE", &lim(), &mut args),
+            Parsed::Incomplete
+        );
+        assert_eq!(args.len(), 3);
     }
 
     #[test]
