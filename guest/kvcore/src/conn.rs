@@ -45,13 +45,16 @@ pub struct Connection {
     args: Vec<Vec<u8>>,
 }
 
-/// An argument vector that grew past this is freed after its request rather than kept for
-/// the next (a client that once sent a large value does not keep the memory).
-const KEEP_ARG_CAPACITY: usize = 4096;
+/// What a connection keeps between requests is small beside its socket buffers (16 KiB by
+/// default), so a client that once sent a large or long request, or got a large reply,
+/// does not keep that memory: at most this many argument vectors are kept ...
+const KEEP_ARGS: usize = 8;
 
-/// The reply buffer, once emptied, is freed if it grew past this (a large reply's memory
-/// is not kept for the life of the connection).
-const KEEP_HELD_CAPACITY: usize = 16 << 10;
+/// ... each only if its capacity is at most this ...
+const KEEP_ARG_CAPACITY: usize = 512;
+
+/// ... and the emptied reply buffer only if its capacity is at most this.
+const KEEP_HELD_CAPACITY: usize = 2048;
 
 impl Connection {
     /// A new connection whose requests are bounded by `limits`.
@@ -129,6 +132,7 @@ impl Connection {
                     pos += consumed;
                     let mut args = core::mem::take(&mut self.args);
                     self.run(&args, store, log, now_ms);
+                    args.truncate(KEEP_ARGS);
                     for a in args.iter_mut() {
                         if a.capacity() > KEEP_ARG_CAPACITY {
                             *a = Vec::new();
@@ -250,6 +254,41 @@ mod tests {
         out.clear();
         c2.take_output(&log, &mut out);
         assert_eq!(out, b"$1\r\n1\r\n");
+        assert_eq!(c.pending_output(), 0);
+    }
+
+    #[test]
+    fn replies_leave_in_order_as_far_as_the_log_is_durable() {
+        let (mut store, mut log, mut disk) = setup();
+        let mut c = Connection::new(Limits::default());
+        let mut out = Vec::new();
+        // A large value first: its reply grows the buffer past what is kept.
+        let big = alloc::vec![b'x'; 5000];
+        let mut req = b"*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$5000\r\n".to_vec();
+        req.extend_from_slice(&big);
+        req.extend_from_slice(b"\r\nGET big\r\n");
+        c.feed(&req);
+        c.process(&mut store, &mut log, 0);
+        commit(&mut log, &mut disk);
+        c.take_output(&log, &mut out);
+        let mut want = b"+OK\r\n$5000\r\n".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"\r\n");
+        assert_eq!(out, want);
+        assert_eq!(c.pending_output(), 0);
+        out.clear();
+        // Two commits: only the replies of the durable one leave.
+        c.feed(b"SET a 1\r\nGET a\r\n");
+        c.process(&mut store, &mut log, 0);
+        commit(&mut log, &mut disk);
+        c.feed(b"SET b 22\r\nGET b\r\n");
+        c.process(&mut store, &mut log, 0);
+        c.take_output(&log, &mut out);
+        assert_eq!(out, b"+OK\r\n$1\r\n1\r\n");
+        assert_eq!(c.pending_output(), b"+OK\r\n$2\r\n22\r\n".len());
+        commit(&mut log, &mut disk);
+        c.take_output(&log, &mut out);
+        assert_eq!(out, b"+OK\r\n$1\r\n1\r\n+OK\r\n$2\r\n22\r\n");
         assert_eq!(c.pending_output(), 0);
     }
 
