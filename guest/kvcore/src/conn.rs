@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 
 use crate::aof::LogWriter;
 use crate::commands::is_write_command;
-use crate::resp::{self, write_error, Limits, Parsed};
+use crate::resp::{self, write_error, Limits, Parse};
 use crate::store::Store;
 
 /// Room, beyond a write request's own record, that must be left on the disk for it to run.
@@ -117,10 +117,10 @@ impl Connection {
     pub fn process(&mut self, store: &mut Store, log: &mut LogWriter, now_ms: u64) -> Status {
         let mut pos = 0;
         while self.status == Status::Open {
-            match resp::parse_into(&self.input[pos..], &self.limits, &mut self.args) {
-                Parsed::Incomplete => break,
-                Parsed::Empty { consumed } => pos += consumed,
-                Parsed::Error(e) => {
+            match resp::parse(&self.input[pos..], &self.limits, &mut self.args) {
+                Parse::Incomplete => break,
+                Parse::Empty { consumed } => pos += consumed,
+                Parse::Error(e) => {
                     self.scratch.clear();
                     e.write_reply(&mut self.scratch);
                     let s = core::mem::take(&mut self.scratch);
@@ -128,7 +128,7 @@ impl Connection {
                     self.scratch = s;
                     self.status = Status::Closing;
                 }
-                Parsed::Command { consumed } => {
+                Parse::Command { consumed } => {
                     pos += consumed;
                     let mut args = core::mem::take(&mut self.args);
                     self.run(&args, store, log, now_ms);

@@ -91,14 +91,13 @@ impl ProtocolError {
     }
 }
 
-/// The result of looking at the start of a connection's unconsumed input.
+/// The result of looking at the start of a connection's unconsumed input; a command's
+/// arguments are in the vector given to [`parse`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
-    /// One complete request: its arguments (the command name first) and how many input
-    /// bytes it used.
+    /// One complete request: its arguments (the command name first, never empty) are in
+    /// `args`; it used `consumed` input bytes.
     Command {
-        /// The request's arguments; never empty.
-        args: Vec<Vec<u8>>,
         /// Input bytes consumed by this request.
         consumed: usize,
     },
@@ -114,53 +113,24 @@ pub enum Parse {
     Error(ProtocolError),
 }
 
-/// Parses the first request in `buf` (the unconsumed input of one connection).
+/// Parses the first request in `buf` (the unconsumed input of one connection), putting a
+/// command's arguments into `args` (replacing what it held; left alone otherwise) and reusing
+/// the allocations of its vectors: a connection's stream of requests costs no allocation per
+/// argument once its vectors have grown.
 ///
 /// Requests starting with `*` are multibulk, anything else is an inline command split on
 /// whitespace with `"..."` and `'...'` quoting as in Redis.
-pub fn parse(buf: &[u8], limits: &Limits) -> Parse {
-    let mut args = Vec::new();
-    match parse_into(buf, limits, &mut args) {
-        Parsed::Command { consumed } => Parse::Command { args, consumed },
-        Parsed::Empty { consumed } => Parse::Empty { consumed },
-        Parsed::Incomplete => Parse::Incomplete,
-        Parsed::Error(e) => Parse::Error(e),
-    }
-}
-
-/// What [`parse_into`] found; a command's arguments are in the caller's vector.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
-    /// One complete request, its arguments in `args`; it used `consumed` input bytes.
-    Command {
-        /// Input bytes consumed by this request.
-        consumed: usize,
-    },
-    /// Input that forms no command: skip `consumed` bytes and parse again.
-    Empty {
-        /// Input bytes to skip.
-        consumed: usize,
-    },
-    /// The input holds only part of a request: wait for more bytes.
-    Incomplete,
-    /// The input is malformed or too large: reply with the error and close the connection.
-    Error(ProtocolError),
-}
-
-/// [`parse`], with a command's arguments put into `args` (replacing what it held) and the
-/// allocations of its vectors reused: a connection's stream of requests costs no allocation
-/// per argument once its vectors have grown. Unchanged unless a command is found.
-pub fn parse_into(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parsed {
+pub fn parse(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parse {
     let r = if buf.is_empty() {
-        Parsed::Incomplete
+        Parse::Incomplete
     } else if buf[0] == b'*' {
         parse_multibulk(buf, limits, args)
     } else {
         parse_inline(buf, limits, args)
     };
     match r {
-        Parsed::Incomplete if buf.len() > limits.max_request_len => {
-            Parsed::Error(ProtocolError::RequestTooLarge)
+        Parse::Incomplete if buf.len() > limits.max_request_len => {
+            Parse::Error(ProtocolError::RequestTooLarge)
         }
         r => r,
     }
@@ -228,21 +198,21 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
     Some(v)
 }
 
-fn parse_multibulk(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parsed {
+fn parse_multibulk(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parse {
     let (line, mut pos) = match header_line(buf, 0, limits, ProtocolError::TooBigMbulkCount) {
-        Err(e) => return Parsed::Error(e),
-        Ok(None) => return Parsed::Incomplete,
+        Err(e) => return Parse::Error(e),
+        Ok(None) => return Parse::Incomplete,
         Ok(Some(x)) => x,
     };
     let count = match parse_i64(&line[1..]) {
         Some(n) => n,
-        None => return Parsed::Error(ProtocolError::InvalidMultibulkLength),
+        None => return Parse::Error(ProtocolError::InvalidMultibulkLength),
     };
     if count <= 0 {
-        return Parsed::Empty { consumed: pos };
+        return Parse::Empty { consumed: pos };
     }
     if count as u64 > limits.max_args as u64 {
-        return Parsed::Error(ProtocolError::InvalidMultibulkLength);
+        return Parse::Error(ProtocolError::InvalidMultibulkLength);
     }
     let count = count as usize;
     // First pass: validate all headers and lengths without copying anything, so an
@@ -250,29 +220,29 @@ fn parse_multibulk(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Pars
     let first = pos;
     for _ in 0..count {
         match buf.get(pos) {
-            None => return Parsed::Incomplete,
+            None => return Parse::Incomplete,
             Some(b'$') => {}
-            Some(&b) => return Parsed::Error(ProtocolError::ExpectedDollar(b)),
+            Some(&b) => return Parse::Error(ProtocolError::ExpectedDollar(b)),
         }
         let (line, next) = match header_line(buf, pos, limits, ProtocolError::TooBigBulkCount) {
-            Err(e) => return Parsed::Error(e),
-            Ok(None) => return Parsed::Incomplete,
+            Err(e) => return Parse::Error(e),
+            Ok(None) => return Parse::Incomplete,
             Ok(Some(x)) => x,
         };
         let len = match parse_i64(&line[1..]) {
             Some(n) if n >= 0 && n as u64 <= limits.max_bulk_len as u64 => n as usize,
-            _ => return Parsed::Error(ProtocolError::InvalidBulkLength),
+            _ => return Parse::Error(ProtocolError::InvalidBulkLength),
         };
         let end = next + len;
         if end + 2 > limits.max_request_len {
             // Refuse as soon as the declared size is known, without buffering it.
-            return Parsed::Error(ProtocolError::RequestTooLarge);
+            return Parse::Error(ProtocolError::RequestTooLarge);
         }
         if buf.len() < end + 2 {
-            return Parsed::Incomplete;
+            return Parse::Incomplete;
         }
         if &buf[end..end + 2] != b"\r\n" {
-            return Parsed::Error(ProtocolError::ExpectedCrlf);
+            return Parse::Error(ProtocolError::ExpectedCrlf);
         }
         pos = end + 2;
     }
@@ -294,33 +264,33 @@ fn parse_multibulk(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Pars
         }
         p = start + len + 2;
     }
-    Parsed::Command { consumed: pos }
+    Parse::Command { consumed: pos }
 }
 
-fn parse_inline(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parsed {
+fn parse_inline(buf: &[u8], limits: &Limits, args: &mut Vec<Vec<u8>>) -> Parse {
     let nl = match buf.iter().position(|&b| b == b'\n') {
         None => {
             return if buf.len() > limits.max_inline_len {
-                Parsed::Error(ProtocolError::TooBigInline)
+                Parse::Error(ProtocolError::TooBigInline)
             } else {
-                Parsed::Incomplete
+                Parse::Incomplete
             }
         }
         Some(i) => i,
     };
     if nl > limits.max_inline_len {
-        return Parsed::Error(ProtocolError::TooBigInline);
+        return Parse::Error(ProtocolError::TooBigInline);
     }
     let mut line = &buf[..nl];
     if let [rest @ .., b'\r'] = line {
         line = rest;
     }
     match split_args(line, limits.max_args) {
-        Err(e) => Parsed::Error(e),
-        Ok(a) if a.is_empty() => Parsed::Empty { consumed: nl + 1 },
+        Err(e) => Parse::Error(e),
+        Ok(a) if a.is_empty() => Parse::Empty { consumed: nl + 1 },
         Ok(a) => {
             *args = a;
-            Parsed::Command { consumed: nl + 1 }
+            Parse::Command { consumed: nl + 1 }
         }
     }
 }
@@ -500,15 +470,35 @@ mod tests {
         Limits::default()
     }
 
-    fn cmd(args: &[&[u8]], consumed: usize) -> Parse {
-        Parse::Command {
+    /// What [`parse`] found, with the arguments in it (for comparisons).
+    #[derive(Debug, PartialEq, Eq)]
+    enum Whole {
+        Command { args: Vec<Vec<u8>>, consumed: usize },
+        Empty { consumed: usize },
+        Incomplete,
+        Error(ProtocolError),
+    }
+
+    /// [`parse`] into a fresh vector.
+    fn parse_whole(buf: &[u8], limits: &Limits) -> Whole {
+        let mut args = Vec::new();
+        match parse(buf, limits, &mut args) {
+            Parse::Command { consumed } => Whole::Command { args, consumed },
+            Parse::Empty { consumed } => Whole::Empty { consumed },
+            Parse::Incomplete => Whole::Incomplete,
+            Parse::Error(e) => Whole::Error(e),
+        }
+    }
+
+    fn cmd(args: &[&[u8]], consumed: usize) -> Whole {
+        Whole::Command {
             args: args.iter().map(|a| a.to_vec()).collect(),
             consumed,
         }
     }
 
     #[test]
-    fn parse_into_reuses_the_vectors_and_gives_what_parse_gives() {
+    fn a_reused_vector_gets_what_a_fresh_one_gets() {
         // Commands of falling and rising argument counts, multibulk and inline, so stale
         // arguments of a longer command would show.
         let reqs: [&[u8]; 6] = [
@@ -521,23 +511,20 @@ mod tests {
         ];
         let mut args = Vec::new();
         for r in reqs {
-            let Parse::Command {
+            let Whole::Command {
                 args: want,
                 consumed,
-            } = parse(r, &lim())
+            } = parse_whole(r, &lim())
             else {
                 panic!("{r:?}");
             };
-            assert_eq!(
-                parse_into(r, &lim(), &mut args),
-                Parsed::Command { consumed }
-            );
+            assert_eq!(parse(r, &lim(), &mut args), Parse::Command { consumed });
             assert_eq!(args, want, "{r:?}");
         }
         // Nothing found: the vector is left as it was.
         assert_eq!(
-            parse_into(b"*2\r\n$3\r\nGE", &lim(), &mut args),
-            Parsed::Incomplete
+            parse(b"*2\r\n$3\r\nGE", &lim(), &mut args),
+            Parse::Incomplete
         );
         assert_eq!(args.len(), 3);
     }
@@ -545,9 +532,13 @@ mod tests {
     #[test]
     fn multibulk() {
         let b = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
-        assert_eq!(parse(b, &lim()), cmd(&[b"GET", b"k"], b.len()));
+        assert_eq!(parse_whole(b, &lim()), cmd(&[b"GET", b"k"], b.len()));
         for cut in 0..b.len() {
-            assert_eq!(parse(&b[..cut], &lim()), Parse::Incomplete, "cut {cut}");
+            assert_eq!(
+                parse_whole(&b[..cut], &lim()),
+                Whole::Incomplete,
+                "cut {cut}"
+            );
         }
     }
 
@@ -556,7 +547,7 @@ mod tests {
         let b = b"*1\r\n$4\r\nPING\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\na\r\n$0\r\n\r\n";
         let mut pos = 0;
         let mut got = vec![];
-        while let Parse::Command { args, consumed } = parse(&b[pos..], &lim()) {
+        while let Whole::Command { args, consumed } = parse_whole(&b[pos..], &lim()) {
             got.push(args);
             pos += consumed;
         }
@@ -567,31 +558,34 @@ mod tests {
 
     #[test]
     fn inline() {
-        assert_eq!(parse(b"PING\r\n", &lim()), cmd(&[b"PING"], 6));
+        assert_eq!(parse_whole(b"PING\r\n", &lim()), cmd(&[b"PING"], 6));
         assert_eq!(
-            parse(b"  set a  b\n", &lim()),
+            parse_whole(b"  set a  b\n", &lim()),
             cmd(&[b"set", b"a", b"b"], 11)
         );
         assert_eq!(
-            parse(b"set \"a b\\x41\\n\" 'c\\'d'\r\n", &lim()),
+            parse_whole(b"set \"a b\\x41\\n\" 'c\\'d'\r\n", &lim()),
             cmd(&[b"set", b"a bA\n", b"c'd"], 24)
         );
-        assert_eq!(parse(b"\r\n", &lim()), Parse::Empty { consumed: 2 });
-        assert_eq!(parse(b"PIN", &lim()), Parse::Incomplete);
+        assert_eq!(parse_whole(b"\r\n", &lim()), Whole::Empty { consumed: 2 });
+        assert_eq!(parse_whole(b"PIN", &lim()), Whole::Incomplete);
         assert_eq!(
-            parse(b"set \"a\r\n", &lim()),
-            Parse::Error(ProtocolError::UnbalancedQuotes)
+            parse_whole(b"set \"a\r\n", &lim()),
+            Whole::Error(ProtocolError::UnbalancedQuotes)
         );
         assert_eq!(
-            parse(b"set \"a\"b\r\n", &lim()),
-            Parse::Error(ProtocolError::UnbalancedQuotes)
+            parse_whole(b"set \"a\"b\r\n", &lim()),
+            Whole::Error(ProtocolError::UnbalancedQuotes)
         );
     }
 
     #[test]
     fn empty_multibulk() {
-        assert_eq!(parse(b"*0\r\n", &lim()), Parse::Empty { consumed: 4 });
-        assert_eq!(parse(b"*-1\r\n", &lim()), Parse::Empty { consumed: 5 });
+        assert_eq!(parse_whole(b"*0\r\n", &lim()), Whole::Empty { consumed: 4 });
+        assert_eq!(
+            parse_whole(b"*-1\r\n", &lim()),
+            Whole::Empty { consumed: 5 }
+        );
     }
 
     #[test]
@@ -602,8 +596,8 @@ mod tests {
             max_inline_len: 16,
             max_request_len: 40,
         };
-        let e = |b: &[u8]| match parse(b, &l) {
-            Parse::Error(e) => e,
+        let e = |b: &[u8]| match parse_whole(b, &l) {
+            Whole::Error(e) => e,
             other => panic!("{b:?}: {other:?}"),
         };
         assert_eq!(e(b"*x\r\n"), ProtocolError::InvalidMultibulkLength);
@@ -698,17 +692,17 @@ mod tests {
             }
             let mut pos = 0;
             loop {
-                match parse(&buf[pos..], &l) {
-                    Parse::Command { consumed, args } => {
+                match parse_whole(&buf[pos..], &l) {
+                    Whole::Command { consumed, args } => {
                         assert!(consumed > 0 && pos + consumed <= buf.len());
                         assert!(!args.is_empty() && args.len() <= l.max_args);
                         pos += consumed;
                     }
-                    Parse::Empty { consumed } => {
+                    Whole::Empty { consumed } => {
                         assert!(consumed > 0 && pos + consumed <= buf.len());
                         pos += consumed;
                     }
-                    Parse::Incomplete | Parse::Error(_) => break,
+                    Whole::Incomplete | Whole::Error(_) => break,
                 }
             }
         }
