@@ -23,7 +23,8 @@
 //! added to both nodes' node.toml, e.g. `io_nice = 0`),
 //! `FTVM_BENCH_TRACE=DIR` (instead, `perf trace -s`: each thread's system calls, counted and
 //! timed, into `DIR/NAME.txt`; it slows every run several-fold, so read its counts, not the
-//! ratios).
+//! ratios), `FTVM_BENCH_KVM_EVENTS=DIR` (instead, `perf stat` of KVM's exit, page-fault and
+//! shadow-MMU tracepoints, into `DIR/NAME.txt`).
 //!
 //! The latency at `-c 1` is taken three times: the backup at the default CPU weight; its vCPU
 //! yielding (`cpu.shares` 2); and the backup as on a host of its own: its vCPU yielding and its
@@ -556,6 +557,16 @@ impl Profile {
                 std::process::Stdio::null(),
             ));
         }
+        if let Ok(dir) = std::env::var("FTVM_BENCH_KVM_EVENTS") {
+            let _ = std::fs::create_dir_all(&dir);
+            let out = std::path::Path::new(&dir).join(format!("{name}.txt"));
+            let out = out.to_string_lossy();
+            return Profile(perf(
+                &["stat", "-e", KVM_EVENTS, "-o", &out],
+                pid,
+                std::process::Stdio::null(),
+            ));
+        }
         let Ok(dir) = std::env::var("FTVM_BENCH_PERF") else {
             return Profile(None);
         };
@@ -575,6 +586,12 @@ impl Profile {
         }
     }
 }
+
+/// What `FTVM_BENCH_KVM_EVENTS` counts: KVM's exits (those it handles itself as well as the
+/// VMM's), its page faults and the shadow MMU's work behind them.
+const KVM_EVENTS: &str = "kvm:kvm_exit,kvm:kvm_userspace_exit,kvm:kvm_page_fault,kvm:kvm_mmio,\
+kvmmmu:kvm_mmu_get_page,kvmmmu:kvm_mmu_sync_page,kvmmmu:kvm_mmu_unsync_page,\
+kvmmmu:kvm_mmu_prepare_zap_page,kvmmmu:fast_page_fault,kvmmmu:kvm_mmu_set_spte";
 
 /// The ids of `pid`'s threads named `name`.
 fn threads_named(pid: u32, name: &str) -> Vec<u32> {

@@ -1598,9 +1598,8 @@ async fn run_backup(
             "joining: state restored in {restore_ms:.1} ms, generation {generation} persisted in {:.1} ms",
             t_persist.elapsed().as_secs_f64() * 1e3
         );
-        node.shared.set_role(Role::Backup);
         node.set_peer_role(Some(Role::Primary));
-        node.shared.update_join(|j| {
+        node.shared.set_role_with_join(Role::Backup, |j| {
             j.phase = "done".into();
             j.boundary = k;
             j.total_ms = t0.elapsed().as_secs_f64() * 1e3;

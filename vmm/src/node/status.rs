@@ -156,6 +156,15 @@ impl Shared {
         f(g.get_or_insert_with(JoinReport::default));
     }
 
+    /// Sets the role and updates the join report as one change: a [`status`](Self::status)
+    /// read sees both or neither (a joiner that became the backup has its join "done").
+    pub fn set_role_with_join(&self, r: Role, f: impl FnOnce(&mut JoinReport)) {
+        // Lock order: the join report, then the role (as in `status`).
+        let mut g = self.join.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_role(r);
+        f(g.get_or_insert_with(JoinReport::default));
+    }
+
     /// Seconds since start.
     pub fn uptime_s(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
@@ -167,7 +176,11 @@ impl Shared {
         let boundary = self.boundary.load(Ordering::Relaxed);
         let replayed = ChannelStats::get(&s.replayed);
         let up = self.uptime_s().max(1e-3);
-        let role = self.role();
+        // The role and the join report read together (see `set_role_with_join`).
+        let (role, join) = {
+            let j = self.join.lock().unwrap_or_else(|p| p.into_inner());
+            (self.role(), j.clone())
+        };
         Status {
             pair: self.pair.clone(),
             node: self.node.clone(),
@@ -222,7 +235,7 @@ impl Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             joins: self.joins.load(Ordering::Relaxed),
-            join: self.join.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            join,
             uptime_s: self.uptime_s(),
         }
     }
@@ -419,5 +432,44 @@ fn publish(sh: &Shared) {
         metrics::gauge!("ftvm_node_join_blocks").set(j.blocks as f64);
         metrics::gauge!("ftvm_node_join_rounds").set(j.rounds as f64);
         metrics::gauge!("ftvm_node_join_pause_seconds").set(j.pause_ms / 1e3);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_read_sees_a_joiners_role_and_its_join_report_together() {
+        let shared = Arc::new(Shared::new("kv1", "b", "a", 0));
+        shared.set_role(Role::Joining);
+        shared.update_join(|j| j.phase = "restoring".into());
+        let writer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    shared.set_role_with_join(Role::Backup, |j| j.phase = "done".into());
+                    shared.set_role_with_join(Role::Joining, |j| j.phase = "restoring".into());
+                }
+            })
+        };
+        // Reads until the writer is done, one more after (so at least one read).
+        loop {
+            let done = writer.is_finished();
+            let s = shared.status();
+            let phase = s.join.map(|j| j.phase).unwrap_or_default();
+            assert!(
+                matches!(
+                    (s.role, phase.as_str()),
+                    ("backup", "done") | ("joining", "restoring")
+                ),
+                "role {} with join phase {phase}",
+                s.role
+            );
+            if done {
+                break;
+            }
+        }
+        writer.join().unwrap();
     }
 }
