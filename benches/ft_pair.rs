@@ -368,7 +368,7 @@ fn throughput(lab: &PairLab, n: u32, pids: &[u32], tap: &Host) -> Result<Vec<f64
 }
 
 /// The guest alone on host a; `record`: recording its inputs to a file as it runs (with a
-/// memory digest every 1000 boundaries, as the pair's default).
+/// memory digest every `DEFAULT_DIGEST_EVERY` boundaries, as the pair's default).
 fn start_solo(lab: &PairLab, record: Option<&std::path::Path>) -> Result<RunningNode> {
     let a = lab.host("a");
     let mut args: Vec<String> = [
@@ -393,7 +393,10 @@ fn start_solo(lab: &PairLab, record: Option<&std::path::Path>) -> Result<Running
     if let Some(log) = record {
         let _ = std::fs::remove_file(log);
         args.extend(["--record".into(), log.display().to_string()]);
-        args.extend(["--digest-every".into(), "1000".into()]);
+        args.extend([
+            "--digest-every".into(),
+            vmm::node::config::DEFAULT_DIGEST_EVERY.to_string(),
+        ]);
     }
     let mut n = RunningNode::start(&a.ns, &args)?;
     n.expect_line("kv: listening on", Duration::from_secs(60))?;
@@ -715,7 +718,7 @@ fn main() -> Result<()> {
         disk_size: "64M".into(),
         failure_timeout: "500ms".into(),
         // The node's default, and the solo recording's.
-        digest_every: 1000,
+        digest_every: vmm::node::config::DEFAULT_DIGEST_EVERY,
         extra: std::env::var("FTVM_BENCH_NODE_TOML").unwrap_or_default(),
         ..PairOptions::default()
     })?;

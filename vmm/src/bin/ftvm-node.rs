@@ -132,7 +132,7 @@ struct RunArgs {
     #[serde(skip)]
     record: Option<PathBuf>,
     /// With --record: log a blake3 digest of guest memory every N boundaries (0: only at the
-    /// end). Default 1000.
+    /// end). Default 10000.
     #[arg(long, value_name = "N", requires = "record")]
     #[serde(skip)]
     digest_every: Option<u64>,
@@ -350,7 +350,9 @@ fn render(v: &serde_json::Value) -> String {
 fn run(a: RunArgs) -> ExitCode {
     let record = a.record.clone().map(|path| RecordOptions {
         path,
-        digest_every: a.digest_every.unwrap_or(1000),
+        digest_every: a
+            .digest_every
+            .unwrap_or(vmm::node::config::DEFAULT_DIGEST_EVERY),
     });
     let mut p = match plan(a) {
         Ok(p) => p,

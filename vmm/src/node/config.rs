@@ -126,6 +126,14 @@ struct File {
     vm: VmOptions,
 }
 
+/// The default of `digest_every` (a node's, and a solo recording's `--digest-every`): a
+/// memory digest every this many boundaries. Each digest reads KVM's dirty log, which
+/// write-protects every page the guest wrote again; under PVM those faults cost tens of µs
+/// each, and at 1,000 they cost a write-heavy guest 12–17% of its CPU (docs/architecture.md,
+/// "Measured on these hosts"). At 10,000 a busy kv guest still compares memory every few
+/// seconds.
+pub const DEFAULT_DIGEST_EVERY: u64 = 10_000;
+
 /// A validated node configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -264,7 +272,7 @@ impl NodeConfig {
             failure_timeout,
             max_lag,
             wait_for_backup: f.wait_for_backup.unwrap_or(true),
-            digest_every: f.digest_every.unwrap_or(1000),
+            digest_every: f.digest_every.unwrap_or(DEFAULT_DIGEST_EVERY),
             io_nice,
             state,
             vm: f.vm,
