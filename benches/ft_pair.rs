@@ -550,37 +550,25 @@ struct Profile(Option<std::process::Child>);
 
 impl Profile {
     fn start(pid: u32, name: &str) -> Profile {
-        if let Ok(dir) = std::env::var("FTVM_BENCH_TRACE") {
+        // The first of the variables set picks the tool: (variable, file suffix, perf's
+        // arguments before `-o FILE`).
+        let tools: [(&str, &str, &[&str]); 3] = [
+            ("FTVM_BENCH_TRACE", "txt", &["trace", "-s"]),
+            ("FTVM_BENCH_KVM_EVENTS", "txt", &["stat", "-e", KVM_EVENTS]),
+            ("FTVM_BENCH_PERF", "data", &["record", "-g", "-F", "2000"]),
+        ];
+        for (var, ext, args) in tools {
+            let Ok(dir) = std::env::var(var) else {
+                continue;
+            };
             let _ = std::fs::create_dir_all(&dir);
-            let out = std::path::Path::new(&dir).join(format!("{name}.txt"));
+            let out = std::path::Path::new(&dir).join(format!("{name}.{ext}"));
             let out = out.to_string_lossy();
-            return Profile(perf(
-                &["trace", "-s", "-o", &out],
-                pid,
-                std::process::Stdio::null(),
-            ));
+            let mut all = args.to_vec();
+            all.extend(["-o", &out]);
+            return Profile(perf(&all, pid, std::process::Stdio::null()));
         }
-        if let Ok(dir) = std::env::var("FTVM_BENCH_KVM_EVENTS") {
-            let _ = std::fs::create_dir_all(&dir);
-            let out = std::path::Path::new(&dir).join(format!("{name}.txt"));
-            let out = out.to_string_lossy();
-            return Profile(perf(
-                &["stat", "-e", KVM_EVENTS, "-o", &out],
-                pid,
-                std::process::Stdio::null(),
-            ));
-        }
-        let Ok(dir) = std::env::var("FTVM_BENCH_PERF") else {
-            return Profile(None);
-        };
-        let _ = std::fs::create_dir_all(&dir);
-        let out = std::path::Path::new(&dir).join(format!("{name}.data"));
-        let out = out.to_string_lossy();
-        Profile(perf(
-            &["record", "-g", "-F", "2000", "-o", &out],
-            pid,
-            std::process::Stdio::null(),
-        ))
+        Profile(None)
     }
 
     fn finish(self) {

@@ -129,9 +129,9 @@ struct File {
 /// The default of `digest_every` (a node's, and a solo recording's `--digest-every`): a
 /// memory digest every this many boundaries. Each digest reads KVM's dirty log, which
 /// write-protects every page the guest wrote again; under PVM those faults cost tens of µs
-/// each, and at 1,000 they cost a write-heavy guest 12–17% of its CPU (docs/architecture.md,
-/// "Measured on these hosts"). At 10,000 a busy kv guest still compares memory every few
-/// seconds.
+/// each: at 1,000, about 3 µs of guest time per write at `-P 1` (~15% of a solo kv guest's
+/// CPU; docs/architecture.md, "Measured on these hosts"). At 10,000 a busy kv guest still
+/// compares memory every few seconds.
 pub const DEFAULT_DIGEST_EVERY: u64 = 10_000;
 
 /// A validated node configuration.
