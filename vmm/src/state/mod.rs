@@ -22,6 +22,7 @@
 pub mod codec;
 pub mod dirty;
 pub mod pages;
+pub mod xsave;
 
 use kvm_bindings::{kvm_debugregs, kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events};
 use thiserror::Error;
