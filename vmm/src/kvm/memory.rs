@@ -81,6 +81,23 @@ impl GuestMemory {
     pub fn new(size: u64) -> Result<Self, VmmError> {
         let mmap = Mmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|source| MemoryError::Map { size, source })?;
+        // Transparent huge pages where the host allows them (`madvise` mode, the common
+        // default): the guest maps its RAM with 2 MiB pages, and KVM can map a 2 MiB guest
+        // page with one large entry only where the host backs it with one. Fewer entries and
+        // fewer first-touch faults: measured with `kv_redis` (FTVM_KV_BEFORE_NODE), the VM's
+        // CPU per SET at -P 1 went from 12.5 to 12.0 µs in two runs. Dirty logging (a recording
+        // or a pair member) makes KVM map 4 KiB pages again while it is on; the guest sees no
+        // difference either way.
+        if let Ok(host) = mmap.get_host_address(GuestAddress(0)) {
+            // SAFETY: advice only, on the mapping just made; it changes no contents.
+            let r = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_HUGEPAGE) };
+            if r != 0 {
+                tracing::debug!(
+                    "madvise(MADV_HUGEPAGE) on guest memory: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         Ok(GuestMemory {
             mmap,
             size,
