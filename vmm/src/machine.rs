@@ -17,7 +17,7 @@ use crate::kvm::KvmVm;
 use crate::replay::codec::{End, EndKind};
 use crate::replay::digest::MemoryDigest;
 use crate::signals;
-use crate::state::dirty::{DirtyConsumer, DirtyTracker};
+use crate::state::dirty::DirtyTracker;
 use crate::state::{StateError, VmState};
 use std::sync::Arc;
 
@@ -127,8 +127,8 @@ pub struct Machine {
     console: HashingConsole,
     boundary: Boundary,
     stop: std::sync::Arc<signals::StopSignal>,
+    /// The dirty-page tracker, on tracked memory (which also keeps memory digests).
     dirty: Option<Arc<DirtyTracker>>,
-    digest: Option<(MemoryDigest, DirtyConsumer)>,
     end: Option<End>,
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     pause: PauseHandle,
@@ -211,18 +211,8 @@ impl Machine {
         console: Box<dyn ConsoleSink>,
         stop: std::sync::Arc<signals::StopSignal>,
     ) -> Self {
-        let (dirty, digest) = if vm.memory.dirty_logging() {
-            // The digest is the tracker's first consumer: it sees every page written since the
-            // slot was registered, which is what a digest of zeroed memory needs.
-            let (tracker, consumer) =
-                DirtyTracker::with_first_consumer(vm.vm_fd_shared(), &vm.memory);
-            (
-                Some(tracker),
-                Some((MemoryDigest::new_zeroed(&vm.memory), consumer)),
-            )
-        } else {
-            (None, None)
-        };
+        // Tracked memory only: DirtyTracker::new refuses the rest.
+        let dirty = DirtyTracker::new(vm.vm_fd_shared(), &vm.memory).ok();
         Machine {
             vm,
             bus,
@@ -234,7 +224,6 @@ impl Machine {
             boundary: 0,
             stop,
             dirty,
-            digest,
             end: None,
             progress: None,
             pause: PauseHandle::default(),
@@ -268,12 +257,12 @@ impl Machine {
         self.end.as_ref()
     }
 
-    /// The digest of guest memory now (requires dirty logging).
+    /// The digest of guest memory now (on tracked memory; `None` otherwise).
     pub fn memory_digest(&mut self) -> Result<Option<[u8; 32]>, VmmError> {
-        match self.digest.as_mut() {
-            Some((d, consumer)) => Ok(Some(d.update(&self.vm.memory, &consumer.take()?)?)),
-            None => Ok(None),
+        if self.dirty.is_none() {
+            return Ok(None);
         }
+        MemoryDigest::full(&self.vm.memory).map(Some)
     }
 
     /// Records how the run ended and lets the input source check or log it.
@@ -471,8 +460,8 @@ impl Machine {
         &self.vm.memory
     }
 
-    /// The VM's one dirty-page tracker (when its memory has dirty logging): subscribe to it for
-    /// pre-copy; the memory digest is already one of its consumers.
+    /// The VM's one dirty-page tracker (on tracked memory): subscribe to it for pre-copy (KVM's
+    /// dirty log is on while it has a consumer).
     pub fn dirty_tracker(&self) -> Option<&Arc<DirtyTracker>> {
         self.dirty.as_ref()
     }

@@ -632,10 +632,15 @@ fn pre_copy_from_another_thread_while_the_guest_runs_rebuilds_memory_exactly() {
     let mut m1 = replayer(&setup, &log, None, None);
     let mut m2 = replayer(&setup, &log, None, Some(k));
     let tracker = m1.dirty_tracker().expect("dirty logging").clone();
+    // A tracked machine runs with KVM's dirty log off until someone subscribes.
+    let vm = m1.vm().vm_fd_shared();
+    assert!(vm
+        .get_dirty_log(vmm::kvm::memory::RAM_SLOT, 64 << 20)
+        .is_err());
     let consumer = tracker
         .subscribe(vmm::state::dirty::Since::Everything)
         .unwrap();
-    assert_eq!(tracker.consumers(), 2, "the digest and the pre-copy");
+    assert_eq!(tracker.consumers(), 1, "the pre-copy");
     let (src, dst) = (m1.memory().pages_handle(), m2.memory().pages_handle());
     let pages = m1.memory().pages();
     // One round: take the dirty pages, read them in batches, encode, decode, apply (what a
@@ -725,7 +730,7 @@ fn consumers_of_the_tracker_never_steal_each_others_pages() {
     let _ = b.take().unwrap();
     let before = snapshot(&m);
     assert!(m.run_until(400).unwrap().is_none());
-    // The digest consumer takes its pages in between: a and b must still see theirs.
+    // A digest in between (which reads every page) takes nothing from a or b.
     let digest = m.memory_digest().unwrap().unwrap();
     assert_eq!(
         digest,
@@ -748,7 +753,36 @@ fn consumers_of_the_tracker_never_steal_each_others_pages() {
     assert_eq!(db, da);
     assert!(a.take().unwrap().is_empty(), "the machine is paused");
     drop(a);
-    assert_eq!(tracker.consumers(), 2, "the digest and b");
+    assert_eq!(tracker.consumers(), 1, "b");
+    // KVM's dirty log is on while a consumer is subscribed, and off once the last one left.
+    let vm = m.vm().vm_fd_shared();
+    let slot = vmm::kvm::memory::RAM_SLOT;
+    assert!(vm.get_dirty_log(slot, 64 << 20).is_ok(), "b is subscribed");
+    drop(b);
+    assert_eq!(tracker.consumers(), 0);
+    assert!(
+        vm.get_dirty_log(slot, 64 << 20).is_err(),
+        "no consumer: KVM's dirty log is off"
+    );
+    // A new consumer turns it on again and sees what the guest writes from then on.
+    let c = tracker.subscribe(vmm::state::dirty::Since::Now).unwrap();
+    let before = snapshot(&m);
+    assert!(m.run_until(700).unwrap().is_none());
+    let after = snapshot(&m);
+    let dc = c.take().unwrap();
+    let changed: Vec<u64> = (0..before.len() as u64)
+        .filter(|&p| before[p as usize] != after[p as usize])
+        .collect();
+    assert!(
+        !changed.is_empty(),
+        "the guest wrote nothing in 300 boundaries"
+    );
+    for &p in &changed {
+        assert!(
+            dc.contains(p),
+            "page {p} changed but was not reported after re-subscribing"
+        );
+    }
 }
 
 #[test]

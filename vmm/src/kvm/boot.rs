@@ -34,7 +34,8 @@ pub struct BootParams {
     pub args: String,
     /// Network configuration, if the VM has a NIC.
     pub net: Option<NetConfig>,
-    /// Register guest memory with KVM dirty-page logging (needed for memory digests).
+    /// Guest memory is tracked: the machine keeps memory digests and a dirty-page tracker
+    /// (which turns KVM's dirty log on while it has a consumer).
     pub dirty_log: bool,
     /// Number of virtio-mmio devices after the control device.
     pub virtio_count: u64,

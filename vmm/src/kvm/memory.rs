@@ -1,10 +1,14 @@
 //! Guest memory: one anonymous mapping registered as KVM slot 0 at guest-physical address 0,
-//! with bounds-checked access for the VMM and (optionally) dirty-page logging.
+//! with bounds-checked access for the VMM and (optionally) dirty-page tracking.
 //!
 //! The VMM writes guest memory only through [`GuestMemory::write`], which also records the
-//! pages it touched, so a memory digest can be kept up to date from KVM's dirty log (pages the
-//! guest wrote) plus this record (pages the VMM wrote). Both logs are destructive to read, so
-//! only the VM's one [`DirtyTracker`](crate::state::dirty::DirtyTracker) reads them.
+//! pages it touched, so the pages written since a point in time are KVM's dirty log (pages
+//! the guest wrote) plus this record (pages the VMM wrote). Both logs are destructive to read,
+//! so only the VM's one [`DirtyTracker`](crate::state::dirty::DirtyTracker) reads them, and
+//! KVM's log is on only while the tracker has a consumer (a join's pre-copy): under PVM a
+//! dirty-logged slot costs the guest a write-protect fault per page it writes after each read
+//! of the log and 4 KiB mappings throughout, which measured as a third of the pair's CPU per
+//! request (docs/architecture.md).
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -55,9 +59,9 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    /// Dirty-page tracking was asked of memory registered without dirty logging.
-    #[error("dirty-page tracking needs the memory slot registered with dirty logging")]
-    NotDirtyLogged,
+    /// Dirty-page tracking was asked of memory registered without it.
+    #[error("dirty-page tracking needs the memory registered as tracked")]
+    NotTracked,
     /// `mincore` on guest memory failed.
     #[error("mincore on guest memory: {0}")]
     Mincore(#[source] std::io::Error),
@@ -73,7 +77,7 @@ pub const RAM_SLOT: u32 = 0;
 pub struct GuestMemory {
     mmap: Mmap,
     size: u64,
-    dirty_logging: std::sync::atomic::AtomicBool,
+    tracked: std::sync::atomic::AtomicBool,
 }
 
 impl GuestMemory {
@@ -101,36 +105,17 @@ impl GuestMemory {
         Ok(GuestMemory {
             mmap,
             size,
-            dirty_logging: std::sync::atomic::AtomicBool::new(false),
+            tracked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Registers the memory with `vm` as slot [`RAM_SLOT`], with dirty-page logging if asked.
-    pub fn register(&self, vm: &VmFd, dirty_log: bool) -> Result<(), VmmError> {
-        let host = self
-            .mmap
-            .get_host_address(GuestAddress(0))
-            .map_err(MemoryError::HostAddress)?;
-        let region = kvm_userspace_memory_region {
-            slot: RAM_SLOT,
-            flags: if dirty_log {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: 0,
-            memory_size: self.size,
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region describes a mapping owned by `self.mmap`, which outlives every fd
-        // through which KVM can reach it: `KvmVm` declares its vCPU, then its VM, then this
-        // memory, so it drops the vCPU fd (which keeps the VM alive in the kernel) and the VM
-        // fd before unmapping; the dirty tracker, which may keep the VM's fd longer, holds a
-        // clone of the mapping too and drops the fd first. It does not overlap any other slot.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        self.dirty_logging
-            .store(dirty_log, std::sync::atomic::Ordering::Relaxed);
+    /// Registers the memory with `vm` as slot [`RAM_SLOT`] (without KVM's dirty log: a
+    /// [`DirtyTracker`](crate::state::dirty::DirtyTracker) turns it on while it has
+    /// consumers), `tracked` if a tracker and memory digests will be wanted.
+    pub fn register(&self, vm: &VmFd, tracked: bool) -> Result<(), VmmError> {
+        set_slot(vm, &self.mmap, self.size, false)?;
+        self.tracked
+            .store(tracked, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -219,11 +204,42 @@ impl GuestMemory {
         }
     }
 
-    /// True when the slot was registered with dirty-page logging.
-    pub fn dirty_logging(&self) -> bool {
-        self.dirty_logging
-            .load(std::sync::atomic::Ordering::Relaxed)
+    /// True when the memory was registered as tracked: a [`DirtyTracker`] may turn KVM's
+    /// dirty log on and off (and the machine keeps memory digests).
+    ///
+    /// [`DirtyTracker`]: crate::state::dirty::DirtyTracker
+    pub fn tracked(&self) -> bool {
+        self.tracked.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// (Re-)registers `mmap` (`size` bytes) as slot [`RAM_SLOT`] of `vm`, with KVM's dirty-page
+/// log on or off. Changing only the flags of a registered slot is allowed while the vCPU
+/// runs: turning the log on write-protects every page (each page the guest writes from then
+/// on is logged), turning it off lets KVM map large pages again.
+pub(crate) fn set_slot(vm: &VmFd, mmap: &Mmap, size: u64, dirty_log: bool) -> Result<(), VmmError> {
+    let host = mmap
+        .get_host_address(GuestAddress(0))
+        .map_err(MemoryError::HostAddress)?;
+    let region = kvm_userspace_memory_region {
+        slot: RAM_SLOT,
+        flags: if dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: the region describes the mapping `mmap`, `size` bytes (the whole mapping), whose
+    // owner outlives every fd through which KVM can reach it: `KvmVm` declares its vCPU, then
+    // its VM, then its memory, so it drops the vCPU fd (which keeps the VM alive in the kernel)
+    // and the VM fd before unmapping; the dirty tracker, which may keep the VM's fd longer,
+    // holds a clone of the mapping too and drops the fd first. It does not overlap any other
+    // slot, and a re-registration changes only the flags.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))
 }
 
 /// Takes the bitmap of pages the VMM wrote through `mmap` since the last call (bit `p % 64` of

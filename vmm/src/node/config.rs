@@ -127,11 +127,10 @@ struct File {
 }
 
 /// The default of `digest_every` (a node's, and a solo recording's `--digest-every`): a
-/// memory digest every this many boundaries. Each digest reads KVM's dirty log, which
-/// write-protects every page the guest wrote again; under PVM those faults cost tens of µs
-/// each: at 1,000, about 3 µs of guest time per write at `-P 1` (~15% of a solo kv guest's
-/// CPU; docs/architecture.md, "Measured on these hosts"). At 10,000 a busy kv guest still
-/// compares memory every few seconds.
+/// memory digest every this many boundaries. Each digest hashes all of guest memory on the
+/// vCPU thread (~15 ms for 64 MiB); at 10,000 a busy kv guest compares memory every few
+/// seconds and spends well under 1% of its time on it (docs/architecture.md, "Measured on
+/// these hosts").
 pub const DEFAULT_DIGEST_EVERY: u64 = 10_000;
 
 /// A validated node configuration.

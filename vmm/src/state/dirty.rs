@@ -6,6 +6,12 @@
 //!
 //! The tracker is `Sync`: a consumer may take its pages from another thread while the vCPU
 //! runs (pre-copy), since `KVM_GET_DIRTY_LOG` works on a running VM.
+//!
+//! KVM's dirty log is on only while the tracker has a consumer: the first one to subscribe
+//! turns it on, the last one to go turns it off. Under PVM a dirty-logged slot costs the guest
+//! a write-protect fault for each page it writes after each read of the log, and 4 KiB
+//! mappings throughout (measured: a third of the pair's CPU per request at `-P 1`); memory
+//! digests hash every page instead (`replay::digest`), so only a join's pre-copy pays it.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -17,9 +23,7 @@ use crate::kvm::memory::{GuestMemory, Mmap};
 /// Where a new consumer's record of dirty pages starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Since {
-    /// Pages written from now on (possibly a few written just before: never fewer). The first
-    /// consumer of a tracker also gets every page written since the memory was registered,
-    /// since nothing has read the logs before it.
+    /// Pages written from now on (possibly a few written just before: never fewer).
     Now,
     /// Every page of guest memory is reported dirty once, then pages written from now on (the
     /// first round of a pre-copy).
@@ -108,10 +112,11 @@ pub struct DirtyTracker {
 }
 
 impl DirtyTracker {
-    /// A tracker for `mem`, which must be registered with dirty logging in `vm`.
+    /// A tracker for `mem`, which must be registered in `vm` as tracked. KVM's dirty log
+    /// stays off until the first consumer subscribes.
     pub fn new(vm: Arc<VmFd>, mem: &GuestMemory) -> Result<Arc<Self>, VmmError> {
-        if !mem.dirty_logging() {
-            return Err(crate::kvm::memory::MemoryError::NotDirtyLogged.into());
+        if !mem.tracked() {
+            return Err(crate::kvm::memory::MemoryError::NotTracked.into());
         }
         Ok(Arc::new(DirtyTracker {
             vm,
@@ -120,24 +125,6 @@ impl DirtyTracker {
             pages: mem.pages(),
             consumers: Mutex::new(Vec::new()),
         }))
-    }
-
-    /// A tracker for `mem` (registered with dirty logging in `vm`) and its first consumer,
-    /// which gets every page written since the slot was registered (nothing has read the logs
-    /// before it): what a digest that starts from zeroed memory needs.
-    pub fn with_first_consumer(vm: Arc<VmFd>, mem: &GuestMemory) -> (Arc<Self>, DirtyConsumer) {
-        let tracker = Arc::new(DirtyTracker {
-            vm,
-            mmap: mem.mmap().clone(),
-            size: mem.size(),
-            pages: mem.pages(),
-            consumers: Mutex::new(vec![Some(DirtyPages::none(mem.pages()))]),
-        });
-        let consumer = DirtyConsumer {
-            tracker: tracker.clone(),
-            slot: 0,
-        };
-        (tracker, consumer)
     }
 
     /// Number of pages tracked.
@@ -169,8 +156,14 @@ impl DirtyTracker {
             .consumers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // What was written so far belongs to the existing consumers.
-        self.harvest(&mut cs)?;
+        if cs.iter().all(Option::is_none) {
+            // The first consumer: KVM logs from here on (what the guest wrote before is in
+            // nobody's record, and a new consumer wants only what comes next or everything).
+            self.set_kvm_log(true)?;
+        } else {
+            // What was written so far belongs to the existing consumers.
+            self.harvest(&mut cs)?;
+        }
         let start = match since {
             Since::Now => DirtyPages::none(self.pages),
             Since::Everything => DirtyPages::all(self.pages),
@@ -189,6 +182,13 @@ impl DirtyTracker {
             tracker: self.clone(),
             slot,
         })
+    }
+
+    /// Turns KVM's dirty log on or off (under the consumers' lock).
+    fn set_kvm_log(&self, on: bool) -> Result<(), VmmError> {
+        crate::kvm::memory::set_slot(&self.vm, &self.mmap, self.size, on)?;
+        tracing::debug!(on, "KVM dirty log");
+        Ok(())
     }
 
     /// Number of consumers subscribed.
@@ -248,6 +248,13 @@ impl Drop for DirtyConsumer {
             .unwrap_or_else(PoisonError::into_inner);
         // Bits harvested for this consumer alone are simply dropped with it.
         cs[self.slot] = None;
+        if cs.iter().all(Option::is_none) {
+            // The last one: the guest goes back to large pages and no write faults. Should
+            // KVM refuse, the log stays on, which costs speed, not correctness.
+            if let Err(e) = self.tracker.set_kvm_log(false) {
+                tracing::warn!("turning KVM's dirty log off: {e}");
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! would have (DESIGN §5, "Joining"). The encoding (version 1) is specified in
 //! `docs/vm-state.md` and implemented in [`codec`]; guest memory travels separately, page by
 //! page (see [`GuestPages`](crate::kvm::memory::GuestPages)), with the dirty pages of the
-//! one [`dirty::DirtyTracker`] that also feeds the memory digest.
+//! one [`dirty::DirtyTracker`].
 //!
 //! What the state holds:
 //! - the boundary number the machine has passed;
