@@ -705,6 +705,22 @@ fn pre_copy_from_another_thread_while_the_guest_runs_rebuilds_memory_exactly() {
     assert_eq!(m2.end().unwrap(), &recorded);
 }
 
+/// Checks that some page differs between the snapshots `before` and `after` and that `dirty`
+/// reports every page that does.
+fn assert_reports_every_change(
+    before: &[[u8; PAGE_SIZE as usize]],
+    after: &[[u8; PAGE_SIZE as usize]],
+    dirty: &vmm::state::dirty::DirtyPages,
+) {
+    let changed: Vec<u64> = (0..before.len() as u64)
+        .filter(|&p| before[p as usize] != after[p as usize])
+        .collect();
+    assert!(!changed.is_empty(), "the guest wrote nothing");
+    for &p in &changed {
+        assert!(dirty.contains(p), "page {p} changed but was not reported");
+    }
+}
+
 #[test]
 fn consumers_of_the_tracker_never_steal_each_others_pages() {
     let dir = tempfile::tempdir().unwrap();
@@ -737,17 +753,7 @@ fn consumers_of_the_tracker_never_steal_each_others_pages() {
         vmm::replay::digest::MemoryDigest::full(m.memory()).unwrap()
     );
     let da = a.take().unwrap();
-    let after = snapshot(&m);
-    let changed: Vec<u64> = (0..before.len() as u64)
-        .filter(|&p| before[p as usize] != after[p as usize])
-        .collect();
-    assert!(
-        !changed.is_empty(),
-        "the guest wrote nothing in 300 boundaries"
-    );
-    for &p in &changed {
-        assert!(da.contains(p), "page {p} changed but was not reported");
-    }
+    assert_reports_every_change(&before, &snapshot(&m), &da);
     // a took its pages; b still has them all (and a has none left).
     let db = b.take().unwrap();
     assert_eq!(db, da);
@@ -769,20 +775,7 @@ fn consumers_of_the_tracker_never_steal_each_others_pages() {
     let before = snapshot(&m);
     assert!(m.run_until(700).unwrap().is_none());
     let after = snapshot(&m);
-    let dc = c.take().unwrap();
-    let changed: Vec<u64> = (0..before.len() as u64)
-        .filter(|&p| before[p as usize] != after[p as usize])
-        .collect();
-    assert!(
-        !changed.is_empty(),
-        "the guest wrote nothing in 300 boundaries"
-    );
-    for &p in &changed {
-        assert!(
-            dc.contains(p),
-            "page {p} changed but was not reported after re-subscribing"
-        );
-    }
+    assert_reports_every_change(&before, &after, &c.take().unwrap());
 }
 
 #[test]
