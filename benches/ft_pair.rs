@@ -734,8 +734,8 @@ fn main() -> Result<()> {
         }
         let label = ["one quota per host", "vCPU and VMM quotas"][bi];
         eprintln!("round {} of {rounds}, {label}", round + 1);
-        // Solo, host a's budget; then solo recording to a file (what the recorder and the
-        // dirty log cost, without the channel).
+        // Solo, host a's budget; then solo recording to a file (what the recorder and its
+        // memory digests cost, without the channel).
         for (record, results) in [(None, &mut solo), (Some(log.as_path()), &mut recorded)] {
             let name = if record.is_some() {
                 "solo recording"
@@ -857,7 +857,7 @@ fn main() -> Result<()> {
         drop(p);
     }
     // Latency at -c 1, no quotas (DESIGN §10): solo, solo recording to a file (what the
-    // recorder and the dirty log cost the vCPU, without the channel), then the pair, with the
+    // recorder and its memory digests cost the vCPU, without the channel), then the pair, with the
     // channel's RTT and the Output Rule's own figures for each case.
     let lat_n = 3000;
     let mut solo_lat = Vec::new();
@@ -963,7 +963,7 @@ fn main() -> Result<()> {
     for (i, t) in LATENCY_CASES.iter().enumerate() {
         let (solo, rec) = (&solo_lat[0][i], &solo_lat[1][i]);
         println!(
-            "  latency -c 1 {} (no quota): solo p50 {:.3} ms p99 {:.3} ms; solo recording to a file p50 {:.3} ms (+{:.3} ms: the recorder and the dirty log, no channel)",
+            "  latency -c 1 {} (no quota): solo p50 {:.3} ms p99 {:.3} ms; solo recording to a file p50 {:.3} ms (+{:.3} ms: the recorder and its memory digests, no channel)",
             t.to_uppercase(),
             solo.p50_ms,
             solo.p99_ms,
