@@ -1479,7 +1479,6 @@ async fn run_backup(
                         Ok(JoinPart::Pages(b)) => {
                             crate::state::pages::PageBatch::decode(&b, pages.pages())?
                                 .apply(&pages)?;
-                            m.memory_digest()?;
                         }
                         Ok(JoinPart::Sync(done)) => {
                             let _ = done.send(());
