@@ -46,11 +46,11 @@ impl<'a> VmSetup<'a> {
         }
     }
 
-    fn boot_params(&self, dirty_log: bool) -> BootParams {
+    fn boot_params(&self, tracked: bool) -> BootParams {
         BootParams {
             args: self.args.clone(),
             net: self.devices.net.as_ref().map(|n| n.boot_config()),
-            dirty_log,
+            tracked,
             virtio_count: self.devices.virtio_count(),
         }
     }
@@ -76,9 +76,9 @@ pub fn assemble(
     inputs: Box<dyn Inputs>,
     console: Box<dyn ConsoleSink>,
     stop: Arc<StopSignal>,
-    dirty_log: bool,
+    tracked: bool,
 ) -> Result<Machine, VmmError> {
-    assemble_tracked(setup, disk, sink, inputs, console, stop, dirty_log, None)
+    assemble_tracked(setup, disk, sink, inputs, console, stop, tracked, None)
 }
 
 /// [`assemble`], with the disk's writes reported to `writes` (a pair member, for joins).
@@ -90,10 +90,10 @@ pub fn assemble_tracked(
     inputs: Box<dyn Inputs>,
     console: Box<dyn ConsoleSink>,
     stop: Arc<StopSignal>,
-    dirty_log: bool,
+    tracked: bool,
     writes: Option<Arc<crate::join::blocks::BlockWrites>>,
 ) -> Result<Machine, VmmError> {
-    let mut vm = KvmVm::create(setup.mem_size, setup.image, &setup.boot_params(dirty_log))?;
+    let mut vm = KvmVm::create(setup.mem_size, setup.image, &setup.boot_params(tracked))?;
     vm.vcpu.set_stack(setup.mem_size)?;
     let mut bus = MmioBus::new();
     bus.insert(control::BASE, control::SIZE, Box::new(ControlDevice::new()))?;
@@ -152,6 +152,6 @@ pub fn build_machine(
         inputs,
         console,
         stop,
-        params.dirty_log,
+        params.tracked,
     )
 }

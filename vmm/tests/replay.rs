@@ -298,7 +298,7 @@ fn the_memory_digest_is_the_documented_hash_of_every_page() {
     let stop = vmm::signals::install().unwrap();
     let params = vmm::kvm::boot::BootParams {
         args: "400".into(),
-        dirty_log: true,
+        tracked: true,
         ..Default::default()
     };
     let mut m = vmm::setup::build_machine(

@@ -36,7 +36,7 @@ pub struct BootParams {
     pub net: Option<NetConfig>,
     /// Guest memory is tracked: the machine keeps memory digests and a dirty-page tracker
     /// (which turns KVM's dirty log on while it has a consumer).
-    pub dirty_log: bool,
+    pub tracked: bool,
     /// Number of virtio-mmio devices after the control device.
     pub virtio_count: u64,
 }

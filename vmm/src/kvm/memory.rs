@@ -89,9 +89,9 @@ impl GuestMemory {
         // default): the guest maps its RAM with 2 MiB pages, and KVM can map a 2 MiB guest
         // page with one large entry only where the host backs it with one. Fewer entries and
         // fewer first-touch faults: measured with `kv_redis` (FTVM_KV_BEFORE_NODE), the VM's
-        // CPU per SET at -P 1 went from 12.5 to 12.0 µs in two runs. Dirty logging (a recording
-        // or a pair member) makes KVM map 4 KiB pages again while it is on; the guest sees no
-        // difference either way.
+        // CPU per SET at -P 1 went from 12.5 to 12.0 µs in two runs. KVM's dirty log (on only
+        // during a join's pre-copy) makes KVM map 4 KiB pages again while it is on; the guest
+        // sees no difference either way.
         if let Ok(host) = mmap.get_host_address(GuestAddress(0)) {
             // SAFETY: advice only, on the mapping just made; it changes no contents.
             let r = unsafe { libc::madvise(host.cast(), size as usize, libc::MADV_HUGEPAGE) };

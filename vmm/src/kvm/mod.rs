@@ -45,7 +45,7 @@ impl KvmVm {
             .create_vm()
             .map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e))?;
         let memory = GuestMemory::new(mem_size)?;
-        memory.register(&vm, params.dirty_log)?;
+        memory.register(&vm, params.tracked)?;
         elf::load(&loaded, image, &memory)?;
         boot::write_boot_structures(&memory, &loaded, params)?;
         let vcpu = Vcpu::create(&kvm, &vm, loaded.entry)?;
