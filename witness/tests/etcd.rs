@@ -174,8 +174,12 @@ async fn member_loss_quorum_loss_and_restart() {
         ClaimOutcome::Granted { generation: 1 }
     );
 
-    // One member killed: a majority remains, claims are still granted.
+    // One member killed: a majority remains, claims are still granted, once the two have
+    // elected a leader if the dead one was it (on a loaded machine that outlasts the client's
+    // retries: wait for it, bounded).
     cluster.kill(0);
+    let st = status_once_quorate(&b).await;
+    assert_eq!((st.generation, st.holder.as_deref()), (1, Some("node-a")));
     let ib = ClaimId::random();
     assert_eq!(
         b.claim("vm1", 1, ib).await.unwrap(),
@@ -219,16 +223,7 @@ async fn member_loss_quorum_loss_and_restart() {
     cluster.wait_member(1);
     // A member that reports itself healthy may still be slow to serve for a moment after its
     // restart (CI, a loaded machine): wait (bounded) until the witness reaches a quorum again.
-    let back = std::time::Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        match a.status("vm1").await {
-            Ok(st) => break st,
-            Err(e) if std::time::Instant::now() < back && e.is_unreachable() => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(e) => panic!("the witness did not reach its etcd quorum again: {e}"),
-        }
-    };
+    let st = status_once_quorate(&a).await;
     assert_eq!((st.generation, st.holder.as_deref()), (2, Some("node-b")));
     assert_eq!(
         a.claim("vm1", 2, ia).await.unwrap(),
@@ -254,6 +249,21 @@ async fn member_loss_quorum_loss_and_restart() {
         w.metric("ftvm_witness_claims_total{result=\"regranted\"}"),
         1
     );
+}
+
+/// `client`'s status of `vm1`, retried (for at most 30 s) while the witness cannot reach an
+/// etcd quorum: the synchronisation point after members die or come back.
+async fn status_once_quorate(client: &WitnessClient) -> ftvm_witness::client::PairStatus {
+    let back = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.status("vm1").await {
+            Ok(st) => break st,
+            Err(e) if std::time::Instant::now() < back && e.is_unreachable() => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("the witness did not reach an etcd quorum: {e}"),
+        }
+    }
 }
 
 /// A witness started while its etcd cluster has no quorum waits for it (logging
